@@ -1,0 +1,1 @@
+"""The YAML compiler: schema, stage pipeline, build directories, engine builders."""

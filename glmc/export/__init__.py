@@ -1,0 +1,1 @@
+"""torch -> ONNX deployment graph; simplification; lowerings per backend."""

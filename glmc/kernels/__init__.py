@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) implementing the custom ops on CUDA."""

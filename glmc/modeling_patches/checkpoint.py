@@ -1,0 +1,274 @@
+"""Checkpoint loading and saving: stream tensors from safetensors/.bin (single or sharded) into GLMForCausalLM.
+
+Peak memory is about one copy of the model in the target dtype: the model is built on the meta device,
+each parameter is allocated once in its final dtype, and source tensors are copied in one at a time.
+Source names are mapped to model names through explicit tables, never by guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmc.errors import CheckpointError
+from glmc.modeling_patches.config import GLMConfig, load_config
+from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, enable_kv_int8, replace_linears
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QUANT_FILE = "quantization.json"  # written next to glmc-quantized weights: the scheme they were made with
+
+# transformers GlmForCausalLM name -> (our name, which part of a fused tensor along dim 0)
+_GLM_NAMES = [
+    (r"model\.embed_tokens\.weight", "transformer.embedding.word_embeddings.weight", None),
+    (r"model\.norm\.weight", "transformer.encoder.final_layernorm.weight", None),
+    (r"lm_head\.weight", "transformer.output_layer.weight", None),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "transformer.encoder.layers.{0}.input_layernorm.weight", None),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
+     "transformer.encoder.layers.{0}.post_attention_layernorm.weight", None),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)",
+     "transformer.encoder.layers.{0}.self_attention.query_key_value.{2}", "{1}"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "transformer.encoder.layers.{0}.self_attention.dense.weight",
+     None),
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "transformer.encoder.layers.{0}.mlp.dense_h_to_4h.weight",
+     None),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "transformer.encoder.layers.{0}.mlp.dense_4h_to_h.weight", None),
+]
+_IGNORED = re.compile(r"(transformer\.)?rotary_pos_emb\.inv_freq|model\.rotary_emb\.inv_freq")
+
+
+@dataclass
+class Target:
+    name: str  # parameter/buffer name in GLMForCausalLM
+    rows: slice | None = None  # rows of a fused tensor this source fills
+
+
+def map_name(config: GLMConfig, name: str) -> Target | None:
+    """Source tensor name -> where it goes in our model (None: not ours, an error unless ignorable)."""
+    if config.source_format == "chatglm":
+        return Target(name)
+    for pattern, dest, part in _GLM_NAMES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            g = m.groups()
+            rows = None
+            if part is not None:
+                q, kv = config.q_size, config.kv_size
+                rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part.format(*g)]
+            return Target(dest.format(*g), rows)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+def _checkpoint_files(d: Path) -> list[Path]:
+    """The tensor files of a checkpoint directory, in one of the four supported layouts."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = d / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (d / f).is_file():
+                    names = [n for n, v in weight_map.items() if v == f]
+                    raise CheckpointError(f"{index}: shard '{f}' (holding {names[0]} and {len(names) - 1} more) "
+                                          f"is not in {d}")
+            return [d / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (d / single).is_file():
+            return [d / single]
+    raise CheckpointError(f"{d}: no model.safetensors, pytorch_model.bin or shard index found")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one safetensors or .bin file, one tensor at a time where the format allows."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        return
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean the same here
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated, corrupt, or not weights-only): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def read_quantization(checkpoint_dir: Path, config: GLMConfig) -> dict:
+    """The quantization scheme of a checkpoint: glmc's quantization.json, or ChatGLM's `quantization_bit`."""
+    qfile = checkpoint_dir / QUANT_FILE
+    if qfile.is_file():
+        try:
+            return json.loads(qfile.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{qfile}: not valid JSON ({e})") from None
+    if config.quantization_bit:
+        return {"weights": {"bits": config.quantization_bit, "group_size": 0, "include_output": False,
+                            "format": "chatglm"}}
+    return {}
+
+
+def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None = None,
+                max_positions: int | None = None, device: str | torch.device = "meta") -> GLMForCausalLM:
+    """An (uninitialised, on `device`) model of `config` with the layer structure `quantization` implies."""
+    with torch.device(device):
+        model = GLMForCausalLM(config, max_positions=max_positions)
+    model.to(dtype)
+    quantization = quantization or {}
+    w = quantization.get("weights")
+    if w:
+        replace_linears(model, int(w["bits"]), int(w.get("group_size", 0)), bool(w.get("include_output", False)))
+    kv = quantization.get("kv_cache")
+    if kv:
+        shape = {"tensor": (1,), "head": (config.num_kv_heads,),
+                 "channel": (config.num_kv_heads, config.head_dim)}[kv["granularity"]]
+        with torch.device(device):
+            scales = [torch.ones(shape) for _ in range(config.num_layers)]
+        enable_kv_int8(model, scales, scales)
+    return model
+
+
+def _swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """ChatGLM's official int4 puts element 2j in the high nibble; glmc (and ONNX) in the low one."""
+    u = packed.view(torch.uint8)
+    return ((u & 0x0F) << 4) | (u >> 4)
+
+
+def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               family: str | None = None, max_positions: int | None = None) -> GLMForCausalLM:
+    """Load a ChatGLM2/3 / GLM-4 (or transformers GLM, or glmc-quantized) checkpoint directory."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory does not exist")
+    config = load_config(d, family=family)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    quant = read_quantization(d, config)
+    model = build_model(config, dtype, quant, max_positions)
+    official_int4 = quant.get("weights", {}).get("format") == "chatglm" and quant["weights"]["bits"] == 4
+
+    expected = dict(model.named_parameters())
+    expected.update({n: b for n, b in model.named_buffers() if n not in ("cos_cache", "sin_cache")})
+    filled: dict[str, torch.Tensor] = {}
+    coverage: dict[str, int] = {}  # rows filled so far, for fused tensors
+    for path in _checkpoint_files(d):
+        for name, tensor in iter_tensors(path):
+            target = map_name(config, name)
+            if target is None or target.name not in expected:
+                if _IGNORED.fullmatch(name):
+                    continue
+                raise CheckpointError(f"{path}: unexpected tensor '{name}' (not part of a "
+                                      f"{config.family} model with {config.num_layers} layers)")
+            ref = expected[target.name]
+            if target.name not in filled:
+                want_dtype = ref.dtype if not ref.dtype.is_floating_point else dtype
+                filled[target.name] = torch.empty(ref.shape, dtype=want_dtype, device=device)
+            dest = filled[target.name]
+            if target.rows is not None:
+                dest = dest[target.rows]
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, expected "
+                                      f"{tuple(dest.shape)} for {config.family} ({target.name})")
+            if official_int4 and tensor.dtype in (torch.int8, torch.uint8) and name.endswith(".weight"):
+                tensor = _swap_nibbles(tensor)
+            if not dest.dtype.is_floating_point and tensor.dtype != dest.dtype:
+                tensor = tensor.view(dest.dtype) if tensor.element_size() == dest.element_size() else tensor
+            dest.copy_(tensor)
+            coverage[target.name] = coverage.get(target.name, 0) + dest.shape[0]
+            del tensor
+    missing = [n for n in expected if n not in filled or coverage[n] < expected[n].shape[0]]
+    if missing:
+        raise CheckpointError(f"{d}: missing tensor '{missing[0]}'" + (f" and {len(missing) - 1} more" if
+                                                                       len(missing) > 1 else ""))
+    model.load_state_dict(filled, strict=False, assign=True)
+    model.init_rotary(device)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+def _chatglm_state(model: GLMForCausalLM) -> dict[str, torch.Tensor]:
+    return {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+
+
+def save_checkpoint(model: GLMForCausalLM, out_dir: str | Path, layout: str = "safetensors",
+                    shard_bytes: int = 2 << 30, quantization: dict | None = None) -> Path:
+    """Save in the ChatGLM layout: config.json + model.safetensors | sharded safetensors | pytorch_model.bin | sharded bin."""
+    layouts = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
+    if layout not in layouts:
+        raise CheckpointError(f"layout '{layout}' is not one of {', '.join(layouts)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_chatglm_json()
+    cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if quantization:
+        (out / QUANT_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
+    state = _chatglm_state(model)
+    ext = "safetensors" if "safetensors" in layout else "bin"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+
+    def write(tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if ext == "safetensors":
+            from safetensors.torch import save_file
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path)
+
+    if not layout.startswith("sharded"):
+        write(state, out / f"{stem}.{ext}")
+        return out
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
+        write(shard, out / fname)
+        weight_map.update({n: fname for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / f"{stem}.{ext}.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return out
+
+
+def random_model(config: GLMConfig, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.02,
+                 max_positions: int | None = None) -> GLMForCausalLM:
+    """A randomly initialised model (tests, benchmarks): normal(0, std) weights, norms near 1."""
+    g = torch.Generator().manual_seed(seed)
+    model = GLMForCausalLM(config, max_positions=max_positions)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.to(dtype).eval()

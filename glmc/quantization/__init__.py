@@ -1,0 +1,1 @@
+"""Weight-only int8/int4 quantization, KV-cache int8 calibration, accuracy evaluation."""

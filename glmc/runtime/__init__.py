@@ -1,0 +1,1 @@
+"""Tokenizers, chat formats, sampling and the generation loop, and the backends that run builds."""

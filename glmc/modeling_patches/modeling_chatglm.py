@@ -70,7 +70,9 @@ class SelfAttention(nn.Module):
         if self.k_scale is not None:  # int8 cache: dequantize the past, quantize the present
             past_key = ops.kv_cache_dequantize(past_key, self.k_scale)
             past_value = ops.kv_cache_dequantize(past_value, self.v_scale)
-        out, present_key, present_value = ops.group_query_attention(  # out [B, S, Hq D]
+        # Training needs gradients: it runs the op's plain-torch reference (the same function) instead of the op.
+        attention = ops.gqa_reference if self.training else ops.group_query_attention
+        out, present_key, present_value = attention(  # out [B, S, Hq D]
             q, k, v, past_key, past_value, position_ids, attention_mask, cos, sin,
             self.num_heads, self.num_kv_heads, 1.0 / math.sqrt(self.head_dim))
         if self.k_scale is not None:

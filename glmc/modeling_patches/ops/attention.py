@@ -41,11 +41,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([out, rest], dim=-1)
 
 
-@torch.library.custom_op("glmc::group_query_attention", mutates_args=())
-def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
-                          past_value: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_num_heads: int,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gqa_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                  past_value: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_num_heads: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's semantics in plain (differentiable) torch; the custom op below runs exactly this."""
     b, s, _ = query.shape
     d = past_key.shape[-1]
     p = past_key.shape[2]
@@ -69,6 +69,15 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     out = torch.matmul(probs, present_value.to(q.dtype))  # [B, Hkv, G*S, D]
     out = out.view(b, kv_num_heads, group, s, d).reshape(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)
     return out, present_key, present_value
+
+
+@torch.library.custom_op("glmc::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_num_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gqa_reference(query, key, value, past_key, past_value, position_ids, attention_mask, cos_cache, sin_cache,
+                         num_heads, kv_num_heads, scale)
 
 
 @group_query_attention.register_fake

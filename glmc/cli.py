@@ -1,0 +1,44 @@
+"""The `glmc` command line: compile | verify | generate | run | chat | bench | eval | inspect."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from glmc.errors import GlmcError
+
+# command -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("glmc.runtime.cli_generate", "generate text from a checkpoint directory (default: the shipped model)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glmc",
+        description="Turn ChatGLM2/ChatGLM3/GLM-4 checkpoints into verified ONNX Runtime and TensorRT engines, "
+                    "and run them. Every command defaults to the small model shipped in the package.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except GlmcError as e:
+        print(f"glmc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glmc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,7 +142,8 @@ class GLMForCausalLM(nn.Module):
         self.max_positions = max_positions or config.seq_length
         self.register_buffer("cos_cache", torch.empty(0), persistent=False)
         self.register_buffer("sin_cache", torch.empty(0), persistent=False)
-        self.init_rotary()
+        if not self.transformer.output_layer.weight.is_meta:  # meta-built models get tables after loading
+            self.init_rotary()
 
     def init_rotary(self, device: torch.device | str | None = None) -> None:
         """(Re)build the float32 rotary tables [max_positions, R/2] (also after loading onto a meta-built model)."""

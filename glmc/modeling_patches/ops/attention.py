@@ -22,8 +22,8 @@ import torch
 
 def rotary_tables(rotary_dim: int, max_positions: int, base: float, position_divisor: float = 1.0):
     """cos/sin tables [max_positions, rotary_dim/2]: angle = (p / divisor) * base^(-2i/R), in float32 as the original."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-    pos = torch.arange(max_positions, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim))
+    pos = torch.arange(max_positions, dtype=torch.float32, device="cpu")
     if position_divisor != 1.0:
         pos = pos / position_divisor
     angles = torch.outer(pos, inv_freq)

@@ -1,0 +1,170 @@
+"""Checkpoint layouts load to identical tensors; bad checkpoints fail naming the tensor or file; configs normalise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_model
+from glmc.errors import CheckpointError, ConfigError
+from glmc.modeling_patches import from_hf, load_model, save_checkpoint
+from glmc.modeling_patches.hf_glm import to_transformers
+
+LAYOUTS = ["safetensors", "sharded-safetensors", "bin", "sharded-bin"]
+
+
+def saved(tmp_path, layout="safetensors", name="chatglm3-6b"):
+    model = tiny_model(name)
+    return model, save_checkpoint(model, tmp_path / layout, layout=layout, shard_bytes=200_000)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_load_identical(tmp_path, layout):
+    model, path = saved(tmp_path, layout)
+    if layout.startswith("sharded"):
+        assert len(list(path.glob("*-of-*"))) > 1
+    loaded = load_model(path, dtype="float32")
+    ref = model.state_dict()
+    got = loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_load_casts(tmp_path, dtype):
+    model, path = saved(tmp_path)
+    loaded = load_model(path, dtype=dtype)
+    w = loaded.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight
+    assert w.dtype == getattr(torch, dtype)
+    assert torch.equal(w, model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.to(w.dtype))
+
+
+def test_transformers_glm_checkpoint(tmp_path):
+    """A transformers-native GLM checkpoint (model_type glm, split q/k/v) loads through the name map."""
+    model = tiny_model("glm-4-9b-chat")
+    to_transformers(model).save_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf", dtype="float32", family="glm4")  # a 300-token vocab can't tell the family
+    assert loaded.config.source_format == "glm" and loaded.config.family == "glm4"
+    assert loaded.config.rope_base == model.config.rope_base
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def _edit_single(path, fn):
+    from safetensors.torch import load_file
+    state = load_file(path / "model.safetensors")
+    fn(state)
+    save_file(state, str(path / "model.safetensors"))
+
+
+def test_missing_tensor(tmp_path):
+    _, path = saved(tmp_path)
+    _edit_single(path, lambda s: s.pop("transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'transformer\.encoder\.layers\.1\.mlp\.dense_4h_to_h"):
+        load_model(path)
+
+
+def test_unexpected_tensor(tmp_path):
+    _, path = saved(tmp_path)
+    _edit_single(path, lambda s: s.__setitem__("transformer.encoder.layers.7.mlp.extra", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'transformer\.encoder\.layers\.7"):
+        load_model(path)
+
+
+def test_wrong_shape(tmp_path):
+    _, path = saved(tmp_path)
+    _edit_single(path, lambda s: s.__setitem__("transformer.output_layer.weight", torch.zeros(299, 128)))
+    with pytest.raises(CheckpointError, match=r"'transformer\.output_layer\.weight' has shape \(299, 128\), "
+                                              r"expected \(300, 128\)"):
+        load_model(path)
+
+
+def test_index_points_to_missing_shard(tmp_path):
+    _, path = saved(tmp_path, "sharded-safetensors")
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: shard '{shard.name}'"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("layout,file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")])
+def test_truncated_file(tmp_path, layout, file):
+    _, path = saved(tmp_path, layout)
+    data = (path / file).read_bytes()
+    (path / file).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{file}: cannot read"):
+        load_model(path)
+
+
+def test_bin_refuses_pickled_objects(tmp_path):
+    _, path = saved(tmp_path, "bin")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read"):
+        load_model(path)
+
+
+def test_no_weights(tmp_path):
+    _, path = saved(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+BASE = {"model_type": "chatglm", "num_layers": 28, "padded_vocab_size": 65024, "hidden_size": 4096,
+        "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32, "multi_query_attention": True,
+        "multi_query_group_num": 2, "seq_length": 32768, "layernorm_epsilon": 1e-5, "rmsnorm": True,
+        "add_qkv_bias": True, "add_bias_linear": False, "post_layer_norm": True, "torch_dtype": "float16"}
+
+
+@pytest.mark.parametrize("extra,family,base,divisor", [
+    ({"_name_or_path": "THUDM/chatglm2-6b"}, "chatglm2", 1e4, 1.0),
+    ({"_name_or_path": "THUDM/chatglm2-6b-32k", "rope_ratio": 16}, "chatglm2", 1e4, 16.0),
+    ({"_name_or_path": "THUDM/chatglm3-6b"}, "chatglm3", 1e4, 1.0),
+    ({"_name_or_path": "THUDM/chatglm3-6b-32k", "rope_ratio": 50}, "chatglm3", 5e5, 1.0),
+    ({"padded_vocab_size": 151552, "rope_ratio": 500, "layernorm_epsilon": 1.5625e-07}, "glm4", 5e6, 1.0),
+    ({"padded_vocab_size": 151552, "rope_ratio": 10000, "multi_query_group_num": 4}, "glm4", 1e8, 1.0),
+])
+def test_rope_ratio_meanings(extra, family, base, divisor):
+    c = from_hf({**BASE, **extra})
+    assert (c.family, c.rope_base, c.rope_position_divisor) == (family, base, divisor)
+    assert c.num_kv_heads == extra.get("multi_query_group_num", 2) and c.head_dim == 128 and c.rotary_dim == 64
+
+
+def test_rope_ratio_from_modeling_code(tmp_path):
+    (tmp_path / "modeling_chatglm.py").write_text("seq_idx = torch.arange(seq_len) / self.rope_ratio\n")
+    assert from_hf({**BASE, "rope_ratio": 16}, tmp_path).rope_position_divisor == 16.0
+    (tmp_path / "modeling_chatglm.py").write_text("base = base * self.rope_ratio\n")
+    assert from_hf({**BASE, "rope_ratio": 50}, tmp_path).rope_base == 5e5
+
+
+def test_ambiguous_rope_ratio_asks_for_family():
+    with pytest.raises(ConfigError, match="name the family explicitly"):
+        from_hf({**BASE, "rope_ratio": 16})
+    assert from_hf({**BASE, "rope_ratio": 16}, family="chatglm2").rope_position_divisor == 16.0
+
+
+def test_refuses_chatglm_v1():
+    v1 = {"model_type": "chatglm", "hidden_size": 4096, "inner_hidden_size": 16384, "num_attention_heads": 32,
+          "num_layers": 28, "position_encoding_2d": True, "vocab_size": 130528}
+    with pytest.raises(ConfigError, match="ChatGLM-6B v1"):
+        from_hf(v1)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = dict(BASE)
+    del bad["num_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"config\.json: missing key 'num_layers'"):
+        load_model(tmp_path)
+    with pytest.raises(ConfigError, match="model_type 'llama'"):
+        from_hf({**BASE, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})

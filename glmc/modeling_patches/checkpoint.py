@@ -8,6 +8,7 @@ Source names are mapped to model names through explicit tables, never by guessin
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,3 +273,40 @@ def random_model(config: GLMConfig, seed: int = 0, dtype: torch.dtype = torch.fl
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.to(dtype).eval()
+
+
+def write_random_checkpoint(config: GLMConfig, out_dir: str | Path, dtype: torch.dtype = torch.float16,
+                            shard_bytes: int = 2 << 30, seed: int = 0, std: float = 0.02) -> Path:
+    """Write a random ChatGLM-layout sharded safetensors checkpoint shard by shard (memory: one shard at a time)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_chatglm_json()
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shapes = {n: tuple(t.shape) for n, t in build_model(config, dtype).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for n in names:
+            t = torch.randn(shapes[n], generator=g, dtype=torch.float32)
+            shard[n] = (1.0 + 0.1 * t if n.endswith("layernorm.weight") else t * std).to(dtype)
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+        del shard
+    total = sum(math.prod(s) for s in shapes.values()) * torch.finfo(dtype).bits // 8
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return out

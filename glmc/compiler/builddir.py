@@ -1,0 +1,158 @@
+"""Build directories: a lock, a temp dir beside the output renamed into place atomically, manifest and report.
+
+    with BuildDir(out) as b:      # takes OUT.lock (refuses a concurrent compile), makes .OUT.tmp-PID/
+        write files under b.tmp
+        b.commit(manifest)        # writes manifest.json + REPORT.md, renames the temp dir to OUT
+    # any exception (Ctrl-C included) before commit: the temp dir is removed, OUT is untouched
+
+A previous build at OUT is replaced only at commit time (moved aside, the new one renamed in, the old removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from glmc.errors import GlmcError
+
+MANIFEST = "manifest.json"
+REPORT = "REPORT.md"
+
+
+class BuildLocked(GlmcError):
+    """Another compile is writing the same build directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """An exclusive lock file (O_EXCL) holding host and pid; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    owner = {}
+                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
+                        and not _pid_alive(owner["pid"]):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise BuildLocked(f"{self.path}: another glmc compile (pid {owner.get('pid', '?')} on "
+                                  f"{owner.get('host', '?')}) is building this directory; wait for it, or "
+                                  "delete the lock file if that process is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise BuildLocked(f"{self.path}: could not take the build lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class BuildDir:
+    """A build directory that appears all at once or not at all."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out).resolve()
+        self.lock = Lock(self.out.parent / f"{self.out.name}.lock")
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.committed = False
+
+    def __enter__(self) -> "BuildDir":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if not self.committed:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+    def commit(self, manifest: dict, report: str) -> Path:
+        """Write manifest.json and the report, then rename the temp dir into place."""
+        (self.tmp / REPORT).write_text(report)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """Every file under root (manifest and report excluded): relative path -> size and sha256."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, REPORT):
+            out[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
+
+
+def place(src: Path, dest: Path) -> None:
+    """Put a cached file or folder into the build: hard links where the filesystem allows, else copies."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                place(p, dest / p.relative_to(src))
+        return
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def read_manifest(build: str | Path) -> dict:
+    path = Path(build) / MANIFEST
+    if not path.is_file():
+        raise GlmcError(f"{build}: not a glmc build directory (no {MANIFEST})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GlmcError(f"{path}: not valid JSON ({e})") from None

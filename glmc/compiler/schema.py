@@ -1,0 +1,460 @@
+"""The compile YAML schema: load (with `extends:` and `--set`), validate with file:line errors, resolve defaults.
+
+A config is a small tree of sections (model, precision, calibration, limits, targets, tensorrt, verify,
+output). FIELDS below is the whole schema, one row per key: its type, default, allowed values and help.
+Every error names the file and line (or the `--set` option) and the dotted key path at fault.
+
+Paths: `model.checkpoint` and `calibration.source` written in a YAML file are relative to that file;
+given with `--set` they are relative to the current directory. `output` is relative to the current
+directory and may use {model} and {precision}.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glmc.errors import ConfigError
+
+TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt")
+COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+TRT_PROFILES = ("full", "prefill", "decode")
+FAMILIES = ("chatglm2", "chatglm3", "glm4")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One key of the schema."""
+
+    kind: str  # str | int | float | bool | path | list[str] | list[choice]
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+
+
+FIELDS: dict[str, Field] = {
+    "model.checkpoint": Field("path", None, "checkpoint directory (Hugging Face ChatGLM layout); "
+                                            "default: the shipped glmc-tiny", nullable=True),
+    "model.family": Field("str", None, "chatglm2 | chatglm3 | glm4; inferred from the checkpoint when omitted",
+                          choices=FAMILIES, nullable=True),
+    "model.name": Field("str", None, "short name used in {model} of `output`; default: the checkpoint folder "
+                                     "name", nullable=True),
+    "precision.dtype": Field("str", "fp16", "floating-point type of activations, float weights and a float KV "
+                                            "cache", choices=("fp32", "fp16", "bf16")),
+    "precision.weights": Field("str", "float", "float (kept in `dtype`) | int8 | int4 (weight-only, symmetric)",
+                               choices=("float", "int8", "int4")),
+    "precision.group_size": Field("int", 0, "int8/int4 scale granularity: 0 = one scale per output channel, "
+                                            "else a group of this many along K", choices=(0, 32, 64, 128)),
+    "precision.quantize_output_layer": Field("bool", False, "also quantize the output layer (ChatGLM's official "
+                                                             "quantized checkpoints keep it in fp16)"),
+    "precision.kv_cache": Field("str", "float", "float (kept in `dtype`) | int8 (calibrated scales)",
+                                choices=("float", "int8")),
+    "precision.kv_granularity": Field("str", "channel", "int8 KV cache scale granularity (channel: per KV head and channel)",
+                                      choices=("tensor", "head", "channel")),
+    "calibration.source": Field("str", "builtin", "KV-cache calibration text: builtin (shipped with glmc) or a "
+                                                  ".txt / .jsonl file"),
+    "calibration.samples": Field("int", 16, "number of calibration samples", min=1, max=100000),
+    "calibration.max_length": Field("int", 256, "tokens per calibration sample", min=8, max=1 << 20),
+    "limits.max_batch": Field("int", 1, "largest batch the engines accept", min=1, max=4096),
+    "limits.max_input_length": Field("int", 512, "longest prompt (prefill) in tokens", min=1, max=1 << 21),
+    "limits.max_sequence_length": Field("int", 2048, "longest prompt + generation (KV cache length)",
+                                        min=2, max=1 << 21),
+    "targets": Field("list[choice]", ["onnx", "onnxruntime"], "lowerings to produce: onnx (glmc:: custom ops "
+                                                               "kept), reference (standard ONNX), onnxruntime "
+                                                               "(com.microsoft fast ops), tensorrt (+ engine)",
+                     choices=TARGETS),
+    "tensorrt.compute_capabilities": Field("list[choice]", ["sm80", "sm86", "sm89", "sm120"],
+                                           "GPU architectures the engine is built for (TensorRT for RTX; "
+                                           "TensorRT proper builds for the GPU it runs on)",
+                                           choices=COMPUTE_CAPABILITIES),
+    "tensorrt.workspace_mb": Field("int", 4096, "builder workspace memory pool limit, MiB", min=16, max=1 << 20),
+    "tensorrt.optimization_level": Field("int", 3, "builder optimization level (0 fastest build .. 5)",
+                                         min=0, max=5),
+    "tensorrt.profiles": Field("list[choice]", ["full"], "optimization profiles: full (any prompt, any past), "
+                                                        "prefill (past 0), decode (1 new token)",
+                               choices=TRT_PROFILES),
+    "tensorrt.opt_batch": Field("int", None, "batch the kernels are tuned for (default: max_batch)",
+                                min=1, nullable=True),
+    "tensorrt.opt_input_length": Field("int", None, "prompt length tuned for (default: min(128, max_input_length))",
+                                       min=1, nullable=True),
+    "tensorrt.opt_past_length": Field("int", None, "past length tuned for (default: max_sequence_length / 2)",
+                                      min=0, nullable=True),
+    "verify.enabled": Field("bool", True, "compare every ONNX Runtime-runnable lowering with the torch model"),
+    "verify.prompts": Field("list[str]", ["The", "def main():", "import numpy as np"],
+                            "prompts fed to torch and each lowering"),
+    "verify.steps": Field("int", 8, "greedy decode steps compared after the prefill", min=0, max=4096),
+    "verify.max_rel_error": Field("float", None, "largest allowed relative logits error (default: chosen per "
+                                                 "precision by the verifier)", min=0.0, nullable=True),
+    "verify.min_greedy_agreement": Field("float", 1.0, "fraction of greedy tokens that must agree with torch",
+                                         min=0.0, max=1.0),
+    "output": Field("str", "build/{model}-{precision}", "build directory (relative to the current directory); "
+                                                        "{model} and {precision} are filled in"),
+    "cache_dir": Field("str", None, "stage cache (default: .glmc-cache beside the build directory)",
+                       nullable=True),
+}
+SECTIONS = sorted({k.split(".")[0] for k in FIELDS if "." in k})
+TOP_KEYS = sorted({k.split(".")[0] for k in FIELDS} | {"extends"})
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+@dataclasses.dataclass
+class CompileConfig:
+    """A validated, fully resolved compile config and where each value came from."""
+
+    data: dict  # every field present, defaults filled in, paths absolute
+    where: dict  # dotted key -> "file:line" or "--set key=value"
+    files: list  # the YAML files read, extends included
+
+    def get(self, key: str) -> Any:
+        node = self.data
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def slice(self, *keys: str) -> dict:
+        """The part of the config a stage depends on (for its cache key)."""
+        return {k: copy.deepcopy(self.get(k)) for k in keys}
+
+    @property
+    def precision_tag(self) -> str:
+        """fp16 | int8 | int4-g128 | fp16-kv8 | int8-kv8 ... (used in {precision} and reports)."""
+        p = self.data["precision"]
+        tag = p["dtype"] if p["weights"] == "float" else p["weights"]
+        if p["weights"] != "float" and p["group_size"]:
+            tag += f"-g{p['group_size']}"
+        if p["weights"] != "float" and p["dtype"] != "fp16":
+            tag += f"-{p['dtype']}"
+        if p["kv_cache"] == "int8":
+            tag += "-kv8"
+        return tag
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=True)
+
+
+def _where(path: Path, node: yaml.Node) -> str:
+    return f"{path}:{node.start_mark.line + 1}"
+
+
+def _to_tree(node: yaml.Node, path: Path, prefix: str, where: dict) -> Any:
+    """A composed YAML node -> plain values, recording the file:line of every key in `where`."""
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise ConfigError(f"{_where(path, knode)}: keys must be plain names")
+            key = str(knode.value)
+            dotted = f"{prefix}.{key}" if prefix else key
+            if key in out:
+                raise ConfigError(f"{_where(path, knode)}: key '{dotted}' appears twice")
+            where[dotted] = _where(path, knode)
+            out[key] = _to_tree(vnode, path, dotted, where)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_tree(v, path, f"{prefix}[{i}]", where) for i, v in enumerate(node.value)]
+    return yaml.SafeLoader("").construct_object(node)
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if node is None:
+        return {}, {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(path, node)}: a compile config is a mapping of sections (model, precision, ...)")
+    where: dict = {}
+    tree = _to_tree(node, path, "", where)
+    # paths inside a file are relative to that file
+    for key in ("model.checkpoint", "calibration.source"):
+        sec, name = key.split(".")
+        value = tree.get(sec, {}).get(name) if isinstance(tree.get(sec), dict) else None
+        if isinstance(value, str) and value and value != "builtin" and not Path(value).is_absolute():
+            tree[sec][name] = str((path.parent / value).resolve())
+    return tree, where
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_file(path: Path, chain: tuple = ()) -> tuple[dict, dict, list]:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `extends` loop: {' -> '.join(str(p) for p in chain + (path,))}")
+    tree, where = _read_yaml(path)
+    parents = tree.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{where.get('extends', path)}: extends: expected a file name or a list of file names")
+    merged, merged_where, files = {}, {}, []
+    for p in parents:
+        ptree, pwhere, pfiles = _load_file(path.parent / p, chain + (path,))
+        merged, files = _merge(merged, ptree), files + pfiles
+        merged_where.update(pwhere)
+    merged_where.update(where)
+    return _merge(merged, tree), merged_where, files + [path]
+
+
+def parse_set(option: str) -> tuple[str, Any]:
+    """`key.path=value` -> (key, YAML-parsed value)."""
+    if "=" not in option:
+        raise ConfigError(f"--set {option}: expected key.path=value")
+    key, text = option.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _apply_set(tree: dict, where: dict, option: str) -> None:
+    key, value = parse_set(option)
+    where_key = f"--set {option}"
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where_key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    if key in ("model.checkpoint", "calibration.source") and isinstance(value, str) and value != "builtin":
+        value = str(Path(value).expanduser().resolve())
+    if isinstance(value, (int, float)) and key in ("model.checkpoint", "calibration.source", "output", "cache_dir"):
+        value = str(value)
+    node[parts[-1]] = value
+    where[key] = where_key
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(tree: dict, where: dict) -> None:
+    for top, value in tree.items():
+        here = where.get(top, "config")
+        if top not in TOP_KEYS:
+            raise ConfigError(f"{here}: unknown key '{top}'{_suggest(top, TOP_KEYS)}; "
+                              f"known: {', '.join(TOP_KEYS)}")
+        if top in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{here}: '{top}' is a section (a mapping of keys), found {_show(value)}")
+            known = [k.split(".", 1)[1] for k in FIELDS if k.startswith(top + ".")]
+            for key in value:
+                if key not in known:
+                    dotted = f"{top}.{key}"
+                    all_keys = [k for k in FIELDS if "." in k]
+                    hint = _suggest(key, known) or _suggest(dotted, all_keys)
+                    raise ConfigError(f"{where.get(dotted, here)}: unknown key '{dotted}'{hint}; "
+                                      f"{top} keys: {', '.join(known)}")
+
+
+def _show(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, (dict, list)) else kind
+
+
+def _check_value(key: str, f: Field, value: Any, here: str) -> Any:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{here}: {key}: {msg}")
+
+    if value is None:
+        if f.nullable:
+            return None
+        fail("a value is required")
+    if f.kind in ("str", "path"):
+        if not isinstance(value, str):
+            fail(f"expected a string, found {_show(value)}")
+    elif f.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"expected an integer, found {_show(value)}")
+    elif f.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"expected a number, found {_show(value)}")
+        value = float(value)
+    elif f.kind == "bool":
+        if not isinstance(value, bool):
+            fail(f"expected true or false, found {_show(value)}")
+    elif f.kind.startswith("list"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            fail(f"expected a list, found {_show(value)}")
+        if not value:
+            fail("the list is empty")
+        for item in value:
+            if not isinstance(item, str):
+                fail(f"expected a list of strings, found {_show(item)} in it")
+            if f.choices and item not in f.choices:
+                fail(f"'{item}' is not one of {', '.join(f.choices)}{_suggest(item, list(f.choices))}")
+        if len(set(value)) != len(value):
+            fail(f"{value} names an entry twice")
+        return list(value)
+    if f.choices and not f.kind.startswith("list") and value not in f.choices:
+        shown = ", ".join(str(c) for c in f.choices)
+        fail(f"{value!r} is not one of {shown}" + (_suggest(value, list(f.choices)) if isinstance(value, str) else ""))
+    if f.min is not None and value < f.min:
+        fail(f"{value} is below the minimum {f.min:g}")
+    if f.max is not None and value > f.max:
+        fail(f"{value} is above the maximum {f.max:g}")
+    return value
+
+
+def shipped_model() -> Path:
+    """The model that ships inside the package (the default checkpoint)."""
+    try:
+        from glmc.assets import SHIPPED_MODEL  # type: ignore[attr-defined]
+        return Path(SHIPPED_MODEL)
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "assets" / "glmc-tiny"
+
+
+def tensorrt_available() -> str | None:
+    """The importable TensorRT module name (tensorrt, else tensorrt_rtx_bindings), or None."""
+    import importlib.util
+    for name in ("tensorrt", "tensorrt_rtx_bindings"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+def _cross_checks(data: dict, where: dict) -> None:
+    lim, prec, trt = data["limits"], data["precision"], data["tensorrt"]
+
+    def at(key: str) -> str:
+        return where.get(key, "config")
+
+    if lim["max_input_length"] > lim["max_sequence_length"]:
+        raise ConfigError(f"{at('limits.max_input_length')}: limits.max_input_length ({lim['max_input_length']}) "
+                          f"is longer than limits.max_sequence_length ({lim['max_sequence_length']}): a prompt "
+                          "must fit in the KV cache")
+    if prec["weights"] == "float" and prec["group_size"]:
+        raise ConfigError(f"{at('precision.group_size')}: precision.group_size {prec['group_size']} only applies "
+                          "to int8/int4 weights (precision.weights is float)")
+    for key, limit in (("opt_batch", "max_batch"), ("opt_input_length", "max_input_length"),
+                       ("opt_past_length", "max_sequence_length")):
+        if trt[key] is not None and trt[key] > lim[limit] - (key == "opt_past_length"):
+            raise ConfigError(f"{at('tensorrt.' + key)}: tensorrt.{key} ({trt[key]}) is outside the limits "
+                              f"(limits.{limit} = {lim[limit]})")
+    if "tensorrt" in data["targets"] and tensorrt_available() is None:
+        raise ConfigError(f"{at('targets')}: targets: 'tensorrt' needs TensorRT, and neither `tensorrt` nor "
+                          "TensorRT for RTX (`tensorrt_rtx_bindings`) is importable; install one "
+                          "(pip install 'glmc[full]') or drop the target")
+    if prec["kv_cache"] == "int8" and data["calibration"]["source"] != "builtin":
+        src = Path(data["calibration"]["source"])
+        if not src.is_file():
+            raise ConfigError(f"{at('calibration.source')}: calibration.source: {src} does not exist")
+        if src.suffix not in (".txt", ".jsonl"):
+            raise ConfigError(f"{at('calibration.source')}: calibration.source: {src} is not a .txt or .jsonl file")
+
+
+def _check_checkpoint(data: dict, where: dict) -> None:
+    here = where.get("model.checkpoint", "config")
+    ckpt = Path(data["model"]["checkpoint"])
+    if not ckpt.is_dir():
+        raise ConfigError(f"{here}: model.checkpoint: {ckpt} does not exist (or is not a directory)")
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"{here}: model.checkpoint: {ckpt} has no config.json (not a Hugging Face checkpoint "
+                          "directory)")
+    from glmc.modeling_patches.config import load_config
+    cfg = load_config(ckpt, family=data["model"]["family"])
+    if data["model"]["family"] is None:
+        data["model"]["family"] = cfg.family
+    seq = data["limits"]["max_sequence_length"]
+    if seq > cfg.seq_length:
+        raise ConfigError(f"{where.get('limits.max_sequence_length', 'config')}: limits.max_sequence_length "
+                          f"({seq}) is longer than the model's context ({cfg.seq_length}, seq_length in "
+                          f"{ckpt / 'config.json'})")
+
+
+def validate(tree: dict, where: dict, files: list | None = None, check_files: bool = True) -> CompileConfig:
+    """Check a merged config tree against FIELDS and fill in defaults; raises ConfigError naming file:line."""
+    _check_keys(tree, where)
+    data: dict = {}
+    for key, f in FIELDS.items():
+        parts = key.split(".")
+        node = tree
+        present = True
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                present = False
+                break
+            node = node[part]
+        value = _check_value(key, f, node, where.get(key, "config")) if present else copy.deepcopy(f.default)
+        target = data
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    if data["model"]["checkpoint"] is None:
+        data["model"]["checkpoint"] = str(shipped_model())
+    if data["model"]["name"] is None:
+        data["model"]["name"] = Path(data["model"]["checkpoint"]).name
+    lim, trt = data["limits"], data["tensorrt"]
+    _cross_checks(data, where)
+    trt["opt_batch"] = trt["opt_batch"] or lim["max_batch"]
+    trt["opt_input_length"] = trt["opt_input_length"] or min(128, lim["max_input_length"])
+    if trt["opt_past_length"] is None:
+        trt["opt_past_length"] = lim["max_sequence_length"] // 2
+    if check_files:
+        _check_checkpoint(data, where)
+    cfg = CompileConfig(data, where, [str(f) for f in files or []])
+    try:
+        data["output"] = str(Path(data["output"].format(model=data["model"]["name"], precision=cfg.precision_tag))
+                             .expanduser().resolve())
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where.get('output', 'config')}: output: bad placeholder in '{data['output']}' ({e}); "
+                          "use {model} and {precision}") from None
+    if data["cache_dir"] is None:
+        data["cache_dir"] = str(Path(data["output"]).parent / ".glmc-cache")
+    else:
+        data["cache_dir"] = str(Path(data["cache_dir"]).expanduser().resolve())
+    return cfg
+
+
+def load(paths: list[str | Path] | str | Path, overrides: list[str] = (), check_files: bool = True) -> CompileConfig:
+    """Read one or more YAML files (later ones overlay earlier ones), apply `--set` overrides, validate."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    tree: dict = {}
+    where: dict = {}
+    files: list = []
+    for p in paths:
+        t, w, f = _load_file(Path(p))
+        tree, files = _merge(tree, t), files + f
+        where.update(w)
+    for option in overrides:
+        _apply_set(tree, where, option)
+    return validate(tree, where, files, check_files=check_files)
+
+
+def describe() -> str:
+    """The schema as a table (for `glmc compile --help` and docs/compiler.md)."""
+    lines = []
+    for key, f in FIELDS.items():
+        default = "(shipped model)" if key == "model.checkpoint" else json.dumps(f.default)
+        choices = f"  [{' | '.join(str(c) for c in f.choices)}]" if f.choices else ""
+        lines.append(f"  {key:32s} {default:24s} {f.help}{choices}")
+    return "\n".join(lines)

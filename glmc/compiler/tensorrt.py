@@ -1,0 +1,241 @@
+"""The TensorRT engine builder: `tensorrt` lowering ONNX -> strongly typed network -> serialized engine + layer record.
+
+Uses `tensorrt` when installed, else TensorRT for RTX (`tensorrt_rtx_bindings`, same API), whose builds run on
+a machine without a GPU for the compute capabilities named in the config. Precision comes from the graph's
+types and its Q/DQ nodes (strongly typed network): weight-only int8/int4 arrive as DequantizeLinear + MatMul,
+the int8 KV cache as Q/DQ on the cache tensors, attention as RotaryEmbedding + Attention (opset 23).
+
+Optimization profiles come from the build limits; each dynamic input dimension has a role:
+
+| input | dim 0 | other dynamic dim |
+| --- | --- | --- |
+| input_ids, position_ids | batch | seq (new tokens) |
+| attention_mask | batch | total (past + seq) |
+| past_key_values.{i}.key/value | batch | past |
+
+An engine cannot be deserialised without a GPU, so the layer record comes from the builder's own
+detailed log (the "Layers:" block it prints with ProfilingVerbosity.DETAILED), next to the parsed network's
+layers before optimization.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from glmc.errors import GlmcError
+
+# name -> (min, opt, max) as functions of the limits; see the table above
+PROFILE_KINDS = ("full", "prefill", "decode")
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class TensorRTError(GlmcError):
+    """The TensorRT build failed (parser or builder); the message carries TensorRT's own errors."""
+
+
+def import_tensorrt() -> tuple[Any, str]:
+    """(module, name): `tensorrt` if importable, else `tensorrt_rtx_bindings`; GlmcError when neither is."""
+    errors = []
+    for name in ("tensorrt", "tensorrt_rtx_bindings"):
+        try:
+            return importlib.import_module(name), name
+        except ImportError as e:  # noqa: PERF203 - two tries
+            errors.append(f"{name}: {e}")
+    raise GlmcError("the tensorrt target needs TensorRT, and neither `tensorrt` nor TensorRT for RTX "
+                    "(`tensorrt_rtx_bindings`) is importable (" + "; ".join(errors) + "); install one "
+                    "(pip install 'glmc[full]') or drop the target")
+
+
+def _roles(name: str, rank: int) -> list[str | None]:
+    """The role of each dimension of an engine input (None: a fixed dimension)."""
+    if name in ("input_ids", "position_ids"):
+        return ["batch", "seq"][:rank]
+    if name == "attention_mask":
+        return ["batch", "total"][:rank]
+    if name.startswith("past_key_values."):
+        return ["batch", None, "past", None][:rank] if rank == 4 else ["batch"] + [None] * (rank - 1)
+    return [None] * rank
+
+
+def role_ranges(limits: dict, kind: str, opt: dict) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of batch / seq / past / total for one profile kind."""
+    mb, mi, ms = limits["max_batch"], limits["max_input_length"], limits["max_sequence_length"]
+    ob, oi, op = min(opt["batch"], mb), min(opt["input_length"], mi), min(opt["past_length"], ms - 1)
+    batch = (1, ob, mb)
+    if kind == "full":
+        return {"batch": batch, "seq": (1, oi, mi), "past": (0, op, ms - 1), "total": (1, min(op + oi, ms), ms)}
+    if kind == "prefill":
+        return {"batch": batch, "seq": (1, oi, mi), "past": (0, 0, 0), "total": (1, oi, mi)}
+    if kind == "decode":
+        return {"batch": batch, "seq": (1, 1, 1), "past": (0, op, ms - 1), "total": (1, min(op + 1, ms), ms)}
+    raise GlmcError(f"tensorrt.profiles: unknown profile '{kind}' (one of {', '.join(PROFILE_KINDS)})")
+
+
+def graph_inputs(onnx_path: Path) -> list[tuple[str, list]]:
+    """(name, dims) of each graph input; a dim is an int or the symbolic name."""
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in
+                vi.type.tensor_type.shape.dim]
+        out.append((vi.name, dims))
+    return out
+
+
+def check_graph(onnx_path: Path) -> None:
+    """Refuse custom-domain nodes before TensorRT sees them (a plugin node aborts a GPU-less build process)."""
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise TensorRTError(f"{onnx_path}: node '{node.name}' is {node.domain}::{node.op_type}, not standard "
+                                "ONNX; the tensorrt lowering must replace it (TensorRT would need a plugin)")
+
+
+def profile_shapes(inputs: list[tuple[str, list]], limits: dict, kind: str, opt: dict) -> dict[str, tuple]:
+    """Input name -> (min, opt, max) shapes for one optimization profile."""
+    ranges = role_ranges(limits, kind, opt)
+    shapes = {}
+    for name, dims in inputs:
+        roles = _roles(name, len(dims))
+        lo, mid, hi = [], [], []
+        for i, (d, role) in enumerate(zip(dims, roles)):
+            if isinstance(d, int) and d > 0:
+                lo.append(d), mid.append(d), hi.append(d)
+            elif role is None:
+                raise TensorRTError(f"input '{name}' dimension {i} ('{d}') is dynamic, and glmc does not know "
+                                    "which limit bounds it (expected the I/O contract of docs/onnx.md)")
+            else:
+                r = ranges[role]
+                lo.append(r[0]), mid.append(r[1]), hi.append(r[2])
+        shapes[name] = (tuple(lo), tuple(mid), tuple(hi))
+    return shapes
+
+
+def parse_layers(log_text: str) -> list[dict[str, Any]]:
+    """The builder's detailed "Layers:" block -> [{name, type, inputs, outputs, onnx_nodes, tactic}]."""
+    if "Layers:" not in log_text:
+        return []
+    block = log_text.split("Layers:", 1)[1]
+    block = re.split(r"\n\s*\n", block.strip("\n"), maxsplit=1)[0]
+    layers = []
+    for line in block.splitlines():
+        m = re.match(r"Name: (.*?), LayerType: (.*?), Inputs: (.*), Constants: (.*), Outputs: (.*), "
+                     r"TacticName: (.*?), StreamId: (\d+), Metadata: ?(.*)$", line.strip())
+        if not m:
+            continue
+
+        def tensors(text: str) -> list[dict[str, str]]:
+            return [{"name": n, "dims": d, "dtype": t} for n, d, t in
+                    re.findall(r"Name: ([^,]*), Dimensions: (\[[^\]]*\]),.*?Datatype: (\w+)", text)]
+
+        layers.append({"name": m[1], "type": m[2], "inputs": tensors(m[3]), "constants": tensors(m[4]),
+                       "outputs": tensors(m[5]), "tactic": m[6],
+                       "onnx_nodes": re.findall(r"\[ONNX Layer: ([^\]]*)\]", m[8])})
+    return layers
+
+
+def _logger(trt: Any) -> Any:
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.lines: list[tuple[str, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            self.lines.append((str(severity).split(".")[-1], msg))
+
+    return Logger()
+
+
+def _network_layers(trt: Any, network: Any) -> list[dict[str, Any]]:
+    out = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        out.append({"name": layer.name, "type": str(layer.type).split(".")[-1],
+                    "outputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1]} for t in outs if t]})
+    return out
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *, profiles: list[str] = ("full",),
+                 opt: dict | None = None, compute_capabilities: list[str] = ("sm86",), workspace_mb: int = 1024,
+                 optimization_level: int = 3, log_path: str | Path | None = None) -> dict[str, Any]:
+    """Build one engine; write it to engine_path (and the build log to log_path); return its description."""
+    trt, lib = import_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    opt = opt or {"batch": limits["max_batch"], "input_length": min(128, limits["max_input_length"]),
+                  "past_length": limits["max_sequence_length"] // 2}
+    check_graph(onnx_path)
+    inputs = graph_inputs(onnx_path)
+    log = _logger(trt)
+    builder = trt.Builder(log)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT 8/9 need it; 10+ ignore it
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, log)
+    t0 = time.perf_counter()
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise TensorRTError(f"{onnx_path}: the TensorRT ONNX parser ({lib}) refused the graph: "
+                            + "; ".join(errors[:5]))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    config.builder_optimization_level = optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    targets_used: list[str] = []
+    if hasattr(config, "set_compute_capability"):  # TensorRT for RTX: ahead-of-time for named GPUs
+        config.num_compute_capabilities = len(compute_capabilities)
+        for i, cc in enumerate(compute_capabilities):
+            config.set_compute_capability(getattr(trt.ComputeCapability, cc.upper()), i)
+        targets_used = list(compute_capabilities)
+    shapes_per_profile = {}
+    for kind in profiles:
+        profile = builder.create_optimization_profile()
+        shapes = profile_shapes(inputs, limits, kind, opt)
+        for name, (lo, mid, hi) in shapes.items():
+            profile.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(profile)
+        shapes_per_profile[kind] = {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
+                                    for n, s in shapes.items()}
+    network_layers = _network_layers(trt, network)
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    log_text = "\n".join(f"[{sev}] {msg}" for sev, msg in log.lines)
+    if log_path is not None:
+        Path(log_path).write_text(log_text + "\n")
+    if serialized is None:
+        errors = [msg for sev, msg in log.lines if sev in ("ERROR", "INTERNAL_ERROR")]
+        raise TensorRTError(f"{onnx_path}: the TensorRT builder ({lib}) failed: " + "; ".join(errors[:5] or
+                                                                                        ["no error logged"]))
+    engine_path.write_bytes(bytes(serialized))
+    io = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        io.append({"name": t.name, "mode": "input", "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        io.append({"name": t.name, "mode": "output", "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
+    layers = parse_layers("\n".join(msg for _, msg in log.lines if msg.startswith("Layers:")))
+    return {
+        "library": lib, "version": trt.__version__, "engine": engine_path.name,
+        "engine_bytes": engine_path.stat().st_size, "build_seconds": round(seconds, 3),
+        "compute_capabilities": targets_used, "workspace_mb": workspace_mb,
+        "optimization_level": optimization_level, "strongly_typed": True, "io": io,
+        "profiles": shapes_per_profile, "engine_layers": layers, "network_layers": network_layers,
+    }
+
+
+def write_layers(info: dict, path: str | Path) -> None:
+    """The layer record kept in the build directory (engine layers after fusion + parsed network layers)."""
+    Path(path).write_text(json.dumps({"engine_layers": info["engine_layers"],
+                                      "network_layers": info["network_layers"]}, indent=1) + "\n")

@@ -51,6 +51,26 @@ def build_tiktoken(d: Path, vocab_size: int = 320) -> Path:
     return d
 
 
+def pad_sentencepiece(src: Path, d: Path, size: int = 64789) -> Path:
+    """The SentencePiece model of `src` with never-used pieces appended up to ChatGLM's 64789, written to `d`."""
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString((src / "tokenizer.model").read_bytes())
+    while len(proto.pieces) < size:
+        proto.pieces.add(piece=f"▁pad{len(proto.pieces)}", score=-1e4, type=sp_pb2.ModelProto.SentencePiece.NORMAL)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return d
+
+
+def build_glm4_size_tiktoken(d: Path) -> Path:
+    """A tiktoken-style file with GLM-4's 151329 ranks (all bytes + filler tokens), for the real special ids."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({f"t{i}".encode(): i for i in range(256, 151329)})
+    d.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_ranks(ranks, d / "tokenizer.model")
+    return d
+
+
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory) -> Path:
     return build_sentencepiece(tmp_path_factory.mktemp("sp"))
@@ -83,12 +103,7 @@ def test_sentencepiece_special_ids_follow_the_vocabulary(sp_dir):
 
 def test_sentencepiece_real_size_gives_chatglm_ids(sp_dir, tmp_path):
     """Pad the tiny model's vocabulary to ChatGLM's 64789 pieces: the special ids become the real 64789..64797."""
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString((sp_dir / "tokenizer.model").read_bytes())
-    while len(proto.pieces) < 64789:
-        proto.pieces.add(piece=f"▁pad{len(proto.pieces)}", score=-1e4, type=sp_pb2.ModelProto.SentencePiece.NORMAL)
-    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
-    t = load_tokenizer(tmp_path, family="chatglm3")
+    t = load_tokenizer(pad_sentencepiece(sp_dir, tmp_path), family="chatglm3")
     assert t.special_ids == {"[MASK]": 64789, "[gMASK]": 64790, "[sMASK]": 64791, "sop": 64792, "eop": 64793,
                              "<|system|>": 64794, "<|user|>": 64795, "<|assistant|>": 64796, "<|observation|>": 64797}
     assert t.decode(t.encode("hello world")) == "hello world"
@@ -101,10 +116,7 @@ def test_tiktoken_special_ids_follow_the_ranks(tk_dir, tmp_path):
     assert [t.special(s) for s in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>")] == \
            [322, 324, 327, 328, 329]
     # With GLM-4's 151329 ranks the ids are the real ones (DESIGN.md).
-    ranks = {bytes([b]): b for b in range(256)}
-    ranks.update({f"t{i}".encode(): i for i in range(256, 151329)})
-    write_tiktoken_ranks(ranks, tmp_path / "tokenizer.model")
-    big = load_tokenizer(tmp_path)
+    big = load_tokenizer(build_glm4_size_tiktoken(tmp_path))
     assert [big.special(s) for s in ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
                                      "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")] == \
            list(range(151329, 151339))

@@ -7,8 +7,7 @@ from glmc.modeling_patches.ops.attention import gqa_reference, group_query_atten
 from glmc.modeling_patches.ops.kv_cache import kv_cache_dequantize, kv_cache_quantize
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, quantized_linear, unpack_int4
 
-DOMAIN = "glmc"
-OPSET_VERSION = 1
+from glmc.modeling_patches.ops.onnx_defs import DOMAIN, OPSET_VERSION
 
 __all__ = ["DOMAIN", "OPSET_VERSION", "gqa_reference", "group_query_attention", "rotary_tables", "kv_cache_quantize",
            "kv_cache_dequantize", "quantized_linear", "pack_int4", "unpack_int4"]

@@ -17,7 +17,13 @@ Scores are computed in the input dtype, softmax in float32; masked scores are th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from onnx import TensorProto
+from onnx.defs import OpSchema
+
+from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, MASK_VALUE, MS_DOMAIN, Builder, attribute, input_dims,
+                                                 input_elem_type, onnxscript_opset, register, set_output)
 
 
 def rotary_tables(rotary_dim: int, max_positions: int, base: float, position_divisor: float = 1.0):
@@ -87,3 +93,116 @@ def _(query, key, value, past_key, past_value, position_ids, attention_mask, cos
     hkv, p, d = past_key.shape[1:]
     present = past_key.new_empty(b, hkv, p + s, d)
     return query.new_empty(b, s, num_heads * d), present, past_value.new_empty(b, hkv, p + s, d)
+
+
+# ---------------------------------------------------------------------------------------------- ONNX schema
+
+def _infer(ctx) -> None:
+    q, past, mask = input_dims(ctx, 0), input_dims(ctx, 3), input_dims(ctx, 6)
+    heads = attribute(ctx, "num_heads")
+    kv_heads = attribute(ctx, "kv_num_heads")
+    d = past[3] if past else None
+    b, s = (q[0], q[1]) if q else (None, None)
+    hidden = heads * d if isinstance(d, int) else (q[2] if q else None)
+    total = mask[1] if mask else None
+    set_output(ctx, 0, input_elem_type(ctx, 0), [b, s, hidden])
+    for i in (1, 2):
+        set_output(ctx, i, input_elem_type(ctx, 3), [b, kv_heads, total, d])
+
+
+SCHEMA = register(
+    "GroupQueryAttention",
+    "ChatGLM rotary (adjacent pairs on the first 2*width(cos_cache) dims of each head) + KV-cache concat + causal "
+    "grouped-query attention with a left-padding mask; see docs/ops.md.",
+    inputs=[("query", "T", False), ("key", "T", False), ("value", "T", False), ("past_key", "T", False),
+            ("past_value", "T", False), ("position_ids", "I", False), ("attention_mask", "I", False),
+            ("cos_cache", "T", False), ("sin_cache", "T", False)],
+    outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
+    types=[("T", FLOAT_TYPES), ("I", ["tensor(int64)"])],
+    attributes=[("num_heads", OpSchema.AttrType.INT, None), ("kv_num_heads", OpSchema.AttrType.INT, None),
+                ("scale", OpSchema.AttrType.FLOAT, None)],
+    infer=_infer)
+
+
+def onnx_translation(query, key, value, past_key, past_value, position_ids, attention_mask, cos_cache, sin_cache,
+                     num_heads: int, kv_num_heads: int, scale: float):
+    """torch.ops.glmc.group_query_attention -> glmc::GroupQueryAttention (3 outputs)."""
+    return onnxscript_opset().GroupQueryAttention(
+        query, key, value, past_key, past_value, position_ids, attention_mask, cos_cache, sin_cache,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _outputs=3)
+
+
+# ---------------------------------------------------------------------------------------------- lowerings
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _rotary(b: Builder, x: str, heads: int) -> str:
+    """RotaryEmbedding-23, interleaved (adjacent pairs), on the first 2*width(cos_cache) dims, at position_ids."""
+    width = b.array(b.input(7)).shape[1]
+    return b.op("RotaryEmbedding", x, b.input(7), b.input(8), b.input(5), interleaved=1, num_heads=heads,
+                rotary_embedding_dim=2 * width)
+
+
+def _attention_bias(b: Builder) -> str:
+    """[B, 1, S, T] additive bias in the query dtype: 0 where key j is allowed (j <= P + i and mask[b, j] == 1),
+    MASK_VALUE elsewhere. Built once per graph."""
+    mask, query = b.input(6), b.input(0)
+    t = b.op("Shape", mask, start=1, end=2)
+    s = b.op("Shape", query, start=1, end=2)
+    t0, p0 = b.op("Squeeze", t), b.op("Squeeze", b.op("Sub", t, s))
+    one, zero = b.const(np.array(1, np.int64), "one"), b.const(np.array(0, np.int64), "zero")
+    keys = b.op("Unsqueeze", b.op("Range", zero, t0, one), b.const(_i64(0), "axes"))  # [1, T]
+    queries = b.op("Unsqueeze", b.op("Range", p0, t0, one), b.const(_i64(1), "axes"))  # [S, 1]
+    causal = b.op("LessOrEqual", keys, queries)  # [S, T]
+    real = b.op("Unsqueeze", b.op("Cast", mask, to=TensorProto.BOOL), b.const(_i64(1, 2), "axes"))  # [B, 1, 1, T]
+    allowed = b.op("And", causal, real)  # [B, 1, S, T]
+    bias = b.op("Where", allowed, b.const(np.array(0, np.float32), "zero_f"),
+                b.const(np.array(MASK_VALUE, np.float32), "mask_value"))
+    return b.op("CastLike", bias, query)
+
+
+def _heads(b: Builder, x: str, heads: int) -> str:
+    """[B, S, H*D] -> [B, H, S, D]."""
+    return b.op("Transpose", b.op("Reshape", x, b.const(_i64(0, 0, heads, -1), "shape")), perm=[0, 2, 1, 3])
+
+
+def lower_attention23(node, b: Builder) -> None:
+    """reference / tensorrt: RotaryEmbedding-23 on q and k, Concat(past, new) for the presents, then Attention-23
+    (one output, no past inside the node, grouped heads from the 4D shapes) with an additive causal+padding bias."""
+    hq, hkv, scale = b.attr("num_heads"), b.attr("kv_num_heads"), b.attr("scale")
+    q = _heads(b, _rotary(b, b.input(0), hq), hq)
+    k = _heads(b, _rotary(b, b.input(1), hkv), hkv)
+    v = _heads(b, b.input(2), hkv)
+    present_key = b.op("Concat", b.input(3), k, axis=2, outputs=[node.output[1]])
+    present_value = b.op("Concat", b.input(4), v, axis=2, outputs=[node.output[2]])
+    bias = b.shared("attention_bias", _attention_bias)
+    y = b.op("Attention", q, present_key, present_value, bias, scale=scale)  # [B, Hq, S, D]
+    b.op("Reshape", b.op("Transpose", y, perm=[0, 2, 1, 3]), b.const(_i64(0, 0, -1), "shape"),
+         outputs=[node.output[0]])
+
+
+def _gqa_lengths(b: Builder) -> tuple[str, str]:
+    """ORT GQA's seqlens_k [B] int32 (= T - 1 for every row: left padding is masked by the bias instead) and
+    total_sequence_length (scalar int32 T)."""
+    t = b.op("Shape", b.input(6), start=1, end=2)
+    batch = b.op("Shape", b.input(0), start=0, end=1)
+    last = b.op("Cast", b.op("Sub", t, b.const(_i64(1), "one")), to=TensorProto.INT32)
+    return b.op("Expand", last, batch), b.op("Cast", b.op("Squeeze", t), to=TensorProto.INT32)
+
+
+def lower_ort_gqa(node, b: Builder) -> None:
+    """onnxruntime: RotaryEmbedding-23 on q and k (ORT GQA's own rotary ignores position_ids at the first prompt:
+    measured on 1.31 CPU, wrong for left padding), then com.microsoft.GroupQueryAttention without rotary, past and
+    present as separate [B, Hkv, P|T, D] buffers, left padding masked through attention_bias."""
+    hq, hkv, scale = b.attr("num_heads"), b.attr("kv_num_heads"), b.attr("scale")
+    q = _rotary(b, b.input(0), hq)
+    k = _rotary(b, b.input(1), hkv)
+    seqlens_k, total = b.shared("gqa_lengths", _gqa_lengths)
+    bias = b.shared("attention_bias", _attention_bias)
+    b.op("GroupQueryAttention", q, k, b.input(2), b.input(3), b.input(4), seqlens_k, total, "", "", "", bias,
+         domain=MS_DOMAIN, outputs=list(node.output[:3]), num_heads=hq, kv_num_heads=hkv, scale=scale)
+
+
+LOWERINGS = {"reference": lower_attention23, "onnxruntime": lower_ort_gqa, "tensorrt": lower_attention23}

@@ -11,7 +11,12 @@ Layout (kept the same everywhere: torch, checkpoints, every lowering):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from onnx.defs import OpSchema
+
+from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, MS_DOMAIN, Builder, input_dims, input_elem_type,
+                                                 int4_tensor, register, set_output)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -51,3 +56,96 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 @quantized_linear.register_fake
 def _(x, qweight, scales, bias, bits, group_size, in_features):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- ONNX schema
+
+def _infer(ctx) -> None:
+    x, w = input_dims(ctx, 0), input_dims(ctx, 1)
+    dims = None if x is None or w is None else x[:-1] + [w[0]]
+    set_output(ctx, 0, input_elem_type(ctx, 0), dims)
+
+
+SCHEMA = register(
+    "QuantizedLinear", "Y = X @ dequant(QWeight, Scales)^T + Bias (symmetric weight-only int8/int4; see docs/ops.md).",
+    inputs=[("X", "T", False), ("QWeight", "TQ", False), ("Scales", "T", False), ("Bias", "T", True)],
+    outputs=[("Y", "T")],
+    types=[("T", FLOAT_TYPES), ("TQ", ["tensor(int8)", "tensor(uint8)"])],
+    attributes=[("bits", OpSchema.AttrType.INT, None), ("group_size", OpSchema.AttrType.INT, 0),
+                ("in_features", OpSchema.AttrType.INT, None)],
+    infer=_infer)
+
+
+def onnx_translation(x, qweight, scales, bias=None, bits: int = 8, group_size: int = 0, in_features: int = 0):
+    """torch.ops.glmc.quantized_linear -> glmc::QuantizedLinear (for torch.onnx.export's custom_translation_table)."""
+    from glmc.modeling_patches.ops.onnx_defs import onnxscript_opset
+    op = onnxscript_opset()
+    inputs = (x, qweight, scales) if bias is None else (x, qweight, scales, bias)
+    return op.QuantizedLinear(*inputs, bits=bits, group_size=group_size, in_features=in_features)
+
+
+# ---------------------------------------------------------------------------------------------- lowerings
+
+def _weight(b: Builder) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """(q int8 [N, K] unpacked, scales [N] or [N, groups], bits, group_size, K) from the node's initializers."""
+    bits, group, k = b.attr("bits"), b.attr("group_size", 0), b.attr("in_features")
+    q = b.array(b.input(1))
+    if bits == 4:
+        q = unpack_int4(torch.from_numpy(q.view(np.uint8)), k).numpy()
+    return q.astype(np.int8), b.array(b.input(2)), bits, group, k
+
+
+def _add_bias(b: Builder, y: str, out: str) -> None:
+    if b.input(3):
+        b.op("Add", y, b.input(3), outputs=[out])
+    else:
+        b.op("Identity", y, outputs=[out])
+
+
+def lower_dequantize_matmul(node, b: Builder) -> None:
+    """reference / tensorrt: DequantizeLinear of a [K, N] weight (int8 per-axis or blocked; INT4 likewise) + MatMul."""
+    q, scales, bits, group, k = _weight(b)
+    qt = np.ascontiguousarray(q.T)  # [K, N]: MatMul(X, W) needs no Transpose node
+    wq = b.const(int4_tensor(qt) if bits == 4 else qt, "qweight")
+    if group == 0:
+        w = b.op("DequantizeLinear", wq, b.const(scales.reshape(-1), "scale"), axis=1)
+    else:
+        w = b.op("DequantizeLinear", wq, b.const(np.ascontiguousarray(scales.T), "scale"), axis=0, block_size=group)
+    _add_bias(b, b.op("MatMul", b.input(0), w), node.output[0])
+
+
+def matmul_nbits_block(k: int, group: int) -> int:
+    """MatMulNBits block size: the group, or for per-channel scales a power of two (all blocks share the row scale)."""
+    if group:
+        return group
+    return 32 if k <= 32 else (64 if k <= 64 else 128)
+
+
+def matmul_nbits_supported(node, b: Builder) -> bool:
+    group = b.attr("group_size", 0)
+    return group == 0 or (group >= 16 and group & (group - 1) == 0)
+
+
+def lower_matmul_nbits(node, b: Builder) -> None:
+    """onnxruntime: com.microsoft.MatMulNBits (8 or 4 bit). Its codes are unsigned with the default zero point
+    2^(bits-1), so u = q + 2^(bits-1); codes packed low nibble first; K padded to whole blocks with u = zero point."""
+    if not matmul_nbits_supported(node, b):
+        return lower_dequantize_matmul(node, b)
+    q, scales, bits, group, k = _weight(b)
+    n = q.shape[0]
+    block = matmul_nbits_block(k, group)
+    blocks = -(-k // block)
+    zero = 1 << (bits - 1)
+    u = np.full((n, blocks * block), zero, np.uint8)
+    u[:, :k] = (q.astype(np.int16) + zero).astype(np.uint8)
+    if bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    packed = u.reshape(n, blocks, -1)
+    s = np.repeat(scales.reshape(n, 1), blocks, axis=1) if group == 0 else scales.reshape(n, blocks)
+    y = b.op("MatMulNBits", b.input(0), b.const(packed, "qweight"), b.const(s.reshape(-1), "scales"),
+             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block)
+    _add_bias(b, y, node.output[0])
+
+
+LOWERINGS = {"reference": lower_dequantize_matmul, "onnxruntime": lower_matmul_nbits,
+             "tensorrt": lower_dequantize_matmul}

@@ -1,0 +1,152 @@
+"""Lower the deployment graph for one target: replace each glmc:: node as TARGETS says, write a runtime config.
+
+Targets: `onnx` keeps the glmc:: ops (vendor compilers); `reference` uses standard ONNX only; `onnxruntime` uses
+com.microsoft MatMulNBits / GroupQueryAttention; `tensorrt` uses what TensorRT parses (Q/DQ, Attention-23).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from glmc.errors import GlmcError
+from glmc.modeling_patches.ops.onnx_defs import DOMAIN, Builder, GraphView
+
+attention, kv_cache, quantized_linear = (importlib.import_module(f"glmc.modeling_patches.ops.{m}")
+                                         for m in ("attention", "kv_cache", "quantized_linear"))
+
+# target -> glmc op -> lowering (each lowering's docstring says what it emits)
+TARGETS = {
+    "onnx": {},
+    "reference": {
+        "QuantizedLinear": quantized_linear.lower_dequantize_matmul,  # DequantizeLinear (int8/INT4) + MatMul
+        "KVCacheQuantize": kv_cache.lower_quantize_plain,  # Div, Round, Clip, Cast
+        "KVCacheDequantize": kv_cache.lower_dequantize_plain,  # Cast, Mul
+        "GroupQueryAttention": attention.lower_attention23,  # RotaryEmbedding + Concat + Attention-23
+    },
+    "onnxruntime": {
+        "QuantizedLinear": quantized_linear.lower_matmul_nbits,  # com.microsoft.MatMulNBits
+        "KVCacheQuantize": kv_cache.lower_quantize_plain,
+        "KVCacheDequantize": kv_cache.lower_dequantize_plain,
+        "GroupQueryAttention": attention.lower_ort_gqa,  # RotaryEmbedding + com.microsoft.GroupQueryAttention
+    },
+    "tensorrt": {
+        "QuantizedLinear": quantized_linear.lower_dequantize_matmul,
+        "KVCacheQuantize": kv_cache.lower_quantize_qdq,  # QuantizeLinear
+        "KVCacheDequantize": kv_cache.lower_dequantize_qdq,  # DequantizeLinear
+        "GroupQueryAttention": attention.lower_attention23,
+    },
+}
+
+# What a runtime must know about each target's graph (imitating onnxruntime-genai's genai_config.json).
+LIMITS = {
+    "onnx": {},
+    "reference": {},
+    "onnxruntime": {"chunked_prefill_batch": "batch must be 1 when sequence > 1 and past_sequence > 0 "
+                                              "(com.microsoft.GroupQueryAttention on ORT 1.31)"},
+    "tensorrt": {},
+}
+
+
+def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None) -> onnx.ModelProto:
+    """A new model with every glmc:: node of `model` replaced for `target` (in place on `model`'s graph)."""
+    if target not in TARGETS:
+        raise GlmcError(f"unknown lowering target '{target}'; known: {', '.join(TARGETS)}")
+    table = TARGETS[target]
+    graph = model.graph
+    view = GraphView(graph, base_dir)
+    nodes = []
+    for node in graph.node:
+        lower = table.get(node.op_type) if node.domain == DOMAIN else None
+        if lower is None:
+            nodes.append(node)
+            continue
+        b = Builder(node, view)
+        try:
+            lower(node, b)
+        except ValueError as e:
+            raise GlmcError(f"lowering for {target}: {e}") from None
+        nodes.extend(b.nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {n.op_type for n in nodes if n.domain == DOMAIN}
+    graph.initializer.extend(view.new_initializers)
+    _drop_unused_initializers(graph)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    opsets.update(view.opsets)
+    if not used:
+        opsets.pop(DOMAIN, None)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
+    return model
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def runtime_config(model: onnx.ModelProto, target: str, model_file: str) -> dict:
+    """The JSON a runtime reads next to a lowered model: file, I/O names and types, KV-cache convention, limits."""
+    elem = {v: k for k, v in onnx.TensorProto.DataType.items()}
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    past = inputs.get("past_key_values.0.key")
+    dims = [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim] if past else []
+    return {
+        "model": {"file": model_file, "target": target, "num_layers": layers,
+                  "vocab_size": [d.dim_value for d in outputs["logits"].type.tensor_type.shape.dim][-1]},
+        "inputs": {"input_ids": "input_ids", "position_ids": "position_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "kv_cache": {"dtype": elem[past.type.tensor_type.elem_type].lower() if past else None,
+                     "shape": dims, "layout": "BNSH", "past_present_share_buffer": False,
+                     "padding": "left", "position_ids": "0 at the first real token of each row"},
+        "logits_dtype": elem[outputs["logits"].type.tensor_type.elem_type].lower(),
+        "limits": LIMITS[target],
+    }
+
+
+def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
+    """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
+    that the lowering leaves alone stay in the source's data file, hard-linked (or copied) next to `dst`."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src), load_external_data=False)
+    external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    lower_model(model, target, str(src.parent))
+    for name in external:
+        if (dst.parent / name).resolve() != (src.parent / name).resolve():
+            _link(src.parent / name, dst.parent / name)
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
+    data_name = dst.name + ".data"
+    if large:
+        if (dst.parent / data_name).exists():
+            (dst.parent / data_name).unlink()
+        # only tensors held in memory (new ones) go to the new data file; linked ones keep their location
+        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                  size_threshold=1024)
+    else:
+        onnx.save(model, str(dst))
+    config = runtime_config(model, target, dst.name)
+    dst.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -26,6 +26,7 @@ TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt")
 COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 TRT_PROFILES = ("full", "prefill", "decode")
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
+MISSING = "???"  # a value the user must give (with --set), as in model.checkpoint of the 6B/9B configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
     for key in ("model.checkpoint", "calibration.source"):
         sec, name = key.split(".")
         value = tree.get(sec, {}).get(name) if isinstance(tree.get(sec), dict) else None
-        if isinstance(value, str) and value and value != "builtin" and not Path(value).is_absolute():
+        if isinstance(value, str) and value not in ("", "builtin", MISSING) and not Path(value).is_absolute():
             tree[sec][name] = str((path.parent / value).resolve())
     return tree, where
 
@@ -281,6 +282,8 @@ def _check_value(key: str, f: Field, value: Any, here: str) -> Any:
     def fail(msg: str) -> None:
         raise ConfigError(f"{here}: {key}: {msg}")
 
+    if value == MISSING:
+        fail(f"must be set (this config leaves it to you): add --set {key}=VALUE")
     if value is None:
         if f.nullable:
             return None

@@ -166,9 +166,26 @@ def _network_layers(trt: Any, network: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _allow_decomposed_attention(trt: Any, network: Any) -> int:
+    """Mark every attention layer decomposable: where no fused kernel fits (fp32, a fixed query length of 1),
+    the builder then lowers it to MatMul/Softmax instead of failing. Returns how many layers it marked."""
+    count = 0
+    if not hasattr(trt, "IAttentionBoundaryLayer"):
+        return 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if str(layer.type).endswith("ATTENTION_INPUT"):
+            layer.__class__ = trt.IAttentionInputLayer
+            if not layer.attention.decomposable:
+                layer.attention.decomposable = True
+                count += 1
+    return count
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *, profiles: list[str] = ("full",),
                  opt: dict | None = None, compute_capabilities: list[str] = ("sm86",), workspace_mb: int = 1024,
-                 optimization_level: int = 3, log_path: str | Path | None = None) -> dict[str, Any]:
+                 optimization_level: int = 3, log_path: str | Path | None = None,
+                 decompose_attention: bool = True) -> dict[str, Any]:
     """Build one engine; write it to engine_path (and the build log to log_path); return its description."""
     trt, lib = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -207,6 +224,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         config.add_optimization_profile(profile)
         shapes_per_profile[kind] = {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
                                     for n, s in shapes.items()}
+    decomposable = _allow_decomposed_attention(trt, network) if decompose_attention else 0
     network_layers = _network_layers(trt, network)
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
@@ -231,6 +249,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         "engine_bytes": engine_path.stat().st_size, "build_seconds": round(seconds, 3),
         "compute_capabilities": targets_used, "workspace_mb": workspace_mb,
         "optimization_level": optimization_level, "strongly_typed": True, "io": io,
+        "attention_layers_decomposable": decomposable,
         "profiles": shapes_per_profile, "engine_layers": layers, "network_layers": network_layers,
     }
 

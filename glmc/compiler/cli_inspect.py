@@ -1,0 +1,88 @@
+"""`glmc inspect BUILD`: what a build directory holds, what it was built from, and how it was verified."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from glmc.compiler.builddir import file_sha256, read_manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("build", metavar="BUILD", help="a build directory written by `glmc compile`")
+    p.add_argument("--json", action="store_true", help="print the whole manifest.json")
+    p.add_argument("--layers", action="store_true", help="also list the TensorRT engine's layers")
+    p.add_argument("--check-files", action="store_true", help="recompute every file's sha256 against the manifest")
+
+
+def _shape(io: dict) -> str:
+    return f"{io['name']} {io['dtype']}[{', '.join(str(d) for d in io['shape'])}]"
+
+
+def run(args: argparse.Namespace) -> int:
+    build = Path(args.build)
+    m = read_manifest(build)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    con = Console()
+    c, p, arch = m["config"], m["precision"], m["model"]
+    con.print(f"[bold]{build}[/]  ({m['format']}, built {m['created']}, glmc {m['packages'].get('glmc')})")
+    con.print(f"model      {c['model']['name']}: {arch['family']}, {arch['num_layers']} layers, hidden "
+              f"{arch['hidden_size']}, {arch['num_heads']} heads / {arch['num_kv_heads']} kv, vocab "
+              f"{arch['vocab_size']}  <- {arch['checkpoint']}")
+    con.print(f"precision  {p['tag']}  (dtype {p['dtype']}, weights {p['weights']}"
+              + (f" g{p['group_size']}" if p['group_size'] else "") + f", kv cache {p['kv_cache']}"
+              + (f" per {p['kv_granularity']}" if p['kv_cache'] == 'int8' else "") + f"); weights in {p['weights_location']}")
+    lim = c["limits"]
+    con.print(f"limits     batch <= {lim['max_batch']}, prompt <= {lim['max_input_length']}, "
+              f"sequence <= {lim['max_sequence_length']}")
+    con.print(f"tokenizer  {m['tokenizer']['family']}: {', '.join(m['tokenizer']['files']) or 'none'} in "
+              f"{m['tokenizer']['dir']}")
+    t = Table(title="targets", show_edge=False)
+    for col in ("target", "file", "inputs", "outputs"):
+        t.add_column(col)
+    for name, d in m["targets"].items():
+        t.add_row(name, d["onnx"], "\n".join(_shape(i) for i in d["inputs"][:5])
+                  + (f"\n... {len(d['inputs']) - 5} more" if len(d["inputs"]) > 5 else ""),
+                  "\n".join(_shape(o) for o in d["outputs"][:3])
+                  + (f"\n... {len(d['outputs']) - 3} more" if len(d["outputs"]) > 3 else ""))
+    con.print(t)
+    for name, e in m["engines"].items():
+        con.print(f"engine     {name}: {e['path']} ({e['engine_bytes']:,} bytes), {e['library']} {e['version']}, "
+                  f"compute capabilities {', '.join(e['compute_capabilities']) or 'of the build GPU'}, "
+                  f"profiles {', '.join(e['profiles'])}, {e['engine_layer_count']} engine layers from "
+                  f"{e['network_layer_count']} network layers, built in {e['build_seconds']:.1f}s")
+        if args.layers:
+            layers = json.loads((build / e["layers"]).read_text())["engine_layers"]
+            lt = Table(show_edge=False)
+            for col in ("layer", "type", "from ONNX nodes"):
+                lt.add_column(col)
+            for layer in layers:
+                lt.add_row(layer["name"], layer["type"], ", ".join(layer["onnx_nodes"]))
+            con.print(lt)
+    v = m.get("verification")
+    if not v:
+        con.print("verified   no (verify.enabled was false)")
+    else:
+        con.print(f"verified   {'[green]passed[/]' if v.get('passed') else '[red]FAILED[/]'}: {v.get('summary', '')}")
+    st = Table(title="stages", show_edge=False)
+    for col in ("stage", "status", "seconds"):
+        st.add_column(col)
+    for s in m["stages"]:
+        st.add_row(s["name"], s["status"], f"{s['seconds']:.2f}")
+    con.print(st)
+    total = sum(f["bytes"] for f in m["files"].values())
+    con.print(f"files      {len(m['files'])} files, {total / 2**20:.1f} MiB")
+    if args.check_files:
+        bad = [name for name, f in m["files"].items()
+               if not (build / name).is_file() or file_sha256(build / name) != f["sha256"]]
+        if bad:
+            con.print(f"[red]{len(bad)} file(s) differ from the manifest:[/] {', '.join(bad[:10])}")
+            return 1
+        con.print("[green]every file matches its sha256 in the manifest[/]")
+    return 0

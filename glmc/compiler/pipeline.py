@@ -1,0 +1,411 @@
+"""The compile pipeline: load -> quantize/calibrate -> export -> simplify -> lower per target -> engines -> verify -> package.
+
+Each stage writes its outputs into a cache folder named by a hash of its inputs (the config keys it reads, the
+hashes of the stages it reads from, the checkpoint's fingerprint and the glmc version), so a change reruns
+only the stages downstream of it; `force=True` reruns all. The model is loaded only when a stage that needs it
+has to run. The build directory is assembled from the cached outputs (hard links) and appears atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import glmc
+from glmc.compiler.builddir import BuildDir, file_table, place
+from glmc.compiler.schema import CompileConfig
+from glmc.errors import GlmcError
+
+STAGE_FILE = "stage.json"  # in every cached stage folder: what the stage reported
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+ORT_TARGETS = ("reference", "onnxruntime", "tensorrt")  # lowerings ONNX Runtime can run (verify checks these)
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy", "transformers", "safetensors",
+            "tensorrt", "tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu13-libs", "pyyaml", "rich")
+
+
+class StageError(GlmcError):
+    """A pipeline stage failed; the message names the stage."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step: the config keys and upstream stages its cache key covers, and the function that runs it."""
+
+    name: str
+    keys: tuple[str, ...]
+    deps: tuple[str, ...]
+    run: Callable[["Context", Path], dict]
+    hash: str = ""
+    status: str = "pending"  # pending | cached | ran
+    seconds: float = 0.0
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.name.replace(':', '-')}-{self.hash[:16]}"
+
+
+def checkpoint_fingerprint(ckpt: Path) -> dict:
+    """Names, sizes and mtimes of the checkpoint's files, and config.json's content hash (cheap even at 20 GB)."""
+    files = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            files[p.name] = [st.st_size, st.st_mtime_ns]
+    cfg = ckpt / "config.json"
+    return {"files": files, "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else ""}
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+class Context:
+    """What stages share: the config, the finished stages' folders, and the lazily loaded models."""
+
+    def __init__(self, cfg: CompileConfig, console: Console):
+        self.cfg = cfg
+        self.console = console
+        self.outputs: dict[str, Path] = {}
+        self.stages: dict[str, Stage] = {}
+        self._model = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.cfg.get("model.checkpoint"))
+
+    def scheme(self):
+        from glmc.quantization.scheme import Scheme
+        p = self.cfg.data["precision"]
+        bits = {"float": 0, "int8": 8, "int4": 4}[p["weights"]]
+        return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
+                      p["kv_granularity"] if p["kv_cache"] == "int8" else None)
+
+    def load_float32(self):
+        """The checkpoint in float32 (the `load` stage; quantization and calibration start from it)."""
+        from glmc.modeling_patches.checkpoint import load_model
+        t0 = time.perf_counter()
+        model = load_model(self.checkpoint, "float32", family=self.cfg.get("model.family"))
+        self.stages["load"].status, self.stages["load"].seconds = "ran", time.perf_counter() - t0
+        self.console.print(f"  [green]✓[/] load       {time.perf_counter() - t0:6.2f}s  {self.checkpoint}")
+        return model
+
+    def model(self):
+        """The model to export, with the config's precision (read back from the quantize stage's weights)."""
+        from glmc.modeling_patches.checkpoint import load_model
+        if self._model is not None:
+            return self._model
+        weights = self.outputs["quantize"] / "model"
+        src = weights if (weights / "config.json").is_file() and self.scheme().to_json() else self.checkpoint
+        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.cfg.get("precision.dtype")]
+        self._model = load_model(src, dtype, family=self.cfg.get("model.family"),
+                                 max_positions=self.cfg.get("limits.max_sequence_length"))
+        return self._model
+
+
+def _need(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise StageError(f"{what} needs {module}, which is not importable here ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def run_quantize(ctx: Context, out: Path) -> dict:
+    """Quantize weights / calibrate the KV cache; save a loadable checkpoint (model/) when anything is quantized."""
+    from glmc.quantization.scheme import apply_scheme, save_quantized
+    scheme = ctx.scheme()
+    model_dir = out / "model"
+    model_dir.mkdir()
+    for name in ("config.json",) + TOKENIZER_FILES:
+        if (ctx.checkpoint / name).is_file():
+            shutil.copy2(ctx.checkpoint / name, model_dir / name)
+    if not scheme.to_json():
+        return {"scheme": scheme.name, "quantization": {}, "weights": "in the ONNX files (float)"}
+    model = ctx.load_float32()
+    calib = None
+    info: dict[str, Any] = {"scheme": scheme.name, "quantization": scheme.to_json()}
+    if scheme.kv_granularity:
+        from glmc.quantization.kv_calibration import calibration_samples
+        from glmc.runtime.tokenizer import load_tokenizer
+        c = ctx.cfg.data["calibration"]
+        tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
+        src = None if c["source"] == "builtin" else c["source"]
+        calib = calibration_samples(tok.encode, src, c["samples"], c["max_length"])
+        info["calibration"] = {"source": c["source"], "samples": len(calib),
+                               "tokens": int(sum(x.numel() for x in calib))}
+    apply_scheme(model, scheme, calib)
+    save_quantized(model, model_dir, scheme)
+    return info
+
+
+def run_export(ctx: Context, out: Path) -> dict:
+    mod = _need("glmc.export.onnx_export", "the export stage")
+    path = out / "model.onnx"
+    result = mod.export_onnx(ctx.model(), path)
+    return {"onnx": path.name, **(result if isinstance(result, dict) else {})}
+
+
+def run_simplify(ctx: Context, out: Path) -> dict:
+    mod = _need("glmc.export.simplify", "the simplify stage")
+    path = out / "model.onnx"
+    result = mod.simplify(ctx.outputs["export"] / "model.onnx", path)
+    return {"onnx": path.name, **(result if isinstance(result, dict) else {})}
+
+
+def make_lower(target: str) -> Callable[[Context, Path], dict]:
+    def run_lower(ctx: Context, out: Path) -> dict:
+        mod = _need("glmc.export.lower", f"the lower:{target} stage")
+        result = mod.lower(ctx.outputs["simplify"] / "model.onnx", target, out / "model.onnx")
+        return {"onnx": "model.onnx", "target": target, **(result if isinstance(result, dict) else {})}
+    return run_lower
+
+
+def run_engine(ctx: Context, out: Path) -> dict:
+    """Build the TensorRT engine from the `tensorrt` lowering (TensorRT, else TensorRT for RTX)."""
+    from glmc.compiler.tensorrt import build_engine, write_layers
+    t = ctx.cfg.data["tensorrt"]
+    info = build_engine(
+        ctx.outputs["lower:tensorrt"] / "model.onnx", out / "model.engine", ctx.cfg.data["limits"],
+        profiles=t["profiles"], compute_capabilities=t["compute_capabilities"], workspace_mb=t["workspace_mb"],
+        optimization_level=t["optimization_level"], log_path=out / "build.log",
+        opt={"batch": t["opt_batch"], "input_length": t["opt_input_length"], "past_length": t["opt_past_length"]})
+    write_layers(info, out / "layers.json")
+    info = {k: v for k, v in info.items() if k not in ("engine_layers", "network_layers")} | {
+        "engine_layer_count": len(info["engine_layers"]), "network_layer_count": len(info["network_layers"]),
+        "layers": "layers.json", "build_log": "build.log"}
+    return info
+
+
+def run_verify(ctx: Context, out: Path) -> dict:
+    """Compare the torch model with every lowering ONNX Runtime can run, on the config's prompts."""
+    mod = _need("glmc.export.verify", "the verify stage")
+    v = ctx.cfg.data["verify"]
+    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.cfg.get("targets") if t in ORT_TARGETS}
+    result = mod.verify_lowerings(ctx.model(), lowered, prompts=v["prompts"], steps=v["steps"],
+                                  tokenizer_dir=ctx.checkpoint, max_rel_error=v["max_rel_error"],
+                                  min_greedy_agreement=v["min_greedy_agreement"])
+    (out / "verify.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not result.get("passed", False):
+        raise StageError(f"verification failed: {result.get('summary', result)} (details in verify.json)")
+    return result
+
+
+def plan(cfg: CompileConfig) -> list[Stage]:
+    """The stages this config needs, in order, with their cache keys."""
+    targets = cfg.get("targets")
+    precision = ("model.family", "precision.dtype", "precision.weights", "precision.group_size",
+                 "precision.quantize_output_layer", "precision.kv_cache", "precision.kv_granularity")
+    calib = ("calibration.source", "calibration.samples", "calibration.max_length") \
+        if cfg.get("precision.kv_cache") == "int8" else ()
+    stages = [
+        Stage("load", ("model.checkpoint", "model.family"), (), lambda ctx, out: {}),
+        Stage("quantize", precision + calib, ("load",), run_quantize),
+        Stage("export", ("limits.max_sequence_length",), ("quantize",), run_export),
+        Stage("simplify", (), ("export",), run_simplify),
+    ]
+    lowered = list(targets)
+    if cfg.get("verify.enabled") and not any(t in ORT_TARGETS for t in lowered):
+        lowered.append("reference")  # something ONNX Runtime can check
+    for t in lowered:
+        stages.append(Stage(f"lower:{t}", ("limits.max_batch", "limits.max_sequence_length"), ("simplify",),
+                            make_lower(t)))
+    if "tensorrt" in targets:
+        stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))
+    if cfg.get("verify.enabled"):
+        deps = tuple(f"lower:{t}" for t in lowered if t in ORT_TARGETS)
+        stages.append(Stage("verify", ("verify",), ("quantize",) + deps, run_verify))
+    by_name = {s.name: s for s in stages}
+    fingerprint = checkpoint_fingerprint(Path(cfg.get("model.checkpoint")))
+    for s in stages:
+        key = {"stage": s.name.split(":")[0], "target": s.name.split(":")[1] if ":" in s.name else None,
+               "config": cfg.slice(*s.keys), "deps": {d: by_name[d].hash for d in s.deps},
+               "glmc": glmc.__version__}
+        if s.name == "load":
+            key["checkpoint"] = fingerprint
+        s.hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
+    final = cache / stage.dir_name
+    if final.is_dir() and (final / STAGE_FILE).is_file() and not force:
+        stage.status = "cached"
+        stage.info = json.loads((final / STAGE_FILE).read_text())["info"]
+        ctx.outputs[stage.name] = final
+        ctx.console.print(f"  [dim]• {stage.name:10s}  cached[/]")
+        return
+    tmp = cache / f".{stage.dir_name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        with ctx.console.status(f"{stage.name} ..."):
+            stage.info = stage.run(ctx, tmp) or {}
+        stage.seconds = time.perf_counter() - t0
+        (tmp / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "hash": stage.hash, "seconds": stage.seconds,
+                                                  "info": stage.info}, indent=2) + "\n")
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another compile cached the same stage meanwhile: theirs is as good as ours
+            if not (final / STAGE_FILE).is_file():
+                raise
+    except StageError:
+        raise
+    except GlmcError as e:
+        raise StageError(f"stage '{stage.name}' failed: {e}") from e
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside a stage is reported with the stage's name
+        raise StageError(f"stage '{stage.name}' failed: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stage.status = "ran"
+    ctx.outputs[stage.name] = final
+    ctx.console.print(f"  [green]✓[/] {stage.name:10s} {stage.seconds:6.2f}s")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "glmc": glmc.__version__}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def onnx_io(path: Path) -> dict[str, list]:
+    """Graph inputs and outputs of an ONNX file: name, element type, shape (symbolic dims by name)."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+
+    def describe(vi: Any) -> dict:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        return {"name": vi.name, "dtype": onnx.TensorProto.DataType.Name(tt.elem_type).lower(), "shape": dims}
+
+    return {"inputs": [describe(v) for v in m.graph.input if v.name not in inits],
+            "outputs": [describe(v) for v in m.graph.output]}
+
+
+def _report(manifest: dict) -> str:
+    c = manifest["config"]
+    lines = [f"# glmc build: {c['model']['name']} {manifest['precision']['tag']}", "",
+             f"- checkpoint: `{c['model']['checkpoint']}` ({manifest['model']['family']}, "
+             f"{manifest['model']['num_layers']} layers, hidden {manifest['model']['hidden_size']})",
+             f"- precision: {manifest['precision']['tag']} (scheme {manifest['precision']['scheme']})",
+             f"- limits: batch <= {c['limits']['max_batch']}, prompt <= {c['limits']['max_input_length']}, "
+             f"sequence <= {c['limits']['max_sequence_length']}",
+             f"- built {manifest['created']} with glmc {manifest['packages']['glmc']}", "", "## Targets", ""]
+    for t, d in manifest["targets"].items():
+        lines.append(f"- `{t}`: `{d['onnx']}`")
+    for t, e in manifest["engines"].items():
+        lines.append(f"- `{t}` engine: `{e['path']}` ({e['library']} {e['version']}, {e['engine_bytes']} bytes, "
+                     f"{', '.join(e['compute_capabilities']) or 'this GPU'}, {e['engine_layer_count']} layers, "
+                     f"built in {e['build_seconds']:.1f}s)")
+    lines += ["", "## Verification", ""]
+    v = manifest.get("verification")
+    if not v:
+        lines.append("- not run (verify.enabled: false)")
+    else:
+        lines.append(f"- {'passed' if v.get('passed') else 'FAILED'}: {v.get('summary', '')}")
+    lines += ["", "## Stages", "", "| stage | status | seconds |", "| --- | --- | --- |"]
+    for s in manifest["stages"]:
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _assemble(ctx: Context, stages: list[Stage], root: Path) -> dict:
+    """Lay the cached stage outputs out in the build directory; return the manifest (files filled in later)."""
+    from glmc.modeling_patches.config import load_config
+    cfg = ctx.cfg
+    place(ctx.outputs["quantize"] / "model", root / "model")
+    targets: dict[str, dict] = {}
+    for t in cfg.get("targets"):
+        src = ctx.outputs[f"lower:{t}"]
+        for p in src.iterdir():
+            if p.name != STAGE_FILE:
+                place(p, root / "onnx" / t / p.name)
+        targets[t] = {"onnx": f"onnx/{t}/model.onnx", **onnx_io(src / "model.onnx"),
+                      "lowering": ctx.stages[f"lower:{t}"].info}
+    engines = {}
+    if "engine:tensorrt" in ctx.outputs:
+        src = ctx.outputs["engine:tensorrt"]
+        for p in src.iterdir():
+            if p.name != STAGE_FILE:
+                place(p, root / "tensorrt" / p.name)
+        info = ctx.stages["engine:tensorrt"].info
+        engines["tensorrt"] = {**info, "path": "tensorrt/model.engine", "layers": "tensorrt/layers.json",
+                               "build_log": "tensorrt/build.log"}
+    verification = None
+    if "verify" in ctx.outputs:
+        place(ctx.outputs["verify"] / "verify.json", root / "verify.json")
+        verification = ctx.stages["verify"].info
+    arch = load_config(ctx.checkpoint, family=cfg.get("model.family"))
+    tok = [n for n in TOKENIZER_FILES if (root / "model" / n).is_file()]
+    return {
+        "format": "glmc-build/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.data, "config_files": cfg.files,
+        "packages": package_versions(),
+        "model": {"checkpoint": cfg.get("model.checkpoint"), **arch.to_dict()},
+        "precision": {"tag": cfg.precision_tag, "scheme": ctx.scheme().name, **cfg.data["precision"],
+                      "quantization": ctx.scheme().to_json(),
+                      "weights_location": "model/" if ctx.scheme().to_json() else "the ONNX files"},
+        "tokenizer": {"dir": "model/", "files": tok, "family": arch.family},
+        "targets": targets, "engines": engines, "verification": verification,
+        "stages": [{"name": s.name, "hash": s.hash, "status": s.status, "seconds": round(s.seconds, 3)}
+                   for s in stages],
+    }
+
+
+def compile_config(cfg: CompileConfig, force: bool = False, console: Console | None = None) -> Path:
+    """Run the pipeline for a validated config; returns the build directory."""
+    console = console or Console(stderr=True)
+    stages = plan(cfg)
+    ctx = Context(cfg, console)
+    ctx.stages = {s.name: s for s in stages}
+    cache = Path(cfg.get("cache_dir"))
+    out = Path(cfg.get("output"))
+    t0 = time.perf_counter()
+    console.print(f"[bold]glmc compile[/] {cfg.get('model.name')} {cfg.precision_tag} -> {out}")
+    with BuildDir(out) as build:
+        cache.mkdir(parents=True, exist_ok=True)
+        ctx.outputs["load"] = cache
+        stages[0].status = "not needed"  # load runs lazily, only inside a stage that needs the float model
+        for stage in stages[1:]:
+            _run_stage(ctx, stage, cache, force)
+        with console.status("package ..."):
+            t1 = time.perf_counter()
+            manifest = _assemble(ctx, stages, build.tmp)
+            manifest["files"] = file_table(build.tmp)
+            manifest["stages"].append({"name": "package", "hash": "", "status": "ran",
+                                       "seconds": round(time.perf_counter() - t1, 3)})
+            build.commit(manifest, _report(manifest))
+    console.print(f"  [green]✓[/] package    {time.perf_counter() - t1:6.2f}s")
+    table = Table(title=f"built {out} in {time.perf_counter() - t0:.1f}s", show_edge=False)
+    for col in ("stage", "status", "seconds"):
+        table.add_column(col)
+    for s in manifest["stages"]:
+        table.add_row(s["name"], s["status"], f"{s['seconds']:.2f}")
+    console.print(table)
+    return out

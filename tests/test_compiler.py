@@ -1,0 +1,386 @@
+"""`glmc compile`: config schema and its errors, build directories, the TensorRT builder, the cached pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from glmc.cli import main as glmc_main
+from glmc.compiler import schema
+from glmc.compiler.builddir import BuildDir, BuildLocked, read_manifest
+from glmc.compiler.tensorrt import TensorRTError, build_engine, profile_shapes, graph_inputs
+from glmc.errors import ConfigError
+from glmc.modeling_patches.checkpoint import save_checkpoint
+
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "compile_configs"
+HAVE_TRT = schema.tensorrt_available() is not None
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx_bindings is installed")
+LIMITS = {"max_batch": 2, "max_input_length": 16, "max_sequence_length": 64}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints of each family, with a context long enough for every shipped config."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, variant in (("chatglm2", "chatglm2-6b"), ("chatglm3", "chatglm3-6b"), ("glm4", "glm-4-9b-chat")):
+        model = tiny_model(variant, seq_length=1 << 20, num_layers=1, vocab_size=64)
+        out[name] = save_checkpoint(model, root / name)
+    return out
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+def test_shipped_config_set_is_complete():
+    for model in ("chatglm2-6b", "chatglm3-6b", "chatglm3-6b-32k", "glm-4-9b-chat", "glm-4-9b-chat-1m"):
+        for precision in ("fp16", "int8", "int4", "kv8", "int8-kv8"):
+            assert f"{model}-{precision}.yaml" in SHIPPED
+    for precision in ("fp32", "int8", "int4", "kv8"):
+        assert f"glmc-tiny-{precision}.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_validates(name, checkpoints, tmp_path):
+    """Every shipped config validates; the 6B/9B ones with a tiny checkpoint of their family set by --set."""
+    path = CONFIGS / name
+    overrides = [f"output={tmp_path / 'out'}"]
+    if not name.startswith("glmc-tiny"):
+        with pytest.raises(ConfigError, match=r"model\.checkpoint: must be set .*--set model\.checkpoint="):
+            schema.load(path, overrides)
+        family = schema.load(path, overrides + ["model.checkpoint=/x"], check_files=False).get("model.family")
+        overrides.append(f"model.checkpoint={checkpoints[family]}")
+    cfg = schema.load(path, overrides, check_files=not name.startswith("glmc-tiny") or schema.shipped_model().is_dir())
+    precision = name.removesuffix(".yaml").split("-", 2 if name.startswith("glmc") else 0)
+    tag = cfg.precision_tag
+    assert ("kv8" in tag) == ("kv8" in name)
+    assert ("int8" in tag) == ("int8" in name) and ("int4" in tag) == ("int4" in name), (precision, tag)
+    assert cfg.get("limits.max_input_length") <= cfg.get("limits.max_sequence_length")
+    assert "tensorrt" in cfg.get("targets") and not (tmp_path / "out").exists()
+
+
+def test_overlays_and_set_merge_in_order(tmp_path):
+    cfg = schema.load([CONFIGS / "models" / "glmc-tiny.yaml", CONFIGS / "precisions" / "int8-kv8.yaml"],
+                      ["precision.dtype=fp32", "limits.max_batch=4", "targets=onnx"], check_files=False)
+    assert cfg.precision_tag == "int8-fp32-kv8"
+    assert cfg.get("limits.max_batch") == 4 and cfg.get("targets") == ["onnx"]
+    assert cfg.get("limits.max_sequence_length") == 256  # from the model file
+    assert cfg.where["limits.max_batch"] == "--set limits.max_batch=4"
+    assert cfg.where["precision.weights"].endswith("int8-kv8.yaml:2")
+    assert cfg.get("tensorrt.opt_past_length") == 128  # resolved default
+
+
+# ---------------------------------------------------------------------------------------------- bad configs
+
+BAD = {
+    # name: (yaml text, --set overrides, regex the error must match)
+    "unknown-section": ("precison:\n  weights: int8\n", [], r"cfg\.yaml:1: unknown key 'precison' \(did you mean 'precision'\?\)"),
+    "unknown-key": ("limits:\n  max_bach: 2\n", [], r"cfg\.yaml:2: unknown key 'limits\.max_bach' \(did you mean 'max_batch'\?\)"),
+    "wrong-type": ("limits:\n  max_batch: eight\n", [], r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a string \('eight'\)"),
+    "bool-for-int": ("limits:\n  max_batch: true\n", [], r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a boolean"),
+    "bad-choice": ("precision:\n  dtype: fp32\n  weights: int3\n", [], r"cfg\.yaml:3: precision\.weights: 'int3' is not one of float, int8, int4 \(did you mean 'int8'\?\)"),
+    "below-minimum": ("limits:\n  max_batch: 0\n", [], r"cfg\.yaml:2: limits\.max_batch: 0 is below the minimum 1"),
+    "section-not-mapping": ("limits: 5\n", [], r"cfg\.yaml:1: 'limits' is a section"),
+    "missing-checkpoint": ("model:\n  checkpoint: no/such/dir\n", [], r"cfg\.yaml:2: model\.checkpoint: .*no/such/dir does not exist"),
+    "checkpoint-must-be-set": ("model:\n  checkpoint: ???\n", [], r"cfg\.yaml:2: model\.checkpoint: must be set"),
+    "impossible-limits": ("limits:\n  max_input_length: 512\n  max_sequence_length: 256\n", [], r"cfg\.yaml:2: limits\.max_input_length \(512\) is longer than limits\.max_sequence_length \(256\)"),
+    "longer-than-model": ("limits:\n  max_sequence_length: 2000000\n  max_input_length: 8\n", [], r"cfg\.yaml:2: limits\.max_sequence_length \(2000000\) is longer than the model's context"),
+    "opt-outside-limits": ("tensorrt:\n  opt_batch: 9\n", [], r"cfg\.yaml:2: tensorrt\.opt_batch \(9\) is outside the limits \(limits\.max_batch = 1\)"),
+    "group-size-on-float": ("precision:\n  group_size: 128\n", [], r"cfg\.yaml:2: precision\.group_size 128 only applies to int8/int4"),
+    "hopper-not-a-trt-rtx-target": ("tensorrt:\n  compute_capabilities: [sm90]\n", [], r"cfg\.yaml:2: tensorrt\.compute_capabilities: 'sm90' is not one of sm75"),
+    "unknown-target": ("targets: [onnx, tensort]\n", [], r"cfg\.yaml:1: targets: 'tensort' is not one of .* \(did you mean 'tensorrt'\?\)"),
+    "empty-targets": ("targets: []\n", [], r"cfg\.yaml:1: targets: the list is empty"),
+    "duplicate-key": ("limits:\n  max_batch: 1\n  max_batch: 2\n", [], r"cfg\.yaml:3: key 'limits\.max_batch' appears twice"),
+    "yaml-syntax": ("limits:\n  max_batch: [1\n", [], r"cfg\.yaml:3: not valid YAML"),
+    "extends-missing": ("extends: nope.yaml\n", [], r"nope\.yaml: config file does not exist"),
+    "extends-loop": ("extends: cfg.yaml\n", [], r"`extends` loop"),
+    "calibration-file-missing": ("precision:\n  kv_cache: int8\ncalibration:\n  source: calib.txt\n", [], r"cfg\.yaml:4: calibration\.source: .*calib\.txt does not exist"),
+    "bad-set-syntax": ("", ["limits.max_batch"], r"--set limits\.max_batch: expected key\.path=value"),
+    "bad-set-value": ("", ["limits.max_batch=-3"], r"--set limits\.max_batch=-3: limits\.max_batch: -3 is below the minimum 1"),
+    "bad-output-placeholder": ("", ["output=build/{modle}"], r"--set output=build/\{modle\}: output: bad placeholder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_fails_clearly_and_builds_nothing(case, tmp_path, capsys, checkpoints):
+    text, overrides, pattern = BAD[case]
+    if "model:" not in text and "not valid YAML" not in pattern:  # appended last: the line numbers stay
+        text += f"model:\n  checkpoint: {checkpoints['chatglm3']}\n"
+    cfg = write(tmp_path, "cfg.yaml", text)
+    out = tmp_path / "build"
+    with pytest.raises(ConfigError, match=pattern):
+        schema.load(cfg, [f"output={out}"] + overrides)
+    code = glmc_main(["compile", str(cfg), "--set", f"output={out}"] + [a for o in overrides for a in ("--set", o)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "glmc compile: error:" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".build*")) and not list(tmp_path.glob("build.lock"))
+
+
+def test_tensorrt_target_without_tensorrt(tmp_path, monkeypatch, capsys):
+    """With neither TensorRT module importable (None in sys.modules makes import fail), the tensorrt target is refused
+    at validation time, before anything is built."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    cfg = write(tmp_path, "cfg.yaml", "targets: [onnx, tensorrt]\n")
+    out = tmp_path / "build"
+    with pytest.raises(ConfigError, match=r"cfg\.yaml:1: targets: 'tensorrt' needs TensorRT, and neither"):
+        schema.load(cfg, [f"output={out}"], check_files=False)
+    from glmc.compiler.tensorrt import import_tensorrt
+    with pytest.raises(Exception, match="neither `tensorrt` nor TensorRT for RTX"):
+        import_tensorrt()
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- build directories
+
+def test_build_dir_appears_atomically_and_replaces_the_old_one(tmp_path):
+    out = tmp_path / "b"
+    with BuildDir(out) as b:
+        (b.tmp / "x.txt").write_text("one")
+        assert not out.exists() and b.lock.path.exists()
+        b.commit({"format": "test"}, "report\n")
+    assert (out / "x.txt").read_text() == "one" and read_manifest(out)["format"] == "test"
+    with BuildDir(out) as b:
+        (b.tmp / "y.txt").write_text("two")
+        assert (out / "x.txt").exists()  # the old build stays usable until the new one commits
+        b.commit({"format": "test2"}, "report\n")
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "manifest.json", "y.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failure_or_interrupt_leaves_nothing_and_keeps_the_old_build(tmp_path, error):
+    out = tmp_path / "b"
+    with pytest.raises(error):
+        with BuildDir(out) as b:
+            (b.tmp / "half.bin").write_bytes(b"x" * 100)
+            raise error("stop")
+    assert list(tmp_path.iterdir()) == []
+    with BuildDir(out) as b:
+        b.commit({"format": "ok"}, "")
+    with pytest.raises(error):
+        with BuildDir(out) as b:
+            (b.tmp / "half.bin").write_bytes(b"x")
+            raise error("stop")
+    assert read_manifest(out)["format"] == "ok" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_concurrent_compile_is_refused_and_stale_lock_taken_over(tmp_path):
+    out = tmp_path / "b"
+    with BuildDir(out):
+        with pytest.raises(BuildLocked, match=r"b\.lock: another glmc compile \(pid \d+"):
+            BuildDir(out).__enter__()
+    # a lock left by a process that no longer exists (on this host) is stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+    (tmp_path / "b.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with BuildDir(out) as b:
+        b.commit({"format": "ok"}, "")
+    assert not (tmp_path / "b.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT builder
+
+def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: int = T.FLOAT16, vocab: int = 64,
+                 hidden: int = 32, heads: int = 2, kv_heads: int = 1, head_dim: int = 16, max_pos: int = 256,
+                 seed: int = 0) -> Path:
+    """A one-layer decoder with glmc's I/O contract in standard opset-23 ONNX, in the form the `tensorrt` lowering
+    produces: int8 per-channel or INT4 blocked DequantizeLinear + MatMul, RotaryEmbedding-23, the past concatenated
+    outside Attention-23, and for an int8 KV cache QuantizeLinear/DequantizeLinear on the cache tensors."""
+    rng = np.random.default_rng(seed)
+    npd = np.float16 if dtype == T.FLOAT16 else np.float32
+    inits, nodes = [], []
+
+    def init(name, arr):
+        inits.append(nh.from_array(arr, name))
+        return name
+
+    def node(op, ins, outs, **kw):
+        nodes.append(h.make_node(op, ins, outs, name=outs[0] + "_node", **kw))
+        return outs[0]
+
+    def linear(x, name, n_in, n_out):
+        if weights == "int8":
+            w = rng.integers(-127, 128, (n_in, n_out)).astype(np.int8)
+            s = (rng.random(n_out) * 0.01 + 0.001).astype(npd)
+            wd = node("DequantizeLinear", [init(name + ".qweight", w), init(name + ".scales", s)], [name + ".w"], axis=1)
+        elif weights == "int4":
+            w = rng.integers(-8, 8, (n_in, n_out)).astype(np.int8)
+            inits.append(h.make_tensor(name + ".qweight", T.INT4, w.shape, w.flatten().tolist()))
+            s = (rng.random((n_in // 16, n_out)) * 0.01 + 0.001).astype(npd)
+            wd = node("DequantizeLinear", [name + ".qweight", init(name + ".scales", s)], [name + ".w"], axis=0,
+                      block_size=16)
+        else:
+            wd = init(name + ".w", (rng.standard_normal((n_in, n_out)) * 0.05).astype(npd))
+        return node("MatMul", [x, wd], [name + ".y"])
+
+    x = node("Gather", [init("embed", (rng.standard_normal((vocab, hidden)) * 0.1).astype(npd)), "input_ids"], ["x"])
+    q = linear(x, "q", hidden, heads * head_dim)
+    k = linear(x, "k", hidden, kv_heads * head_dim)
+    v = linear(x, "v", hidden, kv_heads * head_dim)
+    init("shape_q", np.array([0, 0, heads, head_dim], np.int64))
+    init("shape_kv", np.array([0, 0, kv_heads, head_dim], np.int64))
+    q4 = node("Transpose", [node("Reshape", [q, "shape_q"], ["q4r"])], ["q4"], perm=[0, 2, 1, 3])
+    k4 = node("Transpose", [node("Reshape", [k, "shape_kv"], ["k4r"])], ["k4"], perm=[0, 2, 1, 3])
+    v4 = node("Transpose", [node("Reshape", [v, "shape_kv"], ["v4r"])], ["v4"], perm=[0, 2, 1, 3])
+    rot = head_dim // 2
+    angles = np.outer(np.arange(max_pos), 1.0 / (10000 ** (np.arange(0, rot, 2) / rot)))
+    init("cos", np.cos(angles).astype(npd))
+    init("sin", np.sin(angles).astype(npd))
+    qr = node("RotaryEmbedding", [q4, "cos", "sin", "position_ids"], ["qr"], interleaved=1, rotary_embedding_dim=rot)
+    kr = node("RotaryEmbedding", [k4, "cos", "sin", "position_ids"], ["kr"], interleaved=1, rotary_embedding_dim=rot)
+    cache_type = T.INT8 if kv == "int8" else dtype
+    past_k, past_v = "past_key_values.0.key", "past_key_values.0.value"
+    if kv == "int8":
+        init("kv_scale", np.array(0.05, npd))
+        init("kv_zero", np.array(0, np.int8))
+        past_k = node("DequantizeLinear", [past_k, "kv_scale", "kv_zero"], ["pk"])
+        past_v = node("DequantizeLinear", [past_v, "kv_scale", "kv_zero"], ["pv"])
+    k_all = node("Concat", [past_k, kr], ["k_all"], axis=2)
+    v_all = node("Concat", [past_v, v4], ["v_all"], axis=2)
+    if kv == "int8":
+        node("QuantizeLinear", [k_all, "kv_scale", "kv_zero"], ["present.0.key"])
+        node("QuantizeLinear", [v_all, "kv_scale", "kv_zero"], ["present.0.value"])
+    else:
+        node("Identity", [k_all], ["present.0.key"])
+        node("Identity", [v_all], ["present.0.value"])
+    init("axes12", np.array([1, 2], np.int64))
+    init("one", np.array([1], np.int64))
+    mask_shape = node("Concat", [node("Shape", ["input_ids"], ["b_dim"], end=1), "one",
+                                 node("Shape", ["input_ids"], ["s_dim"], start=1),
+                                 node("Shape", ["attention_mask"], ["t_dim"], start=1)], ["mask_shape"], axis=0)
+    mask = node("Expand", [node("Unsqueeze", [node("Cast", ["attention_mask"], ["mask_b"], to=T.BOOL), "axes12"],
+                                ["mask_u"]), mask_shape], ["mask4"])
+    att = node("Attention", [qr, k_all, v_all, mask], ["att"], q_num_heads=heads, kv_num_heads=kv_heads)
+    init("shape_o", np.array([0, 0, heads * head_dim], np.int64))
+    o = node("Reshape", [node("Transpose", [att], ["att_t"], perm=[0, 2, 1, 3]), "shape_o"], ["o_in"])
+    hidden_out = linear(o, "o", heads * head_dim, hidden)
+    node("MatMul", [hidden_out, init("lm_head", (rng.standard_normal((hidden, vocab)) * 0.05).astype(npd))], ["logits"])
+    cache = ["batch", kv_heads, "past", head_dim]
+    graph = h.make_graph(nodes, "mini_decoder", [
+        h.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"]),
+        h.make_tensor_value_info("position_ids", T.INT64, ["batch", "seq"]),
+        h.make_tensor_value_info("attention_mask", T.INT64, ["batch", "total"]),
+        h.make_tensor_value_info("past_key_values.0.key", cache_type, cache),
+        h.make_tensor_value_info("past_key_values.0.value", cache_type, cache),
+    ], [h.make_tensor_value_info("logits", dtype, ["batch", "seq", vocab]),
+        h.make_tensor_value_info("present.0.key", cache_type, ["batch", kv_heads, "total", head_dim]),
+        h.make_tensor_value_info("present.0.value", cache_type, ["batch", kv_heads, "total", head_dim])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def run_ort(path: Path, batch: int = 2, seq: int = 3, past: int = 2, int8_cache: bool = False) -> list[np.ndarray]:
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cache_dtype = np.int8 if int8_cache else (np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32)
+    zeros = np.zeros((batch, 1, past, 16), cache_dtype)
+    return sess.run(None, {"input_ids": np.arange(batch * seq).reshape(batch, seq) % 64,
+                           "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)),
+                           "attention_mask": np.ones((batch, past + seq), np.int64),
+                           "past_key_values.0.key": zeros, "past_key_values.0.value": zeros})
+
+
+def test_profile_shapes_follow_the_limits(tmp_path):
+    inputs = graph_inputs(mini_decoder(tmp_path / "m.onnx"))
+    opt = {"batch": 1, "input_length": 8, "past_length": 32}
+    full = profile_shapes(inputs, LIMITS, "full", opt)
+    assert full["input_ids"] == ((1, 1), (1, 8), (2, 16))
+    assert full["attention_mask"] == ((1, 1), (1, 40), (2, 64))
+    assert full["past_key_values.0.key"] == ((1, 1, 0, 16), (1, 1, 32, 16), (2, 1, 63, 16))
+    decode = profile_shapes(inputs, LIMITS, "decode", opt)
+    assert decode["input_ids"] == ((1, 1), (1, 1), (2, 1)) and decode["past_key_values.0.value"][2] == (2, 1, 63, 16)
+    prefill = profile_shapes(inputs, LIMITS, "prefill", opt)
+    assert prefill["past_key_values.0.key"] == ((1, 1, 0, 16), (1, 1, 0, 16), (2, 1, 0, 16))
+
+
+ENGINE_CASES = {  # name: (weights, kv cache, dtype, the engine's constants must include this type)
+    "int8-per-channel": ("int8", "float", T.FLOAT16, "Int8"),
+    "int4-blocked": ("int4", "float", T.FLOAT16, "Int4"),
+    "int8-kv8": ("int8", "int8", T.FLOAT16, "Int8"),
+    "fp32-decomposed-attention": ("float", "float", T.FLOAT, "Float"),
+}
+
+
+@needs_trt
+@pytest.mark.parametrize("case", sorted(ENGINE_CASES))
+def test_tensorrt_builds_standard_graphs_and_records_layers(case, tmp_path):
+    weights, kv, dtype, const_type = ENGINE_CASES[case]
+    path = mini_decoder(tmp_path / "m.onnx", weights, kv, dtype)
+    outs = run_ort(path, int8_cache=kv == "int8")  # the graph is valid ONNX that ONNX Runtime runs
+    assert outs[0].shape == (2, 3, 64) and np.isfinite(outs[0].astype(np.float32)).all()
+    profiles = ["full", "decode"] if case == "int8-kv8" else ["full"]
+    info = build_engine(path, tmp_path / "m.engine", LIMITS, profiles=profiles, compute_capabilities=["sm86", "sm89"],
+                        workspace_mb=64, optimization_level=0, log_path=tmp_path / "build.log")
+    assert (tmp_path / "m.engine").stat().st_size == info["engine_bytes"] > 10_000
+    assert info["strongly_typed"] and list(info["profiles"]) == profiles
+    if info["library"] == "tensorrt_rtx_bindings":
+        assert info["compute_capabilities"] == ["sm86", "sm89"]
+    io = {t["name"]: t for t in info["io"]}
+    assert io["past_key_values.0.key"]["dtype"] == ("INT8" if kv == "int8" else
+                                                   ("HALF" if dtype == T.FLOAT16 else "FLOAT"))
+    assert io["logits"]["mode"] == "output" and io["logits"]["shape"] == [-1, -1, 64]
+    layers = info["engine_layers"]
+    assert layers, "no layers parsed from the build log"
+    nodes = {n for layer in layers for n in layer["onnx_nodes"]}
+    assert {"q.y_node", "att_node", "logits_node"} <= nodes
+    consts = {c["dtype"] for layer in layers for c in layer["constants"]}
+    assert const_type in consts, consts
+    net_types = {layer["type"] for layer in info["network_layers"]}
+    assert ("DEQUANTIZE" in net_types) == (weights != "float" or kv == "int8")
+    assert "ATTENTION_INPUT" in net_types and info["attention_layers_decomposable"] == 1
+    assert "Layers:" in (tmp_path / "build.log").read_text()
+
+
+@needs_trt
+def test_tensorrt_refuses_custom_ops_before_parsing(tmp_path):
+    """A glmc:: (plugin) node would abort a GPU-less TensorRT process: it is refused with the node named."""
+    g = h.make_graph([h.make_node("QuantizedLinear", ["x", "w", "s"], ["y"], name="ql", domain="glmc", bits=8)], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, 4])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4])],
+                     [nh.from_array(np.zeros((4, 4), np.int8), "w"), nh.from_array(np.ones(4, np.float32), "s")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 23), h.make_opsetid("glmc", 1)])
+    onnx.save(m, str(tmp_path / "c.onnx"))
+    with pytest.raises(TensorRTError, match=r"node 'ql' is glmc::QuantizedLinear, not standard ONNX"):
+        build_engine(tmp_path / "c.onnx", tmp_path / "c.engine", LIMITS)
+    assert not (tmp_path / "c.engine").exists()
+
+
+@needs_trt
+def test_tensorrt_dynamic_dim_without_a_limit_is_named(tmp_path):
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT16, ["n", 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT16, ["n", 4])])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 23)]), str(tmp_path / "r.onnx"))
+    m = onnx.load(str(tmp_path / "r.onnx"))
+    m.ir_version = 10
+    onnx.save(m, str(tmp_path / "r.onnx"))
+    with pytest.raises(TensorRTError, match=r"input 'x' dimension 0 \('n'\) is dynamic"):
+        build_engine(tmp_path / "r.onnx", tmp_path / "r.engine", LIMITS)

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("glmc.runtime.cli_generate", "generate text from a checkpoint directory (default: the shipped model)"),
     "compile": ("glmc.compiler.cli_compile", "compile a YAML config into a verified build directory (ONNX, ONNX Runtime, TensorRT)"),
     "inspect": ("glmc.compiler.cli_inspect", "show what a build directory holds and how it was verified"),
+    "chat": ("glmc.runtime.cli_chat", "chat interactively (history, /reset, /exit; default: the shipped model)"),
 }
 
 

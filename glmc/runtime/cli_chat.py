@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
         print(f"glmc chat with {model.path} ({model.tokenizer.family}): {HELP}")
     while True:
         try:
@@ -60,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
         reply = ReplyParser(model.tokenizer)
         if interactive:
             sys.stdout.write("glm> ")
-        for piece in model.stream(history, chat=True, reply=reply, **sampling_from_args(args)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in model.stream(history, chat=True, reply=reply, **sampling_from_args(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat; the exchange is forgotten
+            print(" (interrupted)")
+            history.pop()
+            continue
         sys.stdout.write("\n")
         history.append(reply.message)
     return 0

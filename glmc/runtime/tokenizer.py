@@ -211,8 +211,10 @@ def load_tokenizer(model_dir: str | Path, family: str | None = None) -> Tokenize
     d = Path(model_dir)
     path = d / TOKENIZER_FILE
     if not path.is_file():
-        raise GlmcError(f"{path}: no tokenizer file (ChatGLM2/3 and GLM-4 checkpoints carry their tokenizer as "
-                        f"{TOKENIZER_FILE})")
+        hint = " (this directory has only tokenizer.json, the transformers-native '-hf' layout)" \
+            if (d / "tokenizer.json").is_file() else ""
+        raise GlmcError(f"{path}: no tokenizer file; ChatGLM2/3 and GLM-4 checkpoints carry their tokenizer as "
+                        f"{TOKENIZER_FILE}{hint}")
     if family is not None and family not in SPECIAL_TOKENS:
         raise GlmcError(f"family '{family}' is not one of {', '.join(SPECIAL_TOKENS)}")
     if _is_tiktoken_file(path):

@@ -91,7 +91,7 @@ def _weight(b: Builder) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     bits, group, k = b.attr("bits"), b.attr("group_size", 0), b.attr("in_features")
     q = b.array(b.input(1))
     if bits == 4:
-        q = unpack_int4(torch.from_numpy(q.view(np.uint8)), k).numpy()
+        q = unpack_int4(torch.from_numpy(q.view(np.uint8).copy()), k).numpy()
     return q.astype(np.int8), b.array(b.input(2)), bits, group, k
 
 
@@ -103,14 +103,15 @@ def _add_bias(b: Builder, y: str, out: str) -> None:
 
 
 def lower_dequantize_matmul(node, b: Builder) -> None:
-    """reference / tensorrt: DequantizeLinear of a [K, N] weight (int8 per-axis or blocked; INT4 likewise) + MatMul."""
+    """reference / tensorrt: DequantizeLinear of a [K, N] weight (int8 per-axis or blocked; INT4 likewise) + MatMul.
+    (ONNX Runtime 1.31's QDQ fusion of this pattern into MatMulNBits computes wrong results for signed weights:
+    run the reference with disabled_optimizers=["QDQSelectorActionTransformer"]; see docs/onnx.md.)"""
     q, scales, bits, group, k = _weight(b)
     qt = np.ascontiguousarray(q.T)  # [K, N]: MatMul(X, W) needs no Transpose node
     wq = b.const(int4_tensor(qt) if bits == 4 else qt, "qweight")
-    if group == 0:
-        w = b.op("DequantizeLinear", wq, b.const(scales.reshape(-1), "scale"), axis=1)
-    else:
-        w = b.op("DequantizeLinear", wq, b.const(np.ascontiguousarray(scales.T), "scale"), axis=0, block_size=group)
+    s = scales.reshape(-1) if group == 0 else np.ascontiguousarray(scales.T)  # [N] or [groups, N]
+    kw = {"axis": 1} if group == 0 else {"axis": 0, "block_size": group}
+    w = b.op("DequantizeLinear", wq, b.const(s, "scale"), **kw)
     _add_bias(b, b.op("MatMul", b.input(0), w), node.output[0])
 
 

@@ -148,7 +148,7 @@ def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None
                  "channel": (config.num_kv_heads, config.head_dim)}[kv["granularity"]]
         with torch.device(device):
             scales = [torch.ones(shape) for _ in range(config.num_layers)]
-        enable_kv_int8(model, scales, scales)
+        enable_kv_int8(model, scales, [s.clone() for s in scales])  # k, v distinct: named_buffers dedups
     return model
 
 

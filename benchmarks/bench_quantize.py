@@ -1,0 +1,126 @@
+"""Benchmark: quantize a ChatGLM3-6B-shaped random fp16 checkpoint to int4 (load -> quantize -> save), time and memory.
+
+    python benchmarks/bench_quantize.py [--workdir /tmp] [--group-size 128] [--layers 28] [--keep]
+
+Step 0 writes the random checkpoint (28 layers, hidden 4096, ffn 13696, vocab 65024; about 12.5 GB fp16) shard
+by shard in a child process, never holding more than one shard. Then, in this process: load it in fp16, quantize
+the block linears in place, save the quantized checkpoint (sharded safetensors). For each stage: wall time, the
+process's resident memory after it, and its peak so far (getrusage ru_maxrss, which only grows). Both checkpoints
+are deleted at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from glmc.modeling_patches.checkpoint import build_model, load_model
+from glmc.modeling_patches.config import variant
+from glmc.quantization.scheme import Scheme, save_quantized
+from glmc.quantization.weight_only import quantize_model
+
+GIB = 1 << 30
+
+
+def rss_now() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / GIB
+
+
+def rss_peak() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def write_random_checkpoint(out: Path, num_layers: int, shard_bytes: int = 2 * GIB) -> None:
+    """A ChatGLM-layout fp16 checkpoint of normal(0, 0.02) weights (norms 1), written one shard at a time."""
+    from safetensors.torch import save_file
+
+    config = variant("chatglm3-6b", num_layers=num_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_chatglm_json()
+    cfg["torch_dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shapes = {n: tuple(t.shape) for n, t in build_model(config, torch.float16).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * torch.Size(shape).numel()
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name in names:
+            if name.endswith("layernorm.weight"):
+                shard[name] = torch.ones(shapes[name], dtype=torch.float16)
+            else:
+                shard[name] = (torch.randn(shapes[name], generator=g) * 0.02).to(torch.float16)
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+        del shard
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    root = Path(tempfile.mkdtemp(prefix="glmc-bench-quantize-", dir=args.workdir))
+    src, dst = root / "fp16", root / "int4"
+    rows = []
+    try:
+        t = time.perf_counter()
+        child = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint, args=(src, args.layers))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise SystemExit(f"writing the random checkpoint failed (exit {child.exitcode})")
+        size = sum(f.stat().st_size for f in src.iterdir()) / GIB
+        rows.append((f"write random fp16 checkpoint ({size:.2f} GiB, child process)", time.perf_counter() - t,
+                     None, None))
+
+        t = time.perf_counter()
+        model = load_model(src, dtype="float16")
+        rows.append(("load fp16", time.perf_counter() - t, rss_now(), rss_peak()))
+
+        t = time.perf_counter()
+        quantize_model(model, bits=4, group_size=args.group_size)
+        rows.append((f"quantize int4 g{args.group_size}", time.perf_counter() - t, rss_now(), rss_peak()))
+
+        t = time.perf_counter()
+        save_quantized(model, dst, Scheme("fp16", 4, args.group_size), layout="sharded-safetensors")
+        size = sum(f.stat().st_size for f in dst.iterdir()) / GIB
+        rows.append((f"save int4 ({size:.2f} GiB)", time.perf_counter() - t, rss_now(), rss_peak()))
+        del model
+
+        t = time.perf_counter()
+        model = load_model(dst, dtype="float16")
+        rows.append(("reload int4 (same process)", time.perf_counter() - t, rss_now(), rss_peak()))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"| stage | time (s) | RSS after (GiB) | peak RSS so far (GiB) |\n| --- | --- | --- | --- |")
+    for name, secs, now, peak in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"| {name} | {secs:.1f} | {fmt(now)} | {fmt(peak)} |")
+
+
+if __name__ == "__main__":
+    main()

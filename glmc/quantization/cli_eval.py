@@ -1,0 +1,69 @@
+"""`glmc eval`: the accuracy table of precision combinations (perplexity, logits error, top-1) on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_PRECISIONS = "fp32,fp16,int8,int4,int4-g128,kv8,int8+kv8"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="float checkpoint directory with its tokenizer.model (default: the shipped model)")
+    p.add_argument("--family", choices=("chatglm2", "chatglm3", "glm4"), default=None)
+    p.add_argument("--precisions", default=DEFAULT_PRECISIONS,
+                   help="comma-separated precision names: '+'-joined fp32|fp16|bf16, int8|int4[-g32|-g64|-g128]"
+                        f"[-out], kv8[-tensor|-head|-channel] (default: {DEFAULT_PRECISIONS})")
+    p.add_argument("--text", metavar="FILE", default=None,
+                   help="held-out text to evaluate on (default: the held-out text shipped with glmc)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation window (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens of the text")
+    p.add_argument("--chunk", type=int, default=1,
+                   help="tokens per forward within a window; 1 (default) makes kv8 exact as in generation")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sample (default: 256)")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glmc.assets import model_dir
+    from glmc.errors import GlmcError
+    from glmc.modeling_patches.checkpoint import load_model
+    from glmc.quantization.evaluate import evaluate, heldout_windows, print_table, table_rows
+    from glmc.quantization.kv_calibration import calibration_samples
+    from glmc.quantization.scheme import parse_precision
+    from glmc.runtime.tokenizer import load_tokenizer
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions:
+        raise GlmcError("--precisions: no precision given")
+    schemes = [parse_precision(p) for p in precisions]  # fail on a bad name before loading anything
+    d = model_dir(args.model)
+    tokenizer = load_tokenizer(d, family=args.family)
+    model = load_model(d, dtype=torch.float32, family=args.family)
+    windows = heldout_windows(tokenizer.encode, args.text, args.max_length, args.max_tokens)
+    calibration = None
+    if any(s.kv_granularity for s in schemes):
+        calibration = calibration_samples(tokenizer.encode, args.calibration, args.num_samples,
+                                          args.calibration_length)
+    n = sum(w.shape[1] - 1 for w in windows)
+    print(f"glmc eval: {d} on {n} predicted tokens in {len(windows)} windows of <= {args.max_length}, "
+          f"chunk {args.chunk}", file=sys.stderr)
+    results = evaluate(model, precisions, windows, calibration, chunk=args.chunk,
+                       progress=lambda i, k: print(f"  window {i}/{k}", file=sys.stderr, end="\r"))
+    print(file=sys.stderr)
+    print_table(results, title=f"glmc eval: {d.name}", markdown=args.markdown)
+    if args.json:
+        header, rows = table_rows(results)
+        with open(args.json, "w") as f:
+            json.dump([dict(zip(header, row)) | {"perplexity_raw": r.perplexity, "rel_error_raw": r.rel_error,
+                                                  "top1_raw": r.top1_agreement} for row, r in zip(rows, results)],
+                      f, indent=2)
+    return 0

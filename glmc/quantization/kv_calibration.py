@@ -1,0 +1,116 @@
+"""KV-cache int8 calibration: run text through the float model and turn per-layer K/V absolute maxima into scales.
+
+What is measured is exactly what goes into the cache: the `presents` of a prefill, i.e. K after rotary and V.
+Granularity: "tensor" (scale [1]), "head" (one per KV head, [Hkv]) or "channel" (per KV head and head
+channel, [Hkv, D]). scale = absmax / 127, floored at the dtype's smallest normal number and rounded *up* to the
+dtype the model runs in, so that 127 * scale bounds every calibration value.
+
+Calibration text: `calibration.txt` next to this module (module docstrings of the Python standard library,
+about 4.5 KB) by default, or a user's `.txt` (one text: tokenized whole and cut into windows of max_length) or
+`.jsonl` (one {"text": ...} per line: one sample each, truncated to max_length) file; num_samples caps the count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from glmc.errors import GlmcError
+from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
+QMAX = 127
+# Dims of a present [B, Hkv, T, D] reduced away per granularity; the rest is the scale's shape.
+REDUCE_DIMS = {"tensor": (0, 1, 2, 3), "head": (0, 2, 3), "channel": (0, 2)}
+
+
+def read_texts(path: str | Path | None = None) -> tuple[list[str], bool]:
+    """The calibration texts of a .txt or .jsonl file (default: the shipped one) and whether they are one stream."""
+    p = Path(path) if path else DEFAULT_CALIBRATION
+    if not p.is_file():
+        raise GlmcError(f"{p}: calibration file does not exist")
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GlmcError(f"{p}:{i}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise GlmcError(f"{p}:{i}: expected an object with a string 'text'")
+            texts.append(record["text"])
+        return texts, False
+    if p.suffix not in (".txt", ".md", ".rst", ""):
+        raise GlmcError(f"{p}: calibration text must be a .txt or .jsonl file")
+    return [p.read_text(encoding="utf-8")], True
+
+
+def calibration_samples(encode: Callable[[str], Sequence[int]], path: str | Path | None = None,
+                        num_samples: int = 32, max_length: int = 256) -> list[torch.Tensor]:
+    """Token id tensors [1, <= max_length] for calibration, at most num_samples of them."""
+    if num_samples < 1 or max_length < 2:
+        raise GlmcError(f"calibration: num_samples ({num_samples}) must be >= 1 and max_length ({max_length}) >= 2")
+    texts, stream = read_texts(path)
+    samples: list[list[int]] = []
+    if stream:
+        ids = list(encode(texts[0]))
+        samples = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    else:
+        samples = [list(encode(t))[:max_length] for t in texts]
+    samples = [s for s in samples if len(s) >= 2][:num_samples]
+    if not samples:
+        raise GlmcError(f"{path or DEFAULT_CALIBRATION}: no calibration sample of at least 2 tokens")
+    return [torch.tensor([s], dtype=torch.int64) for s in samples]
+
+
+@torch.no_grad()
+def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granularity: str
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the float32 abs-max of the present K and V over all samples, reduced to `granularity`."""
+    if granularity not in REDUCE_DIMS:
+        raise GlmcError(f"calibration: granularity '{granularity}' is not one of {', '.join(REDUCE_DIMS)}")
+    if model.kv_dtype == torch.int8:
+        raise GlmcError("calibration: the model already has an int8 KV cache; calibrate the float model")
+    dims = REDUCE_DIMS[granularity]
+    device = model.cos_cache.device
+    k_max: list[torch.Tensor] = []
+    v_max: list[torch.Tensor] = []
+    for ids in samples:
+        ids = ids.to(device)
+        b, s = ids.shape
+        positions = torch.arange(s, device=device).expand(b, s)
+        mask = torch.ones(b, s, dtype=torch.int64, device=device)
+        _, presents = model(ids, positions, mask, model.empty_cache(b, device))
+        for i, (k, v) in enumerate(presents):
+            km = torch.atleast_1d(k.float().abs().amax(dim=dims))
+            vm = torch.atleast_1d(v.float().abs().amax(dim=dims))
+            if i == len(k_max):
+                k_max.append(km)
+                v_max.append(vm)
+            else:
+                k_max[i] = torch.maximum(k_max[i], km)
+                v_max[i] = torch.maximum(v_max[i], vm)
+    return k_max, v_max
+
+
+def scales_from_absmax(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """absmax / 127 in `dtype`, floored at the dtype's smallest normal and rounded up so 127 * scale >= absmax."""
+    info = torch.finfo(dtype)
+    scale = (absmax.float() / QMAX).clamp(min=info.tiny) * (1 + info.eps)  # casting rounds by <= eps / 2
+    return scale.to(dtype)
+
+
+def calibrate_kv(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granularity: str,
+                 dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V scales for an int8 cache of `granularity`, for a model running in `dtype`.
+
+    Apply them with modeling_chatglm.enable_kv_int8(model, k_scales, v_scales).
+    """
+    dtype = dtype or model.dtype
+    k_max, v_max = collect_absmax(model, samples, granularity)
+    return [scales_from_absmax(m, dtype) for m in k_max], [scales_from_absmax(m, dtype) for m in v_max]

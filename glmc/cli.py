@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("glmc.compiler.cli_compile", "compile a YAML config into a verified build directory (ONNX, ONNX Runtime, TensorRT)"),
     "inspect": ("glmc.compiler.cli_inspect", "show what a build directory holds and how it was verified"),
     "chat": ("glmc.runtime.cli_chat", "chat interactively (history, /reset, /exit; default: the shipped model)"),
+    "verify": ("glmc.export.cli_verify", "check each ONNX lowering in ONNX Runtime against the torch model"),
     "eval": ("glmc.quantization.cli_eval", "accuracy table of precisions (fp16, int8, int4, kv8...) against fp32 on held-out text"),
     "quantize": ("glmc.quantization.cli_quantize", "write a weight-only int8/int4 (+ int8 KV cache) checkpoint"),
 }

@@ -9,7 +9,9 @@ outputs `logits` [batch, sequence, vocab] and `present.{i}.key/value` [batch, kv
 from __future__ import annotations
 
 import importlib
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,7 +81,8 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
                "past_key_values": [{0: batch, 2: past} for _ in cache]}
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")  # the exporter's FutureWarnings and dim-renaming notes say nothing to users
             program = torch.onnx.export(_Flat(model), (ids, positions, mask, cache), dynamo=True,
                                         opset_version=OPSET, dynamic_shapes=dynamic,
                                         custom_translation_table=TRANSLATIONS, optimize=True, verbose=False)
@@ -106,6 +109,20 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
     program.save(path, external_data=external_data)
     return {"seconds": time.perf_counter() - start, "weight_bytes": weight_bytes, "external_data": external_data,
             "path": str(path)}
+
+
+class _quiet:
+    """Silence a logger (the exporter logs that torchvision is not installed) for a `with` block."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
 def _name_dims(graph, model: GLMForCausalLM) -> None:

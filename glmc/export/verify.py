@@ -182,4 +182,6 @@ def print_report(report: dict, title: str = "glmc verify") -> None:
         table.add_row(target, f"{m['prefill_max_abs']:.3g}", f"{m['prefill_rel']:.3g}", f"{m['decode_max_abs']:.3g}",
                       f"{m['decode_rel']:.3g}", f"{m['top1']:.1%}", f"{m['greedy_agree']}/{m['steps']}",
                       "[green]pass[/green]" if m["passed"] else "[red]FAIL[/red]")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)
+    console.print(table)

@@ -96,12 +96,12 @@ def stream(backend: Backend, prompts: Sequence[Sequence[int]], cfg: SamplingConf
     cache = backend.new_cache(batch)
     logits, cache = backend.forward(ids, positions, mask, cache)
     positions = positions[:, -1:]
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         token = sample(logits, cfg, history, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
         done |= torch.isin(token, stop)
-        if bool(done.all()):
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:  # no forward for a token nobody will read
             return
         history = torch.cat([history, torch.where(done, -1, token)[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], dim=1)

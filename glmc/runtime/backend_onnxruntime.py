@@ -1,0 +1,220 @@
+"""The ONNX Runtime backend: runs a lowered model through IO binding with the KV cache allocated once, on the device.
+
+The cache never passes through Python or host memory between steps. Its buffers are OrtValues on the session's
+device (CPU, or CUDA with `ortvalue_from_shape_and_type(..., "cuda", 0)`), allocated once for `max_batch` rows of
+`max_length` positions, and bound to the graph by pointer with the shape of the current step:
+
+- graphs whose past and present are separate tensors (the standard I/O contract, docs/onnx.md: past
+  [B, Hkv, P, D] -> present [B, Hkv, P+S, D]) get two buffers per tensor used in turn: the present written by one
+  step is, untouched, the past of the next;
+- graphs whose past and present share one buffer (runtime config `kv_cache.past_present_share_buffer`, as
+  com.microsoft.GroupQueryAttention allows) bind that one [B, Hkv, max_length, D] buffer as both.
+
+A batch smaller than `max_batch` binds a prefix of each buffer (rows are outermost, so a prefix is contiguous).
+Only the small inputs (ids, positions, mask) go host -> device per step, and only the last position's logits come
+back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmc.errors import GlmcError
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bfloat16)": None}
+
+
+def read_runtime_config(onnx_path: str | Path) -> dict:
+    """The runtime config written beside a lowered model (`model.onnx` -> `model.json`), or {} when absent."""
+    path = Path(onnx_path).with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GlmcError(f"{path}: runtime config is not valid JSON ({e})") from None
+
+
+def providers_for(device: str) -> tuple[list, str, int]:
+    """ORT execution providers, device type and id for `cpu`, `cuda` or `cuda:N`."""
+    import onnxruntime as ort
+
+    kind, _, index = device.partition(":")
+    dev_id = int(index or 0)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"], "cpu", 0
+    if kind == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise GlmcError(f"device {device}: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+                            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                            "or use --device cpu")
+        return [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"], "cuda", dev_id
+    raise GlmcError(f"device '{device}': expected cpu, cuda or cuda:N")
+
+
+@dataclasses.dataclass
+class OrtCache:
+    """The state of one generation: how many positions the device buffers hold and which buffer is the past."""
+
+    batch: int
+    length: int = 0
+    parity: int = 0  # separate past/present: which of the two buffers holds the past
+    owner: int = 0  # the backend's generation counter when this cache was made (one live cache per backend)
+
+
+class OnnxRuntimeBackend:
+    """A lowered ONNX model behind the generation loop (`forward` returns last-position float32 logits on CPU)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, max_length: int, max_batch: int = 1, device: str = "cpu",
+                 max_input_length: int | None = None, threads: int = 0, profile: str | None = None,
+                 session_options: Any = None):
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise GlmcError(f"{self.path}: ONNX model does not exist")
+        self.config = read_runtime_config(self.path)
+        self.max_length, self.max_batch = int(max_length), int(max_batch)
+        self.max_input_length = int(max_input_length or max_length)
+        self.device = device
+        providers, self.device_type, self.device_id = providers_for(device)
+        so = session_options or ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        if profile:  # ORT's own per-node profile (JSON); used to check that no copy nodes run per step
+            so.enable_profiling = True
+            so.profile_file_prefix = profile
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; say which file failed
+            raise GlmcError(f"{self.path}: ONNX Runtime could not load the model: {str(e).splitlines()[0][:400]}"
+                            ) from None
+        self._describe_io()
+        self._buffers: list[list[Any]] = []  # per cache tensor: 1 or 2 OrtValues of [max_batch, Hkv, max_length, D]
+        self._generation = 0
+        self.bound_pointers: set[int] = set()  # every KV pointer ever bound (tests: the same buffers every step)
+
+    # ------------------------------------------------------------------------------------------ graph I/O
+
+    def _describe_io(self) -> None:
+        cfg_in, cfg_out = self.config.get("inputs", {}), self.config.get("outputs", {})
+        kv = self.config.get("kv_cache", {})
+        self.shared = bool(kv.get("past_present_share_buffer", False))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.ids_name = cfg_in.get("input_ids", "input_ids")
+        self.pos_name = cfg_in.get("position_ids", "position_ids")
+        self.mask_name = cfg_in.get("attention_mask", "attention_mask")
+        self.logits_name = cfg_out.get("logits", "logits")
+        pk, pv = cfg_in.get("past_key_names", "past_key_values.%d.key"), cfg_in.get("past_value_names",
+                                                                                       "past_key_values.%d.value")
+        ok, ov = cfg_out.get("present_key_names", "present.%d.key"), cfg_out.get("present_value_names",
+                                                                                   "present.%d.value")
+        self.num_layers = sum(1 for i in range(len(inputs)) if pk % i in inputs)
+        for name in (self.ids_name, self.pos_name, self.mask_name):
+            if name not in inputs:
+                raise GlmcError(f"{self.path}: the graph has no input '{name}' (inputs: {', '.join(inputs)})")
+        if self.logits_name not in outputs:
+            raise GlmcError(f"{self.path}: the graph has no output '{self.logits_name}'")
+        if self.num_layers == 0:
+            raise GlmcError(f"{self.path}: the graph has no KV-cache inputs named like '{pk % 0}'")
+        self.past_names = [n % i for i in range(self.num_layers) for n in (pk, pv)]
+        self.present_names = [n % i for i in range(self.num_layers) for n in (ok, ov)]
+        for name in self.present_names:
+            if name not in outputs:
+                raise GlmcError(f"{self.path}: the graph has no output '{name}'")
+        first = inputs[self.past_names[0]]
+        self.kv_type = _NP_TYPES.get(first.type)
+        if self.kv_type is None:
+            raise GlmcError(f"{self.path}: KV-cache type {first.type} is not supported by this backend")
+        dims = first.shape
+        if not (isinstance(dims[1], int) and isinstance(dims[3], int)):
+            raise GlmcError(f"{self.path}: '{first.name}' needs fixed kv-heads and head-dim dims, has {dims}")
+        self.kv_heads, self.head_dim = dims[1], dims[3]
+        self.vocab_size = outputs[self.logits_name].shape[-1]
+        self.extra_inputs = sorted(set(inputs) - {self.ids_name, self.pos_name, self.mask_name, *self.past_names})
+        if self.extra_inputs:
+            raise GlmcError(f"{self.path}: inputs this runtime does not know how to feed: {self.extra_inputs}")
+
+    # ------------------------------------------------------------------------------------------ cache
+
+    def _allocate(self) -> None:
+        """The KV buffers, once for the backend's limits (kept for its lifetime)."""
+        from onnxruntime import OrtValue
+
+        shape = [self.max_batch, self.kv_heads, self.max_length, self.head_dim]
+        copies = 1 if self.shared else 2
+        self._buffers = [[OrtValue.ortvalue_from_shape_and_type(shape, self.kv_type, self.device_type,
+                                                                self.device_id) for _ in range(copies)]
+                         for _ in self.past_names]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Device bytes held by the KV buffers."""
+        per = self.max_batch * self.kv_heads * self.max_length * self.head_dim * np.dtype(self.kv_type).itemsize
+        return per * len(self.past_names) * (1 if self.shared else 2)
+
+    def new_cache(self, batch: int) -> OrtCache:
+        if batch > self.max_batch:
+            raise GlmcError(f"batch of {batch} prompts exceeds the build's max_batch of {self.max_batch} "
+                            f"({self.path}); split the batch or rebuild with a larger limits.max_batch")
+        if not self._buffers:
+            self._allocate()
+        self._generation += 1
+        return OrtCache(batch=batch, owner=self._generation)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def _bind_kv(self, io, cache: OrtCache, total: int) -> None:
+        b, h, d = cache.batch, self.kv_heads, self.head_dim
+        for past, present, bufs in zip(self.past_names, self.present_names, self._buffers):
+            if self.shared:
+                src = dst = bufs[0].data_ptr()
+                past_shape = present_shape = [b, h, self.max_length, d]
+            else:
+                src, dst = bufs[cache.parity].data_ptr(), bufs[1 - cache.parity].data_ptr()
+                past_shape, present_shape = [b, h, cache.length, d], [b, h, total, d]
+            io.bind_input(past, self.device_type, self.device_id, self.kv_type, past_shape, src)
+            io.bind_output(present, self.device_type, self.device_id, self.kv_type, present_shape, dst)
+            self.bound_pointers.update((src, dst))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: OrtCache) -> tuple[torch.Tensor, OrtCache]:
+        batch, seq = input_ids.shape
+        total = attention_mask.shape[1]
+        if cache.owner != self._generation:
+            raise GlmcError("this KV cache belongs to an earlier generation on the same backend (one backend runs "
+                            "one generation at a time); start a new one with new_cache()")
+        if batch != cache.batch or total != cache.length + seq:
+            raise GlmcError(f"step shapes do not follow the cache: batch {batch} (cache {cache.batch}), mask of "
+                            f"{total} positions for {cache.length} cached + {seq} new")
+        if total > self.max_length:
+            raise GlmcError(f"sequence of {total} tokens exceeds the build's max_sequence_length of "
+                            f"{self.max_length} ({self.path})")
+        if cache.length == 0 and seq > self.max_input_length:
+            raise GlmcError(f"prompt of {seq} tokens exceeds the build's max_input_length of "
+                            f"{self.max_input_length} ({self.path})")
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
+        io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
+        io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
+        self._bind_kv(io, cache, total)
+        io.bind_output(self.logits_name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[-1]  # outputs come back in binding order: logits was bound last
+        cache.length, cache.parity = total, 1 - cache.parity
+        last = logits.numpy()[:, -1]
+        return torch.from_numpy(np.asarray(last, dtype=np.float32)), cache
+
+    def end_profiling(self) -> str | None:
+        """Stop ORT profiling (if on) and return the profile file."""
+        return self.session.end_profiling() if self.session.get_session_options().enable_profiling else None

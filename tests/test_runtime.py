@@ -1,0 +1,177 @@
+"""The runtime on lowered models: ONNX Runtime backend == torch, batching, streaming, device-resident cache, limits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from glmc.errors import GlmcError
+from glmc.export.lower import lower_file
+from glmc.export.onnx_export import export
+from glmc.runtime.backend_onnxruntime import OnnxRuntimeBackend
+from glmc.runtime.backend_torch import TorchBackend
+from glmc.runtime.generate import SamplingConfig, generate, stream
+from glmc.runtime.loader import make_backend, open_build, pick
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding in a batch
+GREEDY = SamplingConfig(max_new_tokens=24)
+
+
+def _lowered(model, root, targets):
+    export(model, root / "export" / "model.onnx")
+    return {t: lower_file(root / "export" / "model.onnx", t, root / t / "model.onnx") and root / t / "model.onnx"
+            for t in targets}
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    """A tiny fp32 ChatGLM3-shaped model and its reference and onnxruntime lowerings."""
+    model = tiny_model("chatglm3-6b").eval()
+    return model, _lowered(model, tmp_path_factory.mktemp("fp32"), ("reference", "onnxruntime"))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The same model with int8 weights and an int8 KV cache (fp32 activations), onnxruntime lowering."""
+    from glmc.quantization.scheme import apply_scheme, parse_precision
+    model = tiny_model("chatglm3-6b").eval()
+    calib = [torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    apply_scheme(model, parse_precision("fp32+int8+kv8"), calib)
+    return model, _lowered(model, tmp_path_factory.mktemp("q"), ("onnxruntime",))
+
+
+def test_greedy_tokens_equal_torch_for_every_ort_lowering(fp32):
+    model, paths = fp32
+    expected = generate(TorchBackend(model, 64), PROMPTS, GREEDY)
+    assert all(len(row) == GREEDY.max_new_tokens for row in expected)
+    for target, path in paths.items():
+        backend = OnnxRuntimeBackend(path, max_length=64, max_batch=4)
+        assert generate(backend, PROMPTS, GREEDY) == expected, target
+
+
+def test_logits_match_torch(fp32):
+    model, paths = fp32
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    mask, pos = torch.ones_like(ids), torch.arange(8)[None]
+    ref, _ = TorchBackend(model, 64).forward(ids, pos, mask, model.empty_cache(1))
+    for target, path in paths.items():
+        backend = OnnxRuntimeBackend(path, max_length=64)
+        got, _ = backend.forward(ids, pos, mask, backend.new_cache(1))
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), target
+
+
+def test_batched_equals_one_by_one(fp32, quantized):
+    for _, paths in (fp32, quantized):
+        backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4)
+        batched = generate(backend, PROMPTS, GREEDY)
+        assert batched == [generate(backend, [p], GREEDY)[0] for p in PROMPTS]
+
+
+def test_streaming_equals_generate(fp32):
+    backend = OnnxRuntimeBackend(fp32[1]["onnxruntime"], max_length=64, max_batch=4)
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=3, stop_token_ids=[7])
+    steps = list(stream(backend, PROMPTS, cfg))
+    streamed = [[s[i] for s in steps if s[i] is not None and s[i] != 7] for i in range(len(PROMPTS))]
+    assert streamed == generate(backend, PROMPTS, cfg)
+
+
+def test_int8_weights_and_kv_cache(quantized):
+    model, paths = quantized
+    backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4)
+    assert backend.kv_type == np.int8
+    expected = generate(TorchBackend(model, 64), PROMPTS, GREEDY)
+    got = generate(backend, PROMPTS, GREEDY)
+    agree = np.mean([a == b for e, g in zip(expected, got) for a, b in zip(e, g)])
+    assert agree >= 0.95, agree
+
+
+def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, tmp_path):
+    """The KV cache is never copied through the host: every step binds the buffers allocated by new_cache (two per
+    cache tensor, used in turn), ORT's profile has no copy nodes, and after the last step the buffers hold exactly
+    the cache torch computes for the whole sequence (so ORT wrote each present straight into them)."""
+    model, paths = fp32
+    backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4,
+                                 profile=str(tmp_path / "ort"))
+    steps = 12
+    out = generate(backend, PROMPTS[:2], SamplingConfig(max_new_tokens=steps))
+    allocated = {v.data_ptr() for bufs in backend._buffers for v in bufs}
+    assert len(allocated) == 2 * 2 * model.config.num_layers
+    assert backend.bound_pointers == allocated  # 12 runs, the same 8 buffers
+    profile = json.loads(open(backend.end_profiling()).read())
+    runs = [e for e in profile if e.get("name") == "model_run"]
+    nodes = {e["args"]["op_name"] for e in profile if e.get("cat") == "Node"}
+    assert len(runs) == steps  # prefill + steps - 1 decode runs
+    assert not any("Memcpy" in n for n in nodes), nodes
+
+    # The cache after the loop (which binds the last present as the next past) vs torch's cache of the full rows.
+    from glmc.runtime.generate import left_pad
+    rows = [p + o[:-1] for p, o in zip(PROMPTS[:2], out)]  # the last token was sampled, never fed
+    ids, mask, pos = left_pad(rows)
+    _, cache = TorchBackend(model, 64).forward(ids, pos, mask, model.empty_cache(2))
+    total = ids.shape[1]
+    parity = steps % 2  # which buffer the last run wrote (the first run wrote buffer 1)
+    for (k, v), kb, vb in zip(cache, backend._buffers[0::2], backend._buffers[1::2]):
+        for ref, buf in ((k, kb), (v, vb)):
+            got = buf[parity].numpy().reshape(-1)[:ref.numel()].reshape(ref.shape)  # bound as [2, Hkv, T, D]
+            real = mask.bool()[:, None, :, None].expand_as(ref).numpy()
+            np.testing.assert_allclose(got[real], ref.numpy()[real], rtol=1e-4, atol=1e-5)
+
+
+def test_limits_are_enforced(fp32):
+    backend = OnnxRuntimeBackend(fp32[1]["onnxruntime"], max_length=32, max_batch=2, max_input_length=8)
+    with pytest.raises(GlmcError, match="exceeds the model's context of 32"):
+        generate(backend, [[1] * 8], SamplingConfig(max_new_tokens=25))
+    with pytest.raises(GlmcError, match="max_input_length of 8"):
+        generate(backend, [[1] * 9], SamplingConfig(max_new_tokens=1))
+    with pytest.raises(GlmcError, match="max_batch of 2"):
+        generate(backend, [[1]] * 3, SamplingConfig(max_new_tokens=1))
+    old = backend.new_cache(1)
+    backend.new_cache(1)
+    with pytest.raises(GlmcError, match="earlier generation"):
+        backend.forward(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[1]]), old)
+
+
+def test_loader_on_a_lowered_model_dir(fp32):
+    path = fp32[1]["onnxruntime"]
+    build = open_build(path.parent)
+    assert build.onnx == {"onnxruntime": path}
+    assert pick(build, "auto", "cpu", None) == ("onnxruntime", "cpu", "onnxruntime")
+    with pytest.raises(GlmcError, match="no 'reference' lowering"):
+        pick(build, "onnxruntime", "cpu", "reference")
+    with pytest.raises(GlmcError, match="needs weights"):
+        pick(build, "torch", "cpu", None)
+    backend = make_backend(build, max_length=48)
+    assert backend.max_length == 48 and backend.name == "onnxruntime"
+
+
+def test_cuda_request_without_cuda_provider_is_a_clear_error(fp32):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(GlmcError, match="no CUDAExecutionProvider"):
+        OnnxRuntimeBackend(fp32[1]["onnxruntime"], max_length=16, device="cuda")
+
+
+def _tensorrt_gpu() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability()
+    return None if major == 9 else torch.cuda.get_device_name()  # TensorRT for RTX engines do not run on SM90
+
+
+@pytest.mark.skipif(_tensorrt_gpu() is None, reason="no GPU that can run TensorRT engines")
+def test_tensorrt_backend_matches_onnxruntime(tmp_path):  # pragma: no cover - runs only where an engine can run
+    from glmc.compiler.tensorrt import build_engine
+    from glmc.runtime.backend_tensorrt import TensorRTBackend
+    model = tiny_model("chatglm3-6b").eval()
+    paths = _lowered(model, tmp_path, ("tensorrt",))
+    limits = {"max_batch": 4, "max_input_length": 16, "max_sequence_length": 64}
+    major, minor = torch.cuda.get_device_capability()
+    info = build_engine(paths["tensorrt"], tmp_path / "model.engine", limits, compute_capabilities=[f"sm{major}{minor}"])
+    backend = TensorRTBackend(tmp_path / "model.engine", info, max_length=64, max_batch=4, max_input_length=16)
+    assert generate(backend, PROMPTS, GREEDY) == generate(TorchBackend(model, 64), PROMPTS, GREEDY)

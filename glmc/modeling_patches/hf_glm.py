@@ -65,6 +65,8 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attention_mask, cache):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values
+        d = self.model.device
+        out = self.model(input_ids=input_ids.to(d), position_ids=position_ids.to(d),
+                         attention_mask=attention_mask.to(d), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1].float().cpu(), out.past_key_values

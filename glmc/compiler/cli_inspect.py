@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from glmc.compiler.builddir import file_sha256, read_manifest
@@ -20,7 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _shape(io: dict) -> str:
-    return f"{io['name']} {io['dtype']}[{', '.join(str(d) for d in io['shape'])}]"
+    return escape(f"{io['name']} {io['dtype']}[{', '.join(str(d) for d in io['shape'])}]")
+
+
+def _io_line(items: list[dict]) -> str:
+    """One line for a graph's inputs or outputs; the per-layer cache tensors shown once, with their count."""
+    shown, cache = [], [i for i in items if i["name"].startswith(("past_key_values.", "present."))]
+    shown = [_shape(i) for i in items if i not in cache]
+    if cache:
+        stem = "past_key_values" if cache[0]["name"].startswith("past") else "present"
+        shown.append(_shape({**cache[0], "name": f"{stem}.{{i}}.key/value"}) + f" x{len(cache)}")
+    return ", ".join(shown)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,15 +54,9 @@ def run(args: argparse.Namespace) -> int:
               f"sequence <= {lim['max_sequence_length']}")
     con.print(f"tokenizer  {m['tokenizer']['family']}: {', '.join(m['tokenizer']['files']) or 'none'} in "
               f"{m['tokenizer']['dir']}")
-    t = Table(title="targets", show_edge=False)
-    for col in ("target", "file", "inputs", "outputs"):
-        t.add_column(col)
     for name, d in m["targets"].items():
-        t.add_row(name, d["onnx"], "\n".join(_shape(i) for i in d["inputs"][:5])
-                  + (f"\n... {len(d['inputs']) - 5} more" if len(d["inputs"]) > 5 else ""),
-                  "\n".join(_shape(o) for o in d["outputs"][:3])
-                  + (f"\n... {len(d['outputs']) - 3} more" if len(d["outputs"]) > 3 else ""))
-    con.print(t)
+        con.print(f"target     {name}: {d['onnx']}\n           in:  {_io_line(d['inputs'])}\n"
+                  f"           out: {_io_line(d['outputs'])}")
     for name, e in m["engines"].items():
         con.print(f"engine     {name}: {e['path']} ({e['engine_bytes']:,} bytes), {e['library']} {e['version']}, "
                   f"compute capabilities {', '.join(e['compute_capabilities']) or 'of the build GPU'}, "

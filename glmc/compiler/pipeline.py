@@ -59,6 +59,15 @@ class Stage:
         return f"{self.name.replace(':', '-')}-{self.hash[:16]}"
 
 
+def code_fingerprint() -> str:
+    """glmc's version and a hash of its source: a cached stage is reused only with the code that made it."""
+    h = hashlib.sha256(glmc.__version__.encode())
+    root = Path(glmc.__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return f"{glmc.__version__}+{h.hexdigest()[:16]}"
+
+
 def checkpoint_fingerprint(ckpt: Path) -> dict:
     """Names, sizes and mtimes of the checkpoint's files, and config.json's content hash (cheap even at 20 GB)."""
     files = {}
@@ -81,6 +90,7 @@ class Context:
         self.outputs: dict[str, Path] = {}
         self.stages: dict[str, Stage] = {}
         self._model = None
+        self.stages_lowered = lowered_targets(cfg)
 
     @property
     def checkpoint(self) -> Path:
@@ -99,7 +109,7 @@ class Context:
         t0 = time.perf_counter()
         model = load_model(self.checkpoint, "float32", family=self.cfg.get("model.family"))
         self.stages["load"].status, self.stages["load"].seconds = "ran", time.perf_counter() - t0
-        self.console.print(f"  [green]✓[/] load       {time.perf_counter() - t0:6.2f}s  {self.checkpoint}")
+        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {self.checkpoint}")
         return model
 
     def model(self):
@@ -113,13 +123,6 @@ class Context:
         self._model = load_model(src, dtype, family=self.cfg.get("model.family"),
                                  max_positions=self.cfg.get("limits.max_sequence_length"))
         return self._model
-
-
-def _need(module: str, what: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise StageError(f"{what} needs {module}, which is not importable here ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -153,24 +156,27 @@ def run_quantize(ctx: Context, out: Path) -> dict:
 
 
 def run_export(ctx: Context, out: Path) -> dict:
-    mod = _need("glmc.export.onnx_export", "the export stage")
+    """torch -> one ONNX graph (prefill and decode; dynamic batch, sequence and past), glmc:: ops kept."""
+    from glmc.export.onnx_export import export
     path = out / "model.onnx"
-    result = mod.export_onnx(ctx.model(), path)
-    return {"onnx": path.name, **(result if isinstance(result, dict) else {})}
+    result = export(ctx.model(), path)
+    return {"onnx": path.name, "external_data": result["external_data"], "weight_bytes": result["weight_bytes"]}
 
 
 def run_simplify(ctx: Context, out: Path) -> dict:
-    mod = _need("glmc.export.simplify", "the simplify stage")
-    path = out / "model.onnx"
-    result = mod.simplify(ctx.outputs["export"] / "model.onnx", path)
-    return {"onnx": path.name, **(result if isinstance(result, dict) else {})}
+    """onnxsim the exported graph (the glmc:: nodes survive; the export module checks that)."""
+    from glmc.export.simplify import simplify_file
+    result = simplify_file(ctx.outputs["export"] / "model.onnx", out / "model.onnx")
+    return {"onnx": "model.onnx", "nodes_before": result["nodes_before"], "nodes_after": result["nodes_after"],
+            "glmc_nodes": result["glmc_nodes"], "seconds": round(result["seconds"], 3)}
 
 
 def make_lower(target: str) -> Callable[[Context, Path], dict]:
     def run_lower(ctx: Context, out: Path) -> dict:
-        mod = _need("glmc.export.lower", f"the lower:{target} stage")
-        result = mod.lower(ctx.outputs["simplify"] / "model.onnx", target, out / "model.onnx")
-        return {"onnx": "model.onnx", "target": target, **(result if isinstance(result, dict) else {})}
+        from glmc.export.lower import lower_file
+        runtime = lower_file(ctx.outputs["simplify"] / "model.onnx", target, out / "model.onnx")
+        return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
+                "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
     return run_lower
 
 
@@ -190,18 +196,56 @@ def run_engine(ctx: Context, out: Path) -> dict:
     return info
 
 
+def encode_prompts(ctx: Context, prompts: list) -> list[list[int]]:
+    """Verification prompts as token ids: text through the checkpoint's tokenizer, id lists as they are."""
+    if all(isinstance(p, list) for p in prompts):
+        return [list(p) for p in prompts]
+    from glmc.runtime.tokenizer import load_tokenizer
+    tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
+    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    for text, i in zip(prompts, ids):
+        if not i:
+            raise StageError(f"verify.prompts: '{text}' encodes to no tokens")
+    return ids
+
+
 def run_verify(ctx: Context, out: Path) -> dict:
     """Compare the torch model with every lowering ONNX Runtime can run, on the config's prompts."""
-    mod = _need("glmc.export.verify", "the verify stage")
+    import dataclasses as dc
+
+    import torch
+
+    from glmc.export import verify as verify_mod
     v = ctx.cfg.data["verify"]
-    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.cfg.get("targets") if t in ORT_TARGETS}
-    result = mod.verify_lowerings(ctx.model(), lowered, prompts=v["prompts"], steps=v["steps"],
-                                  tokenizer_dir=ctx.checkpoint, max_rel_error=v["max_rel_error"],
-                                  min_greedy_agreement=v["min_greedy_agreement"])
-    (out / "verify.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not result.get("passed", False):
-        raise StageError(f"verification failed: {result.get('summary', result)} (details in verify.json)")
-    return result
+    model = ctx.model()
+    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.stages_lowered if t in ORT_TARGETS}
+    tol = verify_mod.tolerance_for(model.dtype, ctx.scheme().weight_bits, model.kv_dtype == torch.int8)
+    changes = {"rel": v["max_rel_error"], "top1": v["min_top1"], "greedy_fraction": v["min_greedy_agreement"]}
+    tol = dc.replace(tol, **{k: x for k, x in changes.items() if x is not None})
+    prompts = encode_prompts(ctx, v["prompts"])
+    longest = max(len(p) for p in prompts) + v["steps"]
+    if longest > ctx.cfg.get("limits.max_sequence_length") or max(len(p) for p in prompts) > \
+            ctx.cfg.get("limits.max_input_length"):
+        raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
+                         "limits (limits.max_input_length / max_sequence_length)")
+    report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol)
+    report["prompts"] = prompts
+    (out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = ", ".join(f"{t}: rel {max(m['prefill_rel'], m['decode_rel']):.2g}, top-1 {m['top1']:.0%}, greedy "
+                        f"{m['greedy_agree']}/{m['steps']}{'' if m['passed'] else ' FAIL'}"
+                        for t, m in report["targets"].items())
+    report["summary"] = summary
+    if not report["passed"]:
+        raise StageError(f"verification failed against torch ({summary}; tolerance {report['tolerance']})")
+    return report
+
+
+def lowered_targets(cfg: CompileConfig) -> list[str]:
+    """The config's targets, plus `reference` when verification needs something ONNX Runtime can run."""
+    lowered = list(cfg.get("targets"))
+    if cfg.get("verify.enabled") and not any(t in ORT_TARGETS for t in lowered):
+        lowered.append("reference")
+    return lowered
 
 
 def plan(cfg: CompileConfig) -> list[Stage]:
@@ -217,9 +261,7 @@ def plan(cfg: CompileConfig) -> list[Stage]:
         Stage("export", ("limits.max_sequence_length",), ("quantize",), run_export),
         Stage("simplify", (), ("export",), run_simplify),
     ]
-    lowered = list(targets)
-    if cfg.get("verify.enabled") and not any(t in ORT_TARGETS for t in lowered):
-        lowered.append("reference")  # something ONNX Runtime can check
+    lowered = lowered_targets(cfg)
     for t in lowered:
         stages.append(Stage(f"lower:{t}", ("limits.max_batch", "limits.max_sequence_length"), ("simplify",),
                             make_lower(t)))
@@ -230,10 +272,11 @@ def plan(cfg: CompileConfig) -> list[Stage]:
         stages.append(Stage("verify", ("verify",), ("quantize",) + deps, run_verify))
     by_name = {s.name: s for s in stages}
     fingerprint = checkpoint_fingerprint(Path(cfg.get("model.checkpoint")))
+    code = code_fingerprint()
     for s in stages:
         key = {"stage": s.name.split(":")[0], "target": s.name.split(":")[1] if ":" in s.name else None,
                "config": cfg.slice(*s.keys), "deps": {d: by_name[d].hash for d in s.deps},
-               "glmc": glmc.__version__}
+               "glmc": code}
         if s.name == "load":
             key["checkpoint"] = fingerprint
         s.hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -248,7 +291,7 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
         stage.status = "cached"
         stage.info = json.loads((final / STAGE_FILE).read_text())["info"]
         ctx.outputs[stage.name] = final
-        ctx.console.print(f"  [dim]• {stage.name:10s}  cached[/]")
+        ctx.console.print(f"  [dim]• {stage.name:18s}  cached[/]")
         return
     tmp = cache / f".{stage.dir_name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -279,7 +322,7 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     stage.status = "ran"
     ctx.outputs[stage.name] = final
-    ctx.console.print(f"  [green]✓[/] {stage.name:10s} {stage.seconds:6.2f}s")
+    ctx.console.print(f"  [green]✓[/] {stage.name:18s} {stage.seconds:6.2f}s")
 
 
 def package_versions() -> dict[str, str]:
@@ -401,7 +444,7 @@ def compile_config(cfg: CompileConfig, force: bool = False, console: Console | N
             manifest["stages"].append({"name": "package", "hash": "", "status": "ran",
                                        "seconds": round(time.perf_counter() - t1, 3)})
             build.commit(manifest, _report(manifest))
-    console.print(f"  [green]✓[/] package    {time.perf_counter() - t1:6.2f}s")
+    console.print(f"  [green]✓[/] {'package':18s} {time.perf_counter() - t1:6.2f}s")
     table = Table(title=f"built {out} in {time.perf_counter() - t0:.1f}s", show_edge=False)
     for col in ("stage", "status", "seconds"):
         table.add_column(col)

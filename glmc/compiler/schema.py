@@ -90,13 +90,16 @@ FIELDS: dict[str, Field] = {
     "tensorrt.opt_past_length": Field("int", None, "past length tuned for (default: max_sequence_length / 2)",
                                       min=0, nullable=True),
     "verify.enabled": Field("bool", True, "compare every ONNX Runtime-runnable lowering with the torch model"),
-    "verify.prompts": Field("list[str]", ["The", "def main():", "import numpy as np"],
-                            "prompts fed to torch and each lowering"),
+    "verify.prompts": Field("list[prompt]", ["The", "def main():", "import numpy as np"],
+                            "prompts fed to torch and each lowering: text, or a list of token ids"),
     "verify.steps": Field("int", 8, "greedy decode steps compared after the prefill", min=0, max=4096),
     "verify.max_rel_error": Field("float", None, "largest allowed relative logits error (default: chosen per "
                                                  "precision by the verifier)", min=0.0, nullable=True),
-    "verify.min_greedy_agreement": Field("float", 1.0, "fraction of greedy tokens that must agree with torch",
-                                         min=0.0, max=1.0),
+    "verify.min_top1": Field("float", None, "fraction of positions whose top-1 token must agree (default: per "
+                                            "precision)", min=0.0, max=1.0, nullable=True),
+    "verify.min_greedy_agreement": Field("float", None, "fraction of greedy steps that must agree with torch in "
+                                                        "every row (default: per precision)", min=0.0, max=1.0,
+                                         nullable=True),
     "output": Field("str", "build/{model}-{precision}", "build directory (relative to the current directory); "
                                                         "{model} and {precision} are filled in"),
     "cache_dir": Field("str", None, "stage cache (default: .glmc-cache beside the build directory)",
@@ -309,11 +312,16 @@ def _check_value(key: str, f: Field, value: Any, here: str) -> Any:
         if not value:
             fail("the list is empty")
         for item in value:
+            if f.kind == "list[prompt]" and isinstance(item, list) and item and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item):
+                continue
+            if f.kind == "list[prompt]" and not (isinstance(item, str) and item):
+                fail(f"a prompt is a non-empty string or a list of token ids, found {_show(item)}")
             if not isinstance(item, str):
                 fail(f"expected a list of strings, found {_show(item)} in it")
             if f.choices and item not in f.choices:
                 fail(f"'{item}' is not one of {', '.join(f.choices)}{_suggest(item, list(f.choices))}")
-        if len(set(value)) != len(value):
+        if f.kind != "list[prompt]" and len(set(value)) != len(value):
             fail(f"{value} names an entry twice")
         return list(value)
     if f.choices and not f.kind.startswith("list") and value not in f.choices:

@@ -91,14 +91,30 @@ def graph_inputs(onnx_path: Path) -> list[tuple[str, list]]:
     return out
 
 
-def check_graph(onnx_path: Path) -> None:
+def check_graph(onnx_path: Path, model: Any) -> None:
     """Refuse custom-domain nodes before TensorRT sees them (a plugin node aborts a GPU-less build process)."""
-    import onnx
-    model = onnx.load(str(onnx_path), load_external_data=False)
     for node in model.graph.node:
         if node.domain not in STANDARD_DOMAINS:
             raise TensorRTError(f"{onnx_path}: node '{node.name}' is {node.domain}::{node.op_type}, not standard "
                                 "ONNX; the tensorrt lowering must replace it (TensorRT would need a plugin)")
+
+
+def split_consumed_outputs(model: Any) -> int:
+    """Give every graph output that other nodes also read (present.{i}.key/value feeding Attention) its own
+    Identity. TensorRT for RTX 1.7's Myelin compiler fails ("ssa.cpp CHECK(false) ... shape_call") on a model whose
+    cache outputs are also attention inputs; an Identity in between builds. Returns how many outputs it split."""
+    from onnx import helper
+    outputs = {o.name for o in model.graph.output}
+    consumed = {i for n in model.graph.node for i in n.input}
+    split = sorted(outputs & consumed)
+    if not split:
+        return 0
+    rename = {name: f"{name}__glmc_internal" for name in split}
+    for node in model.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        node.output[:] = [rename.get(o, o) for o in node.output]
+    model.graph.node.extend(helper.make_node("Identity", [rename[n]], [n], name=f"{n}__glmc_copy") for n in split)
+    return len(split)
 
 
 def profile_shapes(inputs: list[tuple[str, list]], limits: dict, kind: str, opt: dict) -> dict[str, tuple]:
@@ -191,7 +207,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     opt = opt or {"batch": limits["max_batch"], "input_length": min(128, limits["max_input_length"]),
                   "past_length": limits["max_sequence_length"] // 2}
-    check_graph(onnx_path)
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)  # external weights stay on disk
+    check_graph(onnx_path, model)
+    split = split_consumed_outputs(model)
     inputs = graph_inputs(onnx_path)
     log = _logger(trt)
     builder = trt.Builder(log)
@@ -201,7 +220,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, log)
     t0 = time.perf_counter()
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):  # the path locates external weights
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise TensorRTError(f"{onnx_path}: the TensorRT ONNX parser ({lib}) refused the graph: "
                             + "; ".join(errors[:5]))
@@ -233,8 +252,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         Path(log_path).write_text(log_text + "\n")
     if serialized is None:
         errors = [msg for sev, msg in log.lines if sev in ("ERROR", "INTERNAL_ERROR")]
-        raise TensorRTError(f"{onnx_path}: the TensorRT builder ({lib}) failed: " + "; ".join(errors[:5] or
-                                                                                        ["no error logged"]))
+        first = [e.strip().splitlines()[0][:400] for e in errors[:3]] or ["no error logged"]
+        raise TensorRTError(f"{onnx_path}: the TensorRT builder ({lib}) failed: " + "; ".join(first)
+                            + (f" (full log: {log_path})" if log_path else ""))
     engine_path.write_bytes(bytes(serialized))
     io = []
     for i in range(network.num_inputs):
@@ -249,7 +269,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         "engine_bytes": engine_path.stat().st_size, "build_seconds": round(seconds, 3),
         "compute_capabilities": targets_used, "workspace_mb": workspace_mb,
         "optimization_level": optimization_level, "strongly_typed": True, "io": io,
-        "attention_layers_decomposable": decomposable,
+        "attention_layers_decomposable": decomposable, "outputs_given_an_identity": split,
         "profiles": shapes_per_profile, "engine_layers": layers, "network_layers": network_layers,
     }
 

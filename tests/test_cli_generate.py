@@ -115,3 +115,13 @@ def test_api_batch_equals_one_by_one_and_glm4(tmp_path):
         assert sampled[0] == sampled[1]
         with pytest.raises(glmc.errors.GlmcError, match="unknown sampling option 'temp'"):
             model.generate("hi", temp=1.0)
+
+
+def test_system_message(model_dir, capsys):
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
+    expected = glmc.load(model_dir).chat(msgs, max_new_tokens=6)
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "6", "--system", "Answer briefly.",
+                 "hi"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--model", str(model_dir), "--raw", "--system", "x", "hi"]) == 2
+    assert "--system needs the chat template" in capsys.readouterr().err

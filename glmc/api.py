@@ -111,11 +111,16 @@ class Model:
 
 
 def load(path: str | Path | None = None, family: str | None = None, dtype: str = "float32", device: str = "cpu",
-         max_length: int | None = None) -> Model:
+         max_length: int | None = None, backend: str = "auto") -> Model:
     """Load a checkpoint directory (default: the shipped model) with its tokenizer on the torch backend.
 
-    The one place that turns a path into a runnable model: later backends and build directories plug in here.
+    The one place that turns a path into a runnable model: a build directory (manifest.json) or a lowered ONNX
+    model goes to glmc.runtime.loader, which picks its backend (auto | torch | onnxruntime | tensorrt).
     """
+    if path is not None and ((Path(path) / "manifest.json").is_file() or (Path(path) / "model.onnx").is_file()
+                             or str(path).endswith(".onnx")):
+        from glmc.runtime.loader import load as load_build
+        return load_build(path, backend=backend, device=device, max_length=max_length, family=family)
     from glmc.modeling_patches.checkpoint import load_model
     from glmc.runtime.backend_torch import TorchBackend
 

@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("glmc.runtime.cli_generate", "generate text from a checkpoint directory (default: the shipped model)"),
     "compile": ("glmc.compiler.cli_compile", "compile a YAML config into a verified build directory (ONNX, ONNX Runtime, TensorRT)"),
     "inspect": ("glmc.compiler.cli_inspect", "show what a build directory holds and how it was verified"),
+    "run": ("glmc.runtime.cli_run", "generate on a compiled build (ONNX Runtime, TensorRT or torch; batches, streaming)"),
+    "bench": ("glmc.runtime.cli_bench", "time to first token, prefill and decode tokens/s, peak memory of a build"),
     "chat": ("glmc.runtime.cli_chat", "chat interactively (history, /reset, /exit; default: the shipped model)"),
     "verify": ("glmc.export.cli_verify", "check each ONNX lowering in ONNX Runtime against the torch model"),
     "eval": ("glmc.quantization.cli_eval", "accuracy table of precisions (fp16, int8, int4, kv8...) against fp32 on held-out text"),

@@ -13,6 +13,7 @@ HELP = "type a message; /reset clears the history, /exit (or end of input) quits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("build", nargs="?", default=None, help="a glmc build directory (same as --model BUILD)")
     p.add_argument("--system", default=None, help="a system message kept across /reset (ChatGLM3 / GLM-4)")
     add_model_arguments(p)
 
@@ -30,6 +31,7 @@ def fit(model, history: list[dict]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.model = args.build or args.model
     model = load_from_args(args)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": args.system}] if args.system else []

@@ -384,3 +384,144 @@ def test_tensorrt_dynamic_dim_without_a_limit_is_named(tmp_path):
     onnx.save(m, str(tmp_path / "r.onnx"))
     with pytest.raises(TensorRTError, match=r"input 'x' dimension 0 \('n'\) is dynamic"):
         build_engine(tmp_path / "r.onnx", tmp_path / "r.engine", LIMITS)
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+TINY_YAML = """\
+extends: {configs}/models/glmc-tiny.yaml
+model: {{checkpoint: {ckpt}, name: rnd}}
+precision: {{dtype: fp32}}
+verify: {{prompts: [[1, 2, 3, 4, 5], [6, 7]], steps: 4}}
+cache_dir: {cache}
+output: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict:
+    """A random-weight ChatGLM3-architecture checkpoint (no tokenizer: the prompts are token ids) and its config."""
+    root = tmp_path_factory.mktemp("pipeline")
+    ckpt = save_checkpoint(tiny_model("chatglm3-6b", num_layers=2, vocab_size=300), root / "ckpt")
+    cfg = write(root, "rnd.yaml", TINY_YAML.format(configs=CONFIGS, ckpt=ckpt, cache=root / "cache",
+                                                   out=root / "builds" / "{model}-{precision}"))
+    return {"root": root, "ckpt": ckpt, "config": cfg, "cache": root / "cache"}
+
+
+def compile_(cfg: Path, *sets: str, force: bool = False) -> dict:
+    """Run `glmc compile` in-process; return the new build's manifest."""
+    args = ["compile", str(cfg)] + [a for s in sets for a in ("--set", s)] + (["--force"] if force else [])
+    assert glmc_main(args) == 0
+    out = schema.load(cfg, list(sets)).get("output")
+    return read_manifest(out)
+
+
+def ran(manifest: dict) -> set[str]:
+    return {s["name"] for s in manifest["stages"] if s["status"] == "ran"} - {"package"}
+
+
+def no_leftovers(root: Path) -> None:
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock") or ".old-" in p.name]
+    assert leftovers == [], leftovers
+
+
+@needs_trt
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
+def test_compile_end_to_end_all_targets(project, weights, capsys):
+    sets = [f"precision.weights={weights}"] + (["precision.group_size=32"] if weights == "int4" else [])
+    m = compile_(project["config"], *sets)
+    out = Path(m["config"]["output"])
+    assert set(m["targets"]) == {"onnx", "reference", "onnxruntime", "tensorrt"}
+    for target, t in m["targets"].items():
+        assert (out / t["onnx"]).is_file() and (out / t["onnx"]).with_suffix(".json").is_file()
+        names = [i["name"] for i in t["inputs"]]
+        assert names == ["input_ids", "position_ids", "attention_mask"] + [
+            f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+        assert [o["name"] for o in t["outputs"]][0] == "logits"
+        assert t["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 32]
+    onnx_model = onnx.load(str(out / "onnx" / "onnx" / "model.onnx"))
+    assert any(n.domain == "glmc" for n in onnx_model.graph.node)  # the vendor target keeps the custom ops
+    trt_model = onnx.load(str(out / "onnx" / "tensorrt" / "model.onnx"))
+    assert all(n.domain in ("", "ai.onnx") for n in trt_model.graph.node)
+    # the engine, its layers, and what they are made of
+    e = m["engines"]["tensorrt"]
+    assert (out / e["path"]).stat().st_size == e["engine_bytes"] > 10_000
+    assert e["profiles"]["full"]["past_key_values.0.key"] == {"min": [1, 2, 0, 32], "opt": [2, 2, 128, 32],
+                                                               "max": [2, 2, 255, 32]}
+    layers = json.loads((out / e["layers"]).read_text())
+    consts = {c["dtype"] for layer in layers["engine_layers"] for c in layer["constants"]}
+    assert {"float": "Float", "int8": "Int8", "int4": "Int4"}[weights] in consts
+    assert ("DEQUANTIZE" in {x["type"] for x in layers["network_layers"]}) == (weights != "float")
+    # verification: torch vs every lowering ONNX Runtime runs, tensorrt's graph included
+    v = m["verification"]
+    assert v["passed"] and set(v["targets"]) == {"reference", "onnxruntime", "tensorrt"}
+    for metrics in v["targets"].values():
+        assert metrics["greedy_agree"] == 4 and metrics["top1"] == 1.0
+        assert max(metrics["prefill_rel"], metrics["decode_rel"]) <= 1e-4
+    # quantized weights + quantization.json travel in model/; float weights live in the ONNX files
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "quantization.json").is_file() == (weights != "float")
+    assert m["packages"]["onnxruntime"] and m["packages"]["torch"]
+    capsys.readouterr()
+    assert glmc_main(["inspect", str(out), "--check-files"]) == 0
+    shown = capsys.readouterr().out
+    assert "every file matches its sha256" in shown and "passed" in shown and "model.engine" in shown
+    no_leftovers(project["root"])
+
+
+@needs_trt
+def test_cache_reruns_only_what_changed(project):
+    first = compile_(project["config"], "precision.weights=float")
+    assert "export" in ran(first) or first["stages"][2]["status"] == "cached"
+    assert ran(compile_(project["config"], "precision.weights=float")) == set()
+    assert ran(compile_(project["config"], "precision.weights=float", "verify.steps=3")) == {"verify"}
+    assert ran(compile_(project["config"], "precision.weights=float", "tensorrt.workspace_mb=128")) == \
+        {"engine:tensorrt"}
+    changed = ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=1"))
+    assert changed == {"lower:onnx", "lower:reference", "lower:onnxruntime", "lower:tensorrt", "engine:tensorrt",
+                       "verify"}
+    everything = ran(compile_(project["config"], "precision.weights=float", force=True))
+    assert {"quantize", "export", "simplify", "engine:tensorrt", "verify"} <= everything
+    no_leftovers(project["root"])
+
+
+@needs_trt
+def test_failing_stage_is_named_and_leaves_no_build(project, capsys):
+    """A verification that cannot pass (tolerance 0) fails in stage 'verify': no build directory, but the stages
+    before it stay cached."""
+    out = project["root"] / "failing"
+    code = glmc_main(["compile", str(project["config"]), "--set", "precision.weights=float",
+                      "--set", "verify.max_rel_error=0", "--set", f"output={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: stage 'verify' failed: verification failed against torch" in err
+    assert not out.exists()
+    no_leftovers(project["root"])
+
+
+def test_concurrent_compile_into_the_same_directory_is_refused(project, capsys):
+    out = project["root"] / "locked"
+    with BuildDir(out):
+        code = glmc_main(["compile", str(project["config"]), "--set", f"output={out}"])
+    assert code == 2 and "another glmc compile" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_compile_leaves_nothing(project, tmp_path, sig):
+    """Interrupt `glmc compile` while the export stage runs: no build dir, no lock, no half-written stage."""
+    out, cache = tmp_path / "build", tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "glmc.cli", "compile", str(project["config"]), "--set",
+                             f"output={out}", "--set", f"cache_dir={cache}", "--set", "targets=[onnx]"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob(".export-*.tmp-*")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert list(cache.glob(".export-*.tmp-*")), "the export stage never started"
+    assert (tmp_path / "build.lock").exists() and list(tmp_path.glob(".build.tmp-*"))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists()
+    no_leftovers(tmp_path)
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(("quantize-", "load"))] == []

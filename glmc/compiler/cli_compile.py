@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from glmc.compiler import schema
 
@@ -41,5 +43,17 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     from glmc.compiler.pipeline import compile_config
-    compile_config(cfg, force=args.force)
+    # SIGTERM (kill, a CI timeout) cleans up like Ctrl-C: the temp build directory and the lock are removed
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        compile_config(cfg, force=args.force)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -310,9 +310,9 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
         except OSError:  # another compile cached the same stage meanwhile: theirs is as good as ours
             if not (final / STAGE_FILE).is_file():
                 raise
-    except StageError:
-        raise
     except GlmcError as e:
+        if str(e).startswith("stage '"):
+            raise
         raise StageError(f"stage '{stage.name}' failed: {e}") from e
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -263,7 +263,9 @@ def test_kv_cache_lowerings(target, scale_shape):
     x = torch.randn(2, 3, 5, 16)
     q = run_lowered(one_node_model("KVCacheQuantize", [x, scale], {}, 1, constants=(1,)), target,
                     {"in0": x.numpy()})[0]
-    assert q.dtype == np.int8 and torch.equal(torch.from_numpy(q), ops.kv_cache_quantize(x, scale))
+    diff = (torch.from_numpy(q).int() - ops.kv_cache_quantize(x, scale).int()).abs().max()
+    # QuantizeLinear (tensorrt) may multiply by 1/scale instead of dividing: a code can move by one at a tie
+    assert q.dtype == np.int8 and diff <= (1 if target == "tensorrt" else 0)
     back = run_lowered(one_node_model("KVCacheDequantize", [torch.from_numpy(q), scale], {}, 1, constants=(1,)),
                        target, {"in0": q})[0]
     assert rel_err(torch.from_numpy(back), ops.kv_cache_dequantize(torch.from_numpy(q), scale)) < 1e-7

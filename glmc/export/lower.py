@@ -117,6 +117,12 @@ def runtime_config(model: onnx.ModelProto, target: str, model_file: str) -> dict
     }
 
 
+def config_path(model_path: str | Path) -> Path:
+    """Where the runtime config of a lowered model lives: `<dir>/<stem>.json` (model.onnxruntime.onnx ->
+    model.onnxruntime.json)."""
+    return Path(model_path).with_suffix(".json")
+
+
 def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
     that the lowering leaves alone stay in the source's data file, hard-linked (or copied) next to `dst`."""
@@ -139,7 +145,7 @@ def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     else:
         onnx.save(model, str(dst))
     config = runtime_config(model, target, dst.name)
-    dst.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    config_path(dst).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 

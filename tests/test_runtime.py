@@ -83,41 +83,47 @@ def test_streaming_equals_generate(fp32):
 def test_int8_weights_and_kv_cache(quantized):
     model, paths = quantized
     backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4)
-    assert backend.kv_type == np.int8
+    assert backend.kv_type == np.int8 and not backend.shared  # the int8 past is dequantized before attention
     expected = generate(TorchBackend(model, 64), PROMPTS, GREEDY)
     got = generate(backend, PROMPTS, GREEDY)
     agree = np.mean([a == b for e, g in zip(expected, got) for a, b in zip(e, g)])
     assert agree >= 0.95, agree
 
 
-def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, tmp_path):
-    """The KV cache is never copied through the host: every step binds the buffers allocated by new_cache (two per
-    cache tensor, used in turn), ORT's profile has no copy nodes, and after the last step the buffers hold exactly
-    the cache torch computes for the whole sequence (so ORT wrote each present straight into them)."""
+@pytest.mark.parametrize("target", ["reference", "onnxruntime"])
+def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, target, tmp_path):
+    """The KV cache is never copied through the host: every step binds the buffers allocated by new_cache (one per
+    cache tensor where ORT's GroupQueryAttention updates it in place, else two used in turn), ORT's profile has no
+    copy nodes, and after the last step the buffers hold exactly the cache torch computes for the whole sequence
+    (so ORT wrote each present straight into them)."""
     model, paths = fp32
-    backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4,
-                                 profile=str(tmp_path / "ort"))
+    backend = OnnxRuntimeBackend(paths[target], max_length=64, max_batch=4, profile=str(tmp_path / "ort"))
+    assert backend.shared == (target == "onnxruntime")  # its past inputs feed com.microsoft.GroupQueryAttention
     steps = 12
     out = generate(backend, PROMPTS[:2], SamplingConfig(max_new_tokens=steps))
     allocated = {v.data_ptr() for bufs in backend._buffers for v in bufs}
-    assert len(allocated) == 2 * 2 * model.config.num_layers
-    assert backend.bound_pointers == allocated  # 12 runs, the same 8 buffers
+    assert len(allocated) == (1 if backend.shared else 2) * 2 * model.config.num_layers
+    assert backend.bound_pointers == allocated  # 12 runs, the same buffers
     profile = json.loads(open(backend.end_profiling()).read())
     runs = [e for e in profile if e.get("name") == "model_run"]
     nodes = {e["args"]["op_name"] for e in profile if e.get("cat") == "Node"}
     assert len(runs) == steps  # prefill + steps - 1 decode runs
     assert not any("Memcpy" in n for n in nodes), nodes
 
-    # The cache after the loop (which binds the last present as the next past) vs torch's cache of the full rows.
+    # The cache after the loop vs torch's cache of the full rows.
     from glmc.runtime.generate import left_pad
     rows = [p + o[:-1] for p, o in zip(PROMPTS[:2], out)]  # the last token was sampled, never fed
     ids, mask, pos = left_pad(rows)
     _, cache = TorchBackend(model, 64).forward(ids, pos, mask, model.empty_cache(2))
     total = ids.shape[1]
-    parity = steps % 2  # which buffer the last run wrote (the first run wrote buffer 1)
+    which = 0 if backend.shared else steps % 2  # separate buffers: the first run wrote buffer 1, then alternate
     for (k, v), kb, vb in zip(cache, backend._buffers[0::2], backend._buffers[1::2]):
         for ref, buf in ((k, kb), (v, vb)):
-            got = buf[parity].numpy().reshape(-1)[:ref.numel()].reshape(ref.shape)  # bound as [2, Hkv, T, D]
+            flat = buf[which].numpy().reshape(-1)
+            if backend.shared:  # bound as [2, Hkv, max_length, D]
+                got = flat[:2 * ref.shape[1] * 64 * ref.shape[3]].reshape(2, ref.shape[1], 64, -1)[:, :, :total]
+            else:  # bound as [2, Hkv, T, D]
+                got = flat[:ref.numel()].reshape(ref.shape)
             real = mask.bool()[:, None, :, None].expand_as(ref).numpy()
             np.testing.assert_allclose(got[real], ref.numpy()[real], rtol=1e-4, atol=1e-5)
 

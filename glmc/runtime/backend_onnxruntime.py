@@ -7,12 +7,16 @@ device (CPU, or CUDA with `ortvalue_from_shape_and_type(..., "cuda", 0)`), alloc
 - graphs whose past and present are separate tensors (the standard I/O contract, docs/onnx.md: past
   [B, Hkv, P, D] -> present [B, Hkv, P+S, D]) get two buffers per tensor used in turn: the present written by one
   step is, untouched, the past of the next;
-- graphs whose past and present share one buffer (runtime config `kv_cache.past_present_share_buffer`, as
-  com.microsoft.GroupQueryAttention allows) bind that one [B, Hkv, max_length, D] buffer as both.
+- graphs whose past inputs are read only by com.microsoft.GroupQueryAttention (the `onnxruntime` lowering with a
+  float cache; or runtime config `kv_cache.past_present_share_buffer: true`) bind one [B, Hkv, max_length, D]
+  buffer as both past and present: GQA writes the new positions in place and reads the first T (T from the
+  attention mask), so a decode step moves no cache bytes at all. An int8 cache is dequantized before attention,
+  so its graph gets the two buffers.
 
 A batch smaller than `max_batch` binds a prefix of each buffer (rows are outermost, so a prefix is contiguous).
 Only the small inputs (ids, positions, mask) go host -> device per step, and only the last position's logits come
-back.
+back (on CUDA the logits land in a torch buffer sliced on the device). CUDA graphs are not used: every step's
+mask and past shapes grow, and ORT replays a captured graph only for fixed shapes and addresses.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import torch
 
 from glmc.errors import GlmcError
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
-             "tensor(uint8)": np.uint8, "tensor(bfloat16)": None}
+# ONNX type -> (element type for OrtValue/IO binding: numpy type, or the ONNX enum where numpy has none; bytes; torch)
+_TYPES = {"tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
+          "tensor(bfloat16)": (16, 2, torch.bfloat16), "tensor(int8)": (np.int8, 1, torch.int8),
+          "tensor(uint8)": (np.uint8, 1, torch.uint8)}
 
 
 def read_runtime_config(onnx_path: str | Path) -> dict:
@@ -40,6 +46,22 @@ def read_runtime_config(onnx_path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise GlmcError(f"{path}: runtime config is not valid JSON ({e})") from None
+
+
+def past_feeds_gqa_only(onnx_path: str | Path, past_names: list[str]) -> bool:
+    """True when every past input is read only by com.microsoft.GroupQueryAttention (as its past_key/past_value):
+    then ORT can update the cache in place, past and present bound to one buffer."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    wanted = set(past_names)
+    readers: dict[str, list] = {n: [] for n in wanted}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in wanted:
+                readers[name].append((node.domain, node.op_type, i))
+    return all(r and all(d == "com.microsoft" and op == "GroupQueryAttention" and i in (3, 4) for d, op, i in r)
+               for r in readers.values())
 
 
 def providers_for(device: str) -> tuple[list, str, int]:
@@ -76,7 +98,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_path: str | Path, max_length: int, max_batch: int = 1, device: str = "cpu",
                  max_input_length: int | None = None, threads: int = 0, profile: str | None = None,
-                 session_options: Any = None):
+                 share_buffer: bool | None = None, session_options: Any = None):
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
@@ -99,6 +121,12 @@ class OnnxRuntimeBackend:
             raise GlmcError(f"{self.path}: ONNX Runtime could not load the model: {str(e).splitlines()[0][:400]}"
                             ) from None
         self._describe_io()
+        if share_buffer is None:  # the runtime config's word, else whether the graph allows it
+            share_buffer = self.shared or (self.config.get("model", {}).get("target") == "onnxruntime"
+                                           and past_feeds_gqa_only(self.path, self.past_names))
+        self.shared = bool(share_buffer)
+        self._torch_logits = self.device_type == "cuda" and torch.cuda.is_available()
+        self._logits_buffer: torch.Tensor | None = None
         self._buffers: list[list[Any]] = []  # per cache tensor: 1 or 2 OrtValues of [max_batch, Hkv, max_length, D]
         self._generation = 0
         self.bound_pointers: set[int] = set()  # every KV pointer ever bound (tests: the same buffers every step)
@@ -133,14 +161,15 @@ class OnnxRuntimeBackend:
             if name not in outputs:
                 raise GlmcError(f"{self.path}: the graph has no output '{name}'")
         first = inputs[self.past_names[0]]
-        self.kv_type = _NP_TYPES.get(first.type)
-        if self.kv_type is None:
+        if first.type not in _TYPES:
             raise GlmcError(f"{self.path}: KV-cache type {first.type} is not supported by this backend")
+        self.kv_type, self.kv_itemsize, _ = _TYPES[first.type]
         dims = first.shape
         if not (isinstance(dims[1], int) and isinstance(dims[3], int)):
             raise GlmcError(f"{self.path}: '{first.name}' needs fixed kv-heads and head-dim dims, has {dims}")
         self.kv_heads, self.head_dim = dims[1], dims[3]
         self.vocab_size = outputs[self.logits_name].shape[-1]
+        self.logits_type, _, self.logits_torch = _TYPES.get(outputs[self.logits_name].type, _TYPES["tensor(float)"])
         self.extra_inputs = sorted(set(inputs) - {self.ids_name, self.pos_name, self.mask_name, *self.past_names})
         if self.extra_inputs:
             raise GlmcError(f"{self.path}: inputs this runtime does not know how to feed: {self.extra_inputs}")
@@ -160,7 +189,7 @@ class OnnxRuntimeBackend:
     @property
     def cache_bytes(self) -> int:
         """Device bytes held by the KV buffers."""
-        per = self.max_batch * self.kv_heads * self.max_length * self.head_dim * np.dtype(self.kv_type).itemsize
+        per = self.max_batch * self.kv_heads * self.max_length * self.head_dim * self.kv_itemsize
         return per * len(self.past_names) * (1 if self.shared else 2)
 
     def new_cache(self, batch: int) -> OrtCache:
@@ -208,12 +237,21 @@ class OnnxRuntimeBackend:
         io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
         io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
         self._bind_kv(io, cache, total)
-        io.bind_output(self.logits_name, self.device_type, self.device_id)
+        if self._torch_logits:  # a device buffer we can slice: only the last position crosses to the host
+            n = batch * seq * self.vocab_size
+            if self._logits_buffer is None or self._logits_buffer.numel() < n:
+                self._logits_buffer = torch.empty(max(n, self.max_batch * self.vocab_size), dtype=self.logits_torch,
+                                                  device=f"cuda:{self.device_id}")
+            io.bind_output(self.logits_name, "cuda", self.device_id, self.logits_type, [batch, seq, self.vocab_size],
+                           self._logits_buffer.data_ptr())
+        else:
+            io.bind_output(self.logits_name, self.device_type, self.device_id)
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[-1]  # outputs come back in binding order: logits was bound last
         cache.length, cache.parity = total, 1 - cache.parity
-        last = logits.numpy()[:, -1]
-        return torch.from_numpy(np.asarray(last, dtype=np.float32)), cache
+        if self._torch_logits:
+            return self._logits_buffer[:batch * seq * self.vocab_size].view(batch, seq, -1)[:, -1].float().cpu(), cache
+        logits = io.get_outputs()[-1]  # outputs come back in binding order: logits was bound last
+        return torch.from_numpy(np.asarray(logits.numpy()[:, -1], dtype=np.float32)), cache
 
     def end_profiling(self) -> str | None:
         """Stop ORT profiling (if on) and return the profile file."""

@@ -209,7 +209,7 @@ def test_concurrent_compile_is_refused_and_stale_lock_taken_over(tmp_path):
 
 def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: int = T.FLOAT16, vocab: int = 64,
                  hidden: int = 32, heads: int = 2, kv_heads: int = 1, head_dim: int = 16, max_pos: int = 256,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, external_data: bool = False) -> Path:
     """A one-layer decoder with glmc's I/O contract in standard opset-23 ONNX, in the form the `tensorrt` lowering
     produces: int8 per-channel or INT4 blocked DequantizeLinear + MatMul, RotaryEmbedding-23, the past concatenated
     outside Attention-23, and for an int8 KV cache QuantizeLinear/DequantizeLinear on the cache tensors."""
@@ -295,7 +295,7 @@ def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: in
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23)])
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    onnx.save(model, str(path), save_as_external_data=external_data, location=path.name + ".data", size_threshold=512)
     return path
 
 
@@ -325,6 +325,7 @@ def test_profile_shapes_follow_the_limits(tmp_path):
 
 ENGINE_CASES = {  # name: (weights, kv cache, dtype, the engine's constants must include this type)
     "int8-per-channel": ("int8", "float", T.FLOAT16, "Int8"),
+    "int8-external-data": ("int8", "float", T.FLOAT16, "Int8"),
     "int4-blocked": ("int4", "float", T.FLOAT16, "Int4"),
     "int8-kv8": ("int8", "int8", T.FLOAT16, "Int8"),
     "fp32-decomposed-attention": ("float", "float", T.FLOAT, "Float"),
@@ -335,7 +336,8 @@ ENGINE_CASES = {  # name: (weights, kv cache, dtype, the engine's constants must
 @pytest.mark.parametrize("case", sorted(ENGINE_CASES))
 def test_tensorrt_builds_standard_graphs_and_records_layers(case, tmp_path):
     weights, kv, dtype, const_type = ENGINE_CASES[case]
-    path = mini_decoder(tmp_path / "m.onnx", weights, kv, dtype)
+    path = mini_decoder(tmp_path / "m.onnx", weights, kv, dtype, external_data="external" in case)
+    assert (tmp_path / "m.onnx.data").exists() == ("external" in case)
     outs = run_ort(path, int8_cache=kv == "int8")  # the graph is valid ONNX that ONNX Runtime runs
     assert outs[0].shape == (2, 3, 64) and np.isfinite(outs[0].astype(np.float32)).all()
     profiles = ["full", "decode"] if case == "int8-kv8" else ["full"]
@@ -525,3 +527,32 @@ def test_interrupted_compile_leaves_nothing(project, tmp_path, sig):
     assert not out.exists()
     no_leftovers(tmp_path)
     assert [p.name for p in cache.iterdir() if not p.name.startswith(("quantize-", "load"))] == []
+
+
+SHIPPED_MODEL = schema.shipped_model()
+
+
+@needs_trt
+@pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="the shipped model is not in the package")
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "kv8"])
+def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
+    """The CI configs: the shipped model, every target, TensorRT for RTX included; verification passes."""
+    root = tmp_path_factory.getbasetemp() / "shipped"
+    m = compile_(CONFIGS / f"glmc-tiny-{precision}.yaml", f"output={root}/{precision}", f"cache_dir={root}/cache")
+    out = Path(m["config"]["output"])
+    assert set(m["targets"]) == {"onnx", "reference", "onnxruntime", "tensorrt"}
+    assert m["verification"]["passed"] and set(m["verification"]["targets"]) == {"reference", "onnxruntime",
+                                                                                  "tensorrt"}
+    assert m["tokenizer"]["files"] and (out / "model" / "tokenizer.model").is_file()
+    e = m["engines"]["tensorrt"]
+    assert (out / e["path"]).stat().st_size == e["engine_bytes"] and e["engine_layer_count"] > 0
+    kv8 = precision == "kv8"
+    cache_type = {t["name"]: t["dtype"] for t in m["targets"]["tensorrt"]["inputs"]}["past_key_values.0.key"]
+    assert cache_type == ("int8" if kv8 else "float")
+    layers = json.loads((out / e["layers"]).read_text())
+    net_types = {x["type"] for x in layers["network_layers"]}
+    assert ("DEQUANTIZE" in net_types) == (precision != "fp32") and ("QUANTIZE" in net_types) == kv8
+    if kv8:
+        assert m["precision"]["quantization"]["kv_cache"]["granularity"] == "head"
+        assert m["verification"]["prompts"] and json.loads((out / "verify.json").read_text())["passed"]
+    no_leftovers(root)

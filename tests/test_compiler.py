@@ -21,7 +21,7 @@ from glmc.cli import main as glmc_main
 from glmc.compiler import schema
 from glmc.compiler.builddir import BuildDir, BuildLocked, read_manifest
 from glmc.compiler.tensorrt import TensorRTError, build_engine, profile_shapes, graph_inputs
-from glmc.errors import ConfigError
+from glmc.errors import ConfigError, GlmcError
 from glmc.modeling_patches.checkpoint import save_checkpoint
 
 from conftest import tiny_model
@@ -189,6 +189,15 @@ def test_failure_or_interrupt_leaves_nothing_and_keeps_the_old_build(tmp_path, e
             (b.tmp / "half.bin").write_bytes(b"x")
             raise error("stop")
     assert read_manifest(out)["format"] == "ok" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_directory_that_is_not_a_build_is_never_replaced(tmp_path):
+    precious = tmp_path / "b"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(GlmcError, match=r"b: exists and is not a glmc build directory \(no manifest\.json\)"):
+        BuildDir(precious).__enter__()
+    assert (precious / "thesis.tex").read_text() == "years of work" and sorted(tmp_path.iterdir()) == [precious]
 
 
 def test_concurrent_compile_is_refused_and_stale_lock_taken_over(tmp_path):

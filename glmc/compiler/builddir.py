@@ -84,6 +84,10 @@ class BuildDir:
         self.committed = False
 
     def __enter__(self) -> "BuildDir":
+        if self.out.exists() and not (self.out / MANIFEST).is_file() and (
+                not self.out.is_dir() or any(self.out.iterdir())):
+            raise GlmcError(f"{self.out}: exists and is not a glmc build directory (no {MANIFEST}); glmc replaces "
+                            "only its own builds: choose another output or remove it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:

@@ -263,13 +263,13 @@ def plan(cfg: CompileConfig) -> list[Stage]:
     ]
     lowered = lowered_targets(cfg)
     for t in lowered:
-        stages.append(Stage(f"lower:{t}", ("limits.max_batch", "limits.max_sequence_length"), ("simplify",),
-                            make_lower(t)))
+        stages.append(Stage(f"lower:{t}", (), ("simplify",), make_lower(t)))
     if "tensorrt" in targets:
         stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))
     if cfg.get("verify.enabled"):
         deps = tuple(f"lower:{t}" for t in lowered if t in ORT_TARGETS)
-        stages.append(Stage("verify", ("verify",), ("quantize",) + deps, run_verify))
+        stages.append(Stage("verify", ("verify", "limits.max_input_length", "limits.max_sequence_length"),
+                            ("quantize",) + deps, run_verify))
     by_name = {s.name: s for s in stages}
     fingerprint = checkpoint_fingerprint(Path(cfg.get("model.checkpoint")))
     code = code_fingerprint()

@@ -566,3 +566,18 @@ def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
         assert m["precision"]["quantization"]["kv_cache"]["granularity"] == "head"
         assert m["verification"]["prompts"] and json.loads((out / "verify.json").read_text())["passed"]
     no_leftovers(root)
+
+
+@needs_trt
+def test_large_model_path_external_weights(project, tmp_path, monkeypatch):
+    """Models over 1 GiB keep their weights in .data files; the export threshold lowered to 0 sends the tiny model
+    down that path: every lowering still runs in ONNX Runtime (verification) and the engine still builds."""
+    from glmc.export import onnx_export
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    m = compile_(project["config"], "precision.weights=int8", f"output={tmp_path}/b", f"cache_dir={tmp_path}/c",
+                 "targets=[onnxruntime,tensorrt]")
+    out = Path(m["config"]["output"])
+    assert m["verification"]["passed"]
+    for t in ("onnxruntime", "tensorrt"):
+        assert (out / "onnx" / t / "exported.onnx.data").stat().st_size > 100_000
+    assert m["engines"]["tensorrt"]["engine_bytes"] > 10_000

@@ -31,6 +31,12 @@ from glmc.compiler.schema import CompileConfig
 from glmc.errors import GlmcError
 
 STAGE_FILE = "stage.json"  # in every cached stage folder: what the stage reported
+# Names of the exported and simplified graphs. Large models keep their weights in `<export name>.data`, which the
+# simplified graph and every lowered model.onnx keep pointing at (linked or copied beside them); each lowering
+# writes its new tensors to model.onnx.data, so the export must not be called model.onnx (one name for both
+# files overwrites the shared weights).
+EXPORTED = "exported.onnx"
+SIMPLIFIED = "simplified.onnx"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 ORT_TARGETS = ("reference", "onnxruntime", "tensorrt")  # lowerings ONNX Runtime can run (verify checks these)
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy", "transformers", "safetensors",
@@ -158,23 +164,22 @@ def run_quantize(ctx: Context, out: Path) -> dict:
 def run_export(ctx: Context, out: Path) -> dict:
     """torch -> one ONNX graph (prefill and decode; dynamic batch, sequence and past), glmc:: ops kept."""
     from glmc.export.onnx_export import export
-    path = out / "model.onnx"
-    result = export(ctx.model(), path)
-    return {"onnx": path.name, "external_data": result["external_data"], "weight_bytes": result["weight_bytes"]}
+    result = export(ctx.model(), out / EXPORTED)
+    return {"onnx": EXPORTED, "external_data": result["external_data"], "weight_bytes": result["weight_bytes"]}
 
 
 def run_simplify(ctx: Context, out: Path) -> dict:
     """onnxsim the exported graph (the glmc:: nodes survive; the export module checks that)."""
     from glmc.export.simplify import simplify_file
-    result = simplify_file(ctx.outputs["export"] / "model.onnx", out / "model.onnx")
-    return {"onnx": "model.onnx", "nodes_before": result["nodes_before"], "nodes_after": result["nodes_after"],
+    result = simplify_file(ctx.outputs["export"] / EXPORTED, out / SIMPLIFIED)
+    return {"onnx": SIMPLIFIED, "nodes_before": result["nodes_before"], "nodes_after": result["nodes_after"],
             "glmc_nodes": result["glmc_nodes"], "seconds": round(result["seconds"], 3)}
 
 
 def make_lower(target: str) -> Callable[[Context, Path], dict]:
     def run_lower(ctx: Context, out: Path) -> dict:
         from glmc.export.lower import lower_file
-        runtime = lower_file(ctx.outputs["simplify"] / "model.onnx", target, out / "model.onnx")
+        runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx")
         return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
                 "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
     return run_lower

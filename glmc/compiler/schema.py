@@ -188,8 +188,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
     for key in ("model.checkpoint", "calibration.source"):
         sec, name = key.split(".")
         value = tree.get(sec, {}).get(name) if isinstance(tree.get(sec), dict) else None
-        if isinstance(value, str) and value not in ("", "builtin", MISSING) and not Path(value).is_absolute():
-            tree[sec][name] = str((path.parent / value).resolve())
+        if isinstance(value, str) and value not in ("", "builtin", MISSING):
+            tree[sec][name] = str((path.parent / Path(value).expanduser()).resolve())  # absolute paths stay
     return tree, where
 
 

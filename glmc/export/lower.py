@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -125,7 +124,8 @@ def config_path(model_path: str | Path) -> Path:
 
 def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
-    that the lowering leaves alone stay in the source's data file, hard-linked (or copied) next to `dst`."""
+    that the lowering leaves alone stay in the source's data file, shared when `dst` is in the same directory
+    (else copied: onnx and ONNX Runtime refuse hard-linked or out-of-directory data files)."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
@@ -133,7 +133,7 @@ def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     lower_model(model, target, str(src.parent))
     for name in external:
         if (dst.parent / name).resolve() != (src.parent / name).resolve():
-            _link(src.parent / name, dst.parent / name)
+            shutil.copyfile(src.parent / name, dst.parent / name)
     large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
     data_name = dst.name + ".data"
     if large:
@@ -148,11 +148,3 @@ def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     config_path(dst).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
-
-def _link(src: Path, dst: Path) -> None:
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

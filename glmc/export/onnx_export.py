@@ -8,6 +8,7 @@ outputs `logits` [batch, sequence, vocab] and `present.{i}.key/value` [batch, kv
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
@@ -33,6 +34,38 @@ TRANSLATIONS = {  # torch custom op -> its ONNX translation (glmc:: node)
     torch.ops.glmc.kv_cache_dequantize.default: kv_cache.dequantize_translation,
     torch.ops.glmc.group_query_attention.default: attention.onnx_translation,
 }
+
+
+class _MatMul(torch.nn.Module):
+    """nn.Linear computed as x @ W^T with W^T stored contiguous: exports as MatMul on the weight itself, where a
+    plain Linear exports as MatMul(x, Transpose(W)) and the exporter folds that into a transposed COPY of every
+    weight (twice the model in memory: too much for a 6B model on a 24 GiB machine)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        y = torch.matmul(x, self.linear.weight)
+        return y if self.linear.bias is None else y + self.linear.bias
+
+
+@contextlib.contextmanager
+def _transposed_linears(model: torch.nn.Module):
+    """Within the block every nn.Linear of `model` holds W^T (transposed one weight at a time, in place of W)."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                child.weight.data = child.weight.data.t().contiguous()
+                setattr(parent, name, _MatMul(child))
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            child.weight.data = child.weight.data.t().contiguous()
+            setattr(parent, name, child)
 
 
 class _Flat(torch.nn.Module):
@@ -81,14 +114,21 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
                "past_key_values": [{0: batch, 2: past} for _ in cache]}
     start = time.perf_counter()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
+        with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"), _transposed_linears(model):
             warnings.simplefilter("ignore")  # the exporter's FutureWarnings and dim-renaming notes say nothing to users
             program = torch.onnx.export(_Flat(model), (ids, positions, mask, cache), dynamo=True,
                                         opset_version=OPSET, dynamic_shapes=dynamic,
                                         custom_translation_table=TRANSLATIONS, optimize=True, verbose=False)
+            stats = _save(program, model, path, external_data)  # while the initializers still alias W^T
+    except GlmcError:
+        raise
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; say which model failed and why
         raise GlmcError(f"ONNX export of {model.config.family} ({model.dtype}) failed: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]}") from e
+    return {"seconds": time.perf_counter() - start, **stats}
+
+
+def _save(program, model: GLMForCausalLM, path: Path, external_data: bool | None) -> dict:
     graph = program.model.graph
     inputs, outputs = io_names(model.config.num_layers)
     for value, name in zip(graph.inputs, inputs):
@@ -96,6 +136,8 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
     for value, name in zip(graph.outputs, outputs):
         value.name = name
     _name_dims(graph, model)
+    for value in list(graph.initializers.values()):  # checkpoint names: model.transformer.X.linear.weight -> transformer.X.weight
+        value.name = value.name.removeprefix("model.").replace(".linear.", ".")
     program.model.ir_version = IR_VERSION
     program.model.producer_name = "glmc"
     weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
@@ -107,8 +149,7 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
     if data.exists():
         data.unlink()
     program.save(path, external_data=external_data)
-    return {"seconds": time.perf_counter() - start, "weight_bytes": weight_bytes, "external_data": external_data,
-            "path": str(path)}
+    return {"weight_bytes": weight_bytes, "external_data": external_data, "path": str(path)}
 
 
 class _quiet:

@@ -44,6 +44,7 @@ class Lock:
     def __init__(self, path: Path):
         self.path = path
         self.held = False
+        self.stale_pid: int | None = None  # the dead process whose lock was taken over
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -57,7 +58,8 @@ class Lock:
                     owner = {}
                 if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
                         and not _pid_alive(owner["pid"]):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone (killed with SIGKILL, ...)
+                    self.stale_pid = owner["pid"]
                     continue
                 raise BuildLocked(f"{self.path}: another glmc compile (pid {owner.get('pid', '?')} on "
                                   f"{owner.get('host', '?')}) is building this directory; wait for it, or "
@@ -91,6 +93,10 @@ class BuildDir:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
+            if self.lock.stale_pid is not None:  # what the dead process left half-written
+                for kind in ("tmp", "old"):
+                    shutil.rmtree(self.out.parent / f".{self.out.name}.{kind}-{self.lock.stale_pid}",
+                                  ignore_errors=True)
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
@@ -119,6 +125,17 @@ class BuildDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out
+
+
+def remove_dead_temps(folder: Path) -> list[str]:
+    """Remove `.*.tmp-PID` folders in `folder` whose process no longer runs (a stage cache after a SIGKILL)."""
+    removed = []
+    for p in folder.glob(".*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import glmc
-from glmc.compiler.builddir import BuildDir, file_table, place
+from glmc.compiler.builddir import BuildDir, file_table, place, remove_dead_temps
 from glmc.compiler.schema import CompileConfig
 from glmc.errors import GlmcError
 
@@ -438,6 +438,7 @@ def compile_config(cfg: CompileConfig, force: bool = False, console: Console | N
     console.print(f"[bold]glmc compile[/] {cfg.get('model.name')} {cfg.precision_tag} -> {out}")
     with BuildDir(out) as build:
         cache.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(cache)
         ctx.outputs["load"] = cache
         stages[0].status = "not needed"  # load runs lazily, only inside a stage that needs the float model
         for stage in stages[1:]:

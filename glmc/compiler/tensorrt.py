@@ -198,6 +198,22 @@ def _allow_decomposed_attention(trt: Any, network: Any) -> int:
     return count
 
 
+def _inspect(trt: Any, serialized: Any, path: Path) -> str:
+    """The engine inspector's JSON (needs a GPU the engine runs on): written to `path` when available; returns
+    its file name, or why it is unavailable (the build log's layer record is kept either way)."""
+    quiet = _logger(trt)
+    try:
+        engine = trt.Runtime(quiet).deserialize_cuda_engine(serialized)
+        if engine is None:
+            errors = [m for sev, m in quiet.lines if sev in ("ERROR", "INTERNAL_ERROR")]
+            return "unavailable: the engine does not load here (" + (errors[-1][:200] if errors else "no GPU") + ")"
+        info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    except Exception as e:  # noqa: BLE001 - no CUDA driver and the like
+        return f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+    path.write_text(info)
+    return path.name
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *, profiles: list[str] = ("full",),
                  opt: dict | None = None, compute_capabilities: list[str] = ("sm86",), workspace_mb: int = 1024,
                  optimization_level: int = 3, log_path: str | Path | None = None,
@@ -264,6 +280,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         t = network.get_output(i)
         io.append({"name": t.name, "mode": "output", "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
     layers = parse_layers("\n".join(msg for _, msg in log.lines if msg.startswith("Layers:")))
+    inspector = _inspect(trt, serialized, engine_path.with_suffix(".inspector.json"))
     return {
         "library": lib, "version": trt.__version__, "engine": engine_path.name,
         "engine_bytes": engine_path.stat().st_size, "build_seconds": round(seconds, 3),
@@ -271,6 +288,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
         "optimization_level": optimization_level, "strongly_typed": True, "io": io,
         "attention_layers_decomposable": decomposable, "outputs_given_an_identity": split,
         "profiles": shapes_per_profile, "engine_layers": layers, "network_layers": network_layers,
+        "inspector": inspector,
     }
 
 

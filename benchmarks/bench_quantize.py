@@ -5,8 +5,9 @@
 Step 0 writes the random checkpoint (28 layers, hidden 4096, ffn 13696, vocab 65024; about 12.5 GB fp16) shard
 by shard in a child process, never holding more than one shard. Then, in this process: load it in fp16, quantize
 the block linears in place, save the quantized checkpoint (sharded safetensors). For each stage: wall time, the
-process's resident memory after it, and its peak so far (getrusage ru_maxrss, which only grows). Both checkpoints
-are deleted at the end unless --keep.
+process's CPU time (user + system; on a shared machine this says more than wall time), its resident memory after
+it, and its peak so far (getrusage ru_maxrss, which only grows). Both checkpoints are deleted at the end unless
+--keep.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import tempfile
@@ -33,6 +35,11 @@ GIB = 1 << 30
 def rss_now() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / GIB
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def rss_peak() -> float:
@@ -94,32 +101,36 @@ def main() -> None:
             raise SystemExit(f"writing the random checkpoint failed (exit {child.exitcode})")
         size = sum(f.stat().st_size for f in src.iterdir()) / GIB
         rows.append((f"write random fp16 checkpoint ({size:.2f} GiB, child process)", time.perf_counter() - t,
-                     None, None))
+                     None, None, None))
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         model = load_model(src, dtype="float16")
-        rows.append(("load fp16", time.perf_counter() - t, rss_now(), rss_peak()))
+        rows.append(("load fp16", time.perf_counter() - t, cpu_seconds() - c, rss_now(), rss_peak()))
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         quantize_model(model, bits=4, group_size=args.group_size)
-        rows.append((f"quantize int4 g{args.group_size}", time.perf_counter() - t, rss_now(), rss_peak()))
+        rows.append((f"quantize int4 g{args.group_size}", time.perf_counter() - t, cpu_seconds() - c, rss_now(),
+                     rss_peak()))
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         save_quantized(model, dst, Scheme("fp16", 4, args.group_size), layout="sharded-safetensors")
         size = sum(f.stat().st_size for f in dst.iterdir()) / GIB
-        rows.append((f"save int4 ({size:.2f} GiB)", time.perf_counter() - t, rss_now(), rss_peak()))
+        rows.append((f"save int4 ({size:.2f} GiB)", time.perf_counter() - t, cpu_seconds() - c, rss_now(),
+                     rss_peak()))
         del model
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         model = load_model(dst, dtype="float16")
-        rows.append(("reload int4 (same process)", time.perf_counter() - t, rss_now(), rss_peak()))
+        rows.append(("reload int4 (same process)", time.perf_counter() - t, cpu_seconds() - c, rss_now(), rss_peak()))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"| stage | time (s) | RSS after (GiB) | peak RSS so far (GiB) |\n| --- | --- | --- | --- |")
-    for name, secs, now, peak in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"| {name} | {secs:.1f} | {fmt(now)} | {fmt(peak)} |")
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs")
+    print("| stage | wall (s) | CPU (s) | RSS after (GiB) | peak RSS so far (GiB) |\n| --- | --- | --- | --- | --- |")
+    for name, secs, cpu, now, peak in rows:
+        fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        print(f"| {name} | {secs:.1f} | {fmt(cpu, 1)} | {fmt(now)} | {fmt(peak)} |")
 
 
 if __name__ == "__main__":

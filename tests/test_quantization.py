@@ -46,7 +46,7 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -280,3 +280,27 @@ def test_evaluate_table_numbers():
     assert r["fp16"].rel_error < r["int8"].rel_error < r["int4"].rel_error < 0.4
     assert 0 < r["kv8"].rel_error < 0.05 and r["int8+kv8"].rel_error > r["int8"].rel_error * 0.5
     assert r["fp16"].top1_agreement > 0.98 and r["int8"].top1_agreement > 0.9 and r["kv8"].top1_agreement > 0.9
+
+
+def test_quantize_and_eval_commands(tmp_path, capsys):
+    """`glmc quantize` then `glmc eval` on a checkpoint directory with a real SentencePiece tokenizer."""
+    from glmc.cli import main
+    from glmc.modeling_patches.checkpoint import save_checkpoint
+    from glmc.runtime.tokenizer import load_tokenizer
+    from test_tokenizer import build_sentencepiece
+
+    src = build_sentencepiece(tmp_path / "float")
+    save_checkpoint(random_model(tiny_config(vocab_size=512), std=0.05), src)
+    assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--precision", "int4-g32+kv8",
+                 "--num-samples", "4", "--calibration-length", "32"]) == 0
+    q = load_model(tmp_path / "q")
+    assert q.transformer.encoder.layers[0].mlp.dense_h_to_4h.bits == 4 and q.kv_dtype == torch.int8
+    assert load_tokenizer(tmp_path / "q").encode("hello world") == load_tokenizer(src).encode("hello world")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(src), "--precisions", "fp32,int8,kv8-head", "--max-tokens", "40",
+                 "--max-length", "20", "--chunk", "5", "--num-samples", "2", "--markdown"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| precision | scheme | perplexity |") and len(out) == 5
+    assert out[2].startswith("| fp32 | fp32 |") and "| 0.00e+00 | 100.00% |" in out[2]
+    assert out[4].startswith("| kv8-head | fp16+kv8-head |")
+    assert main(["eval", "--model", str(src), "--precisions", "int3"]) == 2  # a GlmcError, reported

@@ -64,7 +64,7 @@ def quantize_linear(linear: nn.Linear, bits: int, group_size: int = 0) -> QuantL
     q, scale = quantize_weight(w, bits, group_size, scale_dtype=w.dtype)
     out = QuantLinear(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
                       dtype=w.dtype).to(w.device)
-    out.weight = q if bits == 8 else pack_int4(q)
+    out.weight = q if bits == 8 else torch.cat([pack_int4(q[r:r + 512]) for r in range(0, len(q), 512)])
     out.weight_scale = scale
     if linear.bias is not None:
         out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -121,3 +121,27 @@ def test_onnxruntime_kv8_cache_is_int8_and_matches_torch_cache(tmp_path):
                                                                                            for t in kv))]
     assert max(flips) <= 1  # at most a rounding-boundary flip
     assert json.loads(config_path(paths["onnxruntime"]).read_text())["kv_cache"]["dtype"] == "int8"
+
+
+def test_onnxruntime_folded_int8_cache(tmp_path):
+    """fold_kv8: ORT's GroupQueryAttention keeps the cache int8 itself. It attends to the quantized new tokens too
+    (the op attends to them in float), so logits differ by the quantization error; the stored codes do not."""
+    model = quantized_tiny("fp32+kv8-head")
+    export(model, tmp_path / "model.onnx")
+    lower_file(tmp_path / "model.onnx", "onnxruntime", tmp_path / "folded.onnx", fold_kv8=True)
+    graph = onnx.load(str(tmp_path / "folded.onnx")).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.input[3].startswith("past_key_values.") for n in gqa)
+    assert {a.s for n in gqa for a in n.attribute if a.name == "k_quant_type"} == {b"PER_CHANNEL"}
+    assert not any(n.op_type in ("Cast", "Round") and n.input[0].startswith("past_") for n in graph.node)
+    step, empty = ort_step(ort_session(tmp_path / "folded.onnx", "onnxruntime"))
+    from glmc.runtime.generate import left_pad
+    ids, mask, positions = left_pad(PROMPTS)
+    logits, cache = step(ids, positions, mask, empty(2))
+    with torch.no_grad():
+        want, presents = model(ids, positions, mask, model.empty_cache(2))
+    real = mask.bool()[:, None, :, None].expand(presents[0][0].shape)
+    first_layer = [torch.from_numpy(c).int() - t.int() for c, t in zip(cache[:2], presents[0])]
+    assert max(int(d.abs()[real].max()) for d in first_layer) <= 1  # layer 0 sees the same inputs
+    assert torch.isfinite(logits).all()
+    assert float((logits - want).abs()[mask.bool()].max() / want.abs().max()) < 0.3  # quantize-then-attend

@@ -53,12 +53,56 @@ LIMITS = {
 }
 
 
-def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None) -> onnx.ModelProto:
-    """A new model with every glmc:: node of `model` replaced for `target` (in place on `model`'s graph)."""
+def fold_kv_cache_quantization(graph: onnx.GraphProto) -> int:
+    """KVCacheDequantize -> GroupQueryAttention -> KVCacheQuantize (same scale) becomes one GroupQueryAttention
+    with the int8 past/present and the two scales appended as inputs 9 and 10 (an intermediate form that only
+    attention.lower_ort_gqa consumes). Returns the number of folded attentions."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    removed, folded = set(), 0
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type != "GroupQueryAttention":
+            continue
+        pairs = []
+        for past, present in ((node.input[3], node.output[1]), (node.input[4], node.output[2])):
+            dq, users = producer.get(past), consumers.get(present, [])
+            if (dq is None or dq.op_type != "KVCacheDequantize" or present in outputs or len(users) != 1
+                    or users[0].op_type != "KVCacheQuantize" or users[0].input[1] != dq.input[1]
+                    or len(consumers.get(past, [])) != 1):
+                break
+            pairs.append((dq, users[0]))
+        if len(pairs) != 2:
+            continue
+        (dqk, qk), (dqv, qv) = pairs
+        node.input[3], node.input[4] = dqk.input[0], dqv.input[0]
+        node.input.extend([dqk.input[1], dqv.input[1]])
+        node.output[1], node.output[2] = qk.output[0], qv.output[0]
+        removed |= {id(n) for n in (dqk, qk, dqv, qv)}
+        folded += 1
+    keep = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+# target -> graph passes that run before the op table when fold_kv8 is set (off by default: docs/onnx.md)
+FUSIONS = {"onnxruntime": [fold_kv_cache_quantization]}
+
+
+def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None,
+                fold_kv8: bool = False) -> onnx.ModelProto:
+    """`model` with every glmc:: node replaced for `target` (in place; also returned). fold_kv8: let ONNX
+    Runtime's GroupQueryAttention read and write the int8 cache itself (see docs/onnx.md for what that changes)."""
     if target not in TARGETS:
         raise GlmcError(f"unknown lowering target '{target}'; known: {', '.join(TARGETS)}")
     table = TARGETS[target]
     graph = model.graph
+    for fusion in FUSIONS.get(target, []) if fold_kv8 else []:
+        fusion(graph)
     view = GraphView(graph, base_dir)
     nodes = []
     for node in graph.node:
@@ -122,7 +166,7 @@ def config_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
+def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = False) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
     that the lowering leaves alone stay in the source's data file, shared when `dst` is in the same directory
     (else copied: onnx and ONNX Runtime refuse hard-linked or out-of-directory data files)."""
@@ -130,7 +174,7 @@ def lower_file(src: str | Path, target: str, dst: str | Path) -> dict:
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
     external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    lower_model(model, target, str(src.parent))
+    lower_model(model, target, str(src.parent), fold_kv8=fold_kv8)
     for name in external:
         if (dst.parent / name).resolve() != (src.parent / name).resolve():
             shutil.copyfile(src.parent / name, dst.parent / name)

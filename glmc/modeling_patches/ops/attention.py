@@ -195,14 +195,29 @@ def _gqa_lengths(b: Builder) -> tuple[str, str]:
 def lower_ort_gqa(node, b: Builder) -> None:
     """onnxruntime: RotaryEmbedding-23 on q and k (ORT GQA's own rotary ignores position_ids at the first prompt:
     measured on 1.31 CPU, wrong for left padding), then com.microsoft.GroupQueryAttention without rotary, past and
-    present as separate [B, Hkv, P|T, D] buffers, left padding masked through attention_bias."""
+    present as separate [B, Hkv, P|T, D] buffers, left padding masked through attention_bias. With inputs 9 and 10
+    (k/v scales, appended by lower.fold_kv_cache_quantization) the cache is int8 inside GQA: PER_TENSOR for a [1]
+    scale, else PER_CHANNEL with the scale as float32 [Hkv, 1, D] (a per-head scale repeated over D)."""
     hq, hkv, scale = b.attr("num_heads"), b.attr("kv_num_heads"), b.attr("scale")
     q = _rotary(b, b.input(0), hq)
     k = _rotary(b, b.input(1), hkv)
     seqlens_k, total = b.shared("gqa_lengths", _gqa_lengths)
     bias = b.shared("attention_bias", _attention_bias)
-    b.op("GroupQueryAttention", q, k, b.input(2), b.input(3), b.input(4), seqlens_k, total, "", "", "", bias,
-         domain=MS_DOMAIN, outputs=list(node.output[:3]), num_heads=hq, kv_num_heads=hkv, scale=scale)
+    inputs = [q, k, b.input(2), b.input(3), b.input(4), seqlens_k, total, "", "", "", bias]
+    quant = {}
+    if b.input(9):
+        d = (b.view.dims(b.input(3)) or [None] * 4)[3]
+        if not isinstance(d, int):
+            raise ValueError(f"past key '{b.input(3)}' needs a static head dim for an int8 cache in GQA")
+        scales = [b.array(b.input(i)).astype(np.float32) for i in (9, 10)]
+        kind = "PER_TENSOR" if scales[0].size == 1 else "PER_CHANNEL"
+        if kind == "PER_CHANNEL":
+            scales = [np.broadcast_to(s.reshape(hkv, 1, -1), (hkv, 1, d)).copy() for s in scales]
+        inputs += ["", b.const(scales[0].reshape(-1) if kind == "PER_TENSOR" else scales[0], "k_scale"),
+                   b.const(scales[1].reshape(-1) if kind == "PER_TENSOR" else scales[1], "v_scale")]
+        quant = dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8)
+    b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=list(node.output[:3]), num_heads=hq,
+         kv_num_heads=hkv, scale=scale, **quant)
 
 
 LOWERINGS = {"reference": lower_attention23, "onnxruntime": lower_ort_gqa, "tensorrt": lower_attention23}

@@ -97,6 +97,15 @@ class GraphView:
                 self._names.add(name)
                 return name
 
+    def dims(self, name: str) -> list | None:
+        """Static dims (int, or str for a symbolic one) of a graph input / value_info / initializer, if known."""
+        for v in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if v.name == name and v.type.tensor_type.HasField("shape"):
+                return [d.dim_value if d.HasField("dim_value") else d.dim_param
+                        for d in v.type.tensor_type.shape.dim]
+        t = self.initializers.get(name)
+        return list(t.dims) if t is not None else None
+
     def array(self, name: str) -> np.ndarray | None:
         t = self.initializers.get(name)
         if t is None:

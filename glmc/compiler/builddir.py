@@ -146,12 +146,30 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_table(root: Path) -> dict[str, dict[str, Any]]:
-    """Every file under root (manifest and report excluded): relative path -> size and sha256."""
-    out = {}
+def file_table(root: Path, memo_path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every file under root (manifest and report excluded): relative path -> size and sha256.
+
+    Files hard-linked from the stage cache are hashed once: `memo_path` (a JSON file in the cache) remembers
+    the hash of each (device, inode, size, mtime), so a recompile does not reread gigabytes of unchanged weights."""
+    memo: dict[str, str] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except json.JSONDecodeError:
+            memo = {}
+    out, used = {}, {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name not in (MANIFEST, REPORT):
-            out[str(p.relative_to(root))] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            st = p.stat()
+            key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            digest = used.get(key) or memo.get(key) or file_sha256(p)
+            used[key] = digest
+            out[str(p.relative_to(root))] = {"bytes": st.st_size, "sha256": digest}
+    if memo_path is not None:
+        memo.update(used)
+        tmp = memo_path.with_name(f".{memo_path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
     return out
 
 

@@ -446,7 +446,7 @@ def compile_config(cfg: CompileConfig, force: bool = False, console: Console | N
         with console.status("package ..."):
             t1 = time.perf_counter()
             manifest = _assemble(ctx, stages, build.tmp)
-            manifest["files"] = file_table(build.tmp)
+            manifest["files"] = file_table(build.tmp, cache / "sha256-memo.json")
             manifest["stages"].append({"name": "package", "hash": "", "status": "ran",
                                        "seconds": round(time.perf_counter() - t1, 3)})
             build.commit(manifest, _report(manifest))

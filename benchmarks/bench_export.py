@@ -88,7 +88,7 @@ def main() -> int:
         table.add_column(col)
     for stage, r in results.items():
         files = ", ".join(f"{n} {s / 2**30:.2f} GiB" if s > 2**27 else f"{n} {s / 2**10:.0f} KiB"
-                          for n, s in r.get("files", {}).items())
+                          for n, s in sorted(r.get("files", {}).items()))
         table.add_row(stage, str(r.get("seconds", "-")), str(r.get("peak_rss_gib", "-")), r.get("error", files))
     Console(width=160).print(table)
     if args.json:

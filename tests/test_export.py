@@ -145,3 +145,22 @@ def test_onnxruntime_folded_int8_cache(tmp_path):
     assert max(int(d.abs()[real].max()) for d in first_layer) <= 1  # layer 0 sees the same inputs
     assert torch.isfinite(logits).all()
     assert float((logits - want).abs()[mask.bool()].max() / want.abs().max()) < 0.3  # quantize-then-attend
+
+
+def test_glmc_verify_command(tmp_path, capsys):
+    from glmc.cli import main
+    from glmc.modeling_patches.checkpoint import save_checkpoint
+    save_checkpoint(tiny_model("chatglm3-6b"), tmp_path / "ckpt")
+    report = tmp_path / "report.json"
+    args = ["verify", "--model", str(tmp_path / "ckpt"), "--steps", "4", "--work-dir", str(tmp_path / "work")]
+    assert main(args + ["--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and set(data["targets"]) == {"reference", "onnxruntime"}
+    assert data["targets"]["onnxruntime"]["greedy_agree"] == 4 and data["precision"] == "fp32"
+    out = capsys.readouterr().out
+    assert "onnxruntime" in out and "pass" in out
+    # an impossible tolerance fails (exit 1)
+    assert main(args + ["--tolerance", "1e-12", "--targets", "onnxruntime"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(args + ["--targets", "tensorrt"]) == 2  # not runnable in ORT: a usage error naming the target
+    assert "tensorrt" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -21,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt text (repeatable; default: two prompts of different lengths, left-padded)")
     p.add_argument("--work-dir", default=None, help="keep the exported and lowered models here (default: temporary)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative logits error (default: by precision, see docs/onnx.md)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from glmc.export.lower import lower_file
     from glmc.export.onnx_export import export
     from glmc.export.simplify import simplify_file
-    from glmc.export.verify import print_report, verify
+    from glmc.export.verify import print_report, tolerance_for, verify
     from glmc.modeling_patches.checkpoint import load_model
     from glmc.quantization.kv_calibration import calibration_samples
     from glmc.quantization.scheme import apply_scheme, parse_precision
@@ -75,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
         for target in targets:
             paths[target] = work / f"model.{target}.onnx"
             lower_file(work / "model.sim.onnx", target, paths[target])
-        report = verify(model, paths, prompts, steps=args.steps)
+        tolerance = None
+        if args.tolerance is not None:
+            tolerance = dataclasses.replace(tolerance_for(model.dtype, scheme.weight_bits, bool(scheme.kv_granularity)),
+                                            rel=args.tolerance)
+        report = verify(model, paths, prompts, steps=args.steps, tolerance=tolerance)
     report.update(model=str(d), precision=scheme.name)
     print_report(report, title=f"glmc verify: {d.name} at {scheme.name}")
     if args.json:

@@ -84,6 +84,14 @@ def test_shipped_config_validates(name, checkpoints, tmp_path):
     assert "tensorrt" in cfg.get("targets") and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "precisions").glob("*.yaml")))
+def test_precision_overlays_validate_alone(overlay, checkpoints):
+    cfg = schema.load(CONFIGS / "precisions" / overlay, [f"model.checkpoint={checkpoints['chatglm3']}"])
+    expected = {"fp16": "fp16", "fp32": "fp32", "int8": "int8", "int4": "int4-g128", "kv8": "fp16-kv8",
+                "int8-kv8": "int8-kv8"}
+    assert cfg.precision_tag == expected[overlay.removesuffix(".yaml")]
+
+
 def test_overlays_and_set_merge_in_order(tmp_path):
     cfg = schema.load([CONFIGS / "models" / "glmc-tiny.yaml", CONFIGS / "precisions" / "int8-kv8.yaml"],
                       ["precision.dtype=fp32", "limits.max_batch=4", "targets=onnx"], check_files=False)

@@ -109,13 +109,21 @@ class Context:
         return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
                       p["kv_granularity"] if p["kv_cache"] == "int8" else None)
 
-    def load_float32(self):
-        """The checkpoint in float32 (the `load` stage; quantization and calibration start from it)."""
+    def load_float(self):
+        """The floating-point checkpoint quantization and calibration start from (the `load` stage): float32 when
+        it takes under a third of this machine's memory (CPU calibration is fastest and exact there), else the
+        checkpoint's own fp16/bf16, so that a 6B model needs ~12 GB instead of 24."""
         from glmc.modeling_patches.checkpoint import load_model
+        from glmc.modeling_patches.config import load_config
         t0 = time.perf_counter()
-        model = load_model(self.checkpoint, "float32", family=self.cfg.get("model.family"))
+        family = self.cfg.get("model.family")
+        arch = load_config(self.checkpoint, family=family)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        dtype = "float32" if 4 * arch.num_parameters < ram / 3 else arch.torch_dtype
+        model = load_model(self.checkpoint, dtype, family=family)
         self.stages["load"].status, self.stages["load"].seconds = "ran", time.perf_counter() - t0
-        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {self.checkpoint}")
+        self.stages["load"].info = {"dtype": dtype}
+        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {self.checkpoint} ({dtype})")
         return model
 
     def model(self):
@@ -144,7 +152,7 @@ def run_quantize(ctx: Context, out: Path) -> dict:
             shutil.copy2(ctx.checkpoint / name, model_dir / name)
     if not scheme.to_json():
         return {"scheme": scheme.name, "quantization": {}, "weights": "in the ONNX files (float)"}
-    model = ctx.load_float32()
+    model = ctx.load_float()
     calib = None
     info: dict[str, Any] = {"scheme": scheme.name, "quantization": scheme.to_json()}
     if scheme.kv_granularity:
@@ -457,4 +465,7 @@ def compile_config(cfg: CompileConfig, force: bool = False, console: Console | N
     for s in manifest["stages"]:
         table.add_row(s["name"], s["status"], f"{s['seconds']:.2f}")
     console.print(table)
+    v = manifest["verification"]
+    console.print(f"verified: {v['summary']}" if v else "verification: off (verify.enabled: false)", markup=False)
+    console.print(f"next: glmc inspect {out}   |   glmc run {out} \"your prompt\"", markup=False)
     return out

@@ -8,6 +8,7 @@ free-running (each backend feeds itself).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,11 +144,32 @@ def compare(ref: Trace, forced: Trace, free: Trace) -> dict:
             "top1": float(torch.cat(agree).float().mean()), "greedy_agree": leading, "steps": ref.tokens.shape[1]}
 
 
+def _max_rel(trace: Trace, ref: Trace) -> float:
+    """Largest relative logits error of `trace` against `ref` over real prompt positions and decode steps."""
+    real = ref.mask.bool()
+    rel = [_errors(trace.prefill[real], ref.prefill[real])[1]]
+    if ref.decode:
+        rel.append(_errors(torch.stack(trace.decode), torch.stack(ref.decode))[1])
+    return max(rel)
+
+
+def fp32_oracle(model):
+    """The same model (same integer codes and scales) in float32: what half-precision results are judged by."""
+    oracle = copy.deepcopy(model).float()
+    oracle.init_rotary()  # rebuild the rotary tables in float32 instead of upcasting the rounded ones
+    return oracle
+
+
 def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[int]], steps: int = 16,
-           tolerance: Tolerance | None = None, threads: int = 0) -> dict:
+           tolerance: Tolerance | None = None, threads: int = 0, oracle: bool = True) -> dict:
     """Run the torch model and each lowered graph on `prompts`; return {"tolerance": ..., "targets": {target:
-    metrics + "passed"}, "passed": all passed}."""
-    from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM  # noqa: F401 - type only
+    metrics + "passed"}, "passed": all passed}.
+
+    Half precision: two correct implementations round differently, so the torch model is not the truth either.
+    With `oracle` (default), a float32 copy of the model (same codes and scales; twice the memory of a half model)
+    also runs, and a target whose logits error against it is at most 1.5x the torch model's own passes the
+    logits criterion even past `tolerance.rel` (measured: a 4-layer 1024-wide random fp16 model's ORT logits were
+    2.2% off torch fp16, yet 1.5% off fp32 where torch fp16 was 2.1% off)."""
     if tolerance is None:
         kv8 = model.kv_dtype == torch.int8
         layers = model.transformer.encoder.layers
@@ -155,6 +177,9 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
         tolerance = tolerance_for(model.dtype, bits, kv8)
     step, empty = torch_step(model)
     ref = greedy_trace(step, empty, prompts, steps)
+    exact = None
+    if oracle and model.dtype != torch.float32:
+        exact = greedy_trace(*torch_step(fp32_oracle(model)), prompts, steps, forced=ref.tokens)
     results = {}
     for target, path in onnx_paths.items():
         step, empty = ort_step(ort_session(path, target, threads))
@@ -162,7 +187,11 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
         free = greedy_trace(step, empty, prompts, steps)
         del step, empty  # one session alive at a time: a large model's session holds its weights
         m = compare(ref, forced, free)
-        m["passed"] = bool(max(m["prefill_rel"], m["decode_rel"]) <= tolerance.rel and m["top1"] >= tolerance.top1
+        close = max(m["prefill_rel"], m["decode_rel"]) <= tolerance.rel
+        if exact is not None:
+            m["torch_vs_fp32_rel"], m["target_vs_fp32_rel"] = _max_rel(ref, exact), _max_rel(forced, exact)
+            close = close or m["target_vs_fp32_rel"] <= 1.5 * m["torch_vs_fp32_rel"]
+        m["passed"] = bool(close and m["top1"] >= tolerance.top1
                            and m["greedy_agree"] >= tolerance.greedy_fraction * steps)
         results[target] = m
     return {"tolerance": dataclasses.asdict(tolerance), "targets": results,
@@ -174,15 +203,19 @@ def print_report(report: dict, title: str = "glmc verify") -> None:
     from rich.console import Console
     from rich.table import Table
     tol = report["tolerance"]
-    table = Table(title=f"{title} (tolerance: rel {tol['rel']:g}, top-1 >= {tol['top1']:.0%}, "
-                        f"greedy >= {tol['greedy_fraction']:.0%} of steps)")
-    for col in ("target", "prefill max abs", "prefill rel", "decode max abs", "decode rel", "top-1", "greedy",
-                "result"):
+    oracle = any("target_vs_fp32_rel" in m for m in report["targets"].values())
+    table = Table(title=f"{title}\ntolerance: rel {tol['rel']:g}" + (" (or vs fp32 <= 1.5x torch's)" if oracle else "")
+                  + f", top-1 >= {tol['top1']:.0%}, greedy >= {tol['greedy_fraction']:.0%} of steps")
+    cols = ["target", "prefill max abs", "prefill rel", "decode max abs", "decode rel"]
+    cols += ["rel vs fp32: torch / target"] if oracle else []
+    for col in cols + ["top-1", "greedy", "result"]:
         table.add_column(col, justify="left" if col == "target" else "right")
     for target, m in report["targets"].items():
-        table.add_row(target, f"{m['prefill_max_abs']:.3g}", f"{m['prefill_rel']:.3g}", f"{m['decode_max_abs']:.3g}",
-                      f"{m['decode_rel']:.3g}", f"{m['top1']:.1%}", f"{m['greedy_agree']}/{m['steps']}",
+        row = [target, f"{m['prefill_max_abs']:.3g}", f"{m['prefill_rel']:.3g}", f"{m['decode_max_abs']:.3g}",
+               f"{m['decode_rel']:.3g}"]
+        row += [f"{m['torch_vs_fp32_rel']:.3g} / {m['target_vs_fp32_rel']:.3g}"] if oracle else []
+        table.add_row(*row, f"{m['top1']:.1%}", f"{m['greedy_agree']}/{m['steps']}",
                       "[green]pass[/green]" if m["passed"] else "[red]FAIL[/red]")
     console = Console()
-    console.width = max(console.width, 120)
+    console.width = max(console.width, 140)
     console.print(table)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -132,6 +134,28 @@ BAD = {
     "bad-set-value": ("", ["limits.max_batch=-3"], r"--set limits\.max_batch=-3: limits\.max_batch: -3 is below the minimum 1"),
     "bad-output-placeholder": ("", ["output=build/{modle}"], r"--set output=build/\{modle\}: output: bad placeholder"),
 }
+
+
+@settings(max_examples=60, deadline=None)
+@given(section=st.sampled_from(schema.SECTIONS), key=st.from_regex(r"[a-z_]{1,20}", fullmatch=True))
+def test_any_unknown_key_is_rejected_by_name(section, key):
+    known = [k.split(".", 1)[1] for k in schema.FIELDS if k.startswith(section + ".")]
+    if key in known:
+        return
+    with pytest.raises(ConfigError, match=rf"--set {section}\.{key}=1: unknown key '{section}\.{key}'"):
+        schema.load([], [f"{section}.{key}=1"], check_files=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 4096), seq=st.integers(2, 1 << 20), inp=st.integers(1, 1 << 20))
+def test_limits_either_validate_or_name_the_conflict(batch, seq, inp):
+    sets = [f"limits.max_batch={batch}", f"limits.max_sequence_length={seq}", f"limits.max_input_length={inp}"]
+    if inp > seq:
+        with pytest.raises(ConfigError, match=r"limits\.max_input_length .* is longer than limits\.max_sequence_length"):
+            schema.load([], sets, check_files=False)
+    else:
+        cfg = schema.load([], sets, check_files=False)
+        assert cfg.get("tensorrt.opt_batch") == batch and cfg.get("tensorrt.opt_past_length") == seq // 2
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -286,7 +286,7 @@ def _check_value(key: str, f: Field, value: Any, here: str) -> Any:
         raise ConfigError(f"{here}: {key}: {msg}")
 
     if value == MISSING:
-        fail(f"must be set (this config leaves it to you): add --set {key}=VALUE")
+        fail(f"must be set (this config leaves it to you): add --set {key}={'DIR' if f.kind == 'path' else 'VALUE'}")
     if value is None:
         if f.nullable:
             return None

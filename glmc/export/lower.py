@@ -80,10 +80,11 @@ def fold_kv_cache_quantization(graph: onnx.GraphProto) -> int:
         (dqk, qk), (dqv, qv) = pairs
         node.input[3], node.input[4] = dqk.input[0], dqv.input[0]
         node.input.extend([dqk.input[1], dqv.input[1]])
+        removed |= {n.output[0] for n in (dqk, qk, dqv, qv)}  # outputs are unique: they name the nodes
         node.output[1], node.output[2] = qk.output[0], qv.output[0]
-        removed |= {id(n) for n in (dqk, qk, dqv, qv)}
         folded += 1
-    keep = [n for n in graph.node if id(n) not in removed]
+    # (the attentions now produce the quantized presents themselves, so they stay)
+    keep = [n for n in graph.node if n.op_type == "GroupQueryAttention" or n.output[0] not in removed]
     del graph.node[:]
     graph.node.extend(keep)
     return folded

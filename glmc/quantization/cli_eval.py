@@ -18,14 +18,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"[-out], kv8[-tensor|-head|-channel] (default: {DEFAULT_PRECISIONS})")
     p.add_argument("--text", metavar="FILE", default=None,
                    help="held-out text to evaluate on (default: the held-out text shipped with glmc)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation window (default: 512)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per evaluation window (default: 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens of the text")
     p.add_argument("--chunk", type=int, default=1,
-                   help="tokens per forward within a window; 1 (default) makes kv8 exact as in generation")
+                   help="tokens per forward within a window for kv8 precisions; 1 (default) reads the int8 cache "
+                        "for every prediction, as generation does")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
     p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sample (default: 256)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: one-token forwards of small models lose more to thread "
+                        "hand-offs than they gain, worst on a shared machine)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
 
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from glmc.quantization.scheme import parse_precision
     from glmc.runtime.tokenizer import load_tokenizer
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not precisions:
         raise GlmcError("--precisions: no precision given")

@@ -1,10 +1,12 @@
 """Accuracy of precision combinations against the float32 model: perplexity, logits relative error, top-1 agreement.
 
 Every precision is made from the same float32 model (apply_scheme: KV scales calibrated on the float model,
-cast, weight quantization) and run on the same held-out windows of `max_length` tokens. A window is fed
-`chunk` tokens per forward with the KV cache carried between forwards, so with chunk=1 (the default) every
-prediction attends to a cache that went through the int8 round trip exactly as in generation; with a larger
-chunk, the tokens inside one chunk attend to each other in float and kv8 looks better than it is.
+cast, weight quantization) and run on the same held-out windows of `max_length` tokens. Precisions with an int8
+KV cache are fed `chunk` tokens per forward with the cache carried between forwards, so with chunk=1 (the
+default) every prediction attends to a cache that went through the int8 round trip exactly as in generation;
+with a larger chunk, the tokens inside one chunk attend to each other in float and kv8 looks better than it is.
+Precisions with a float cache give the same logits either way, so they (and the fp32 reference) take each window
+in one forward.
 
 Metrics, over all predicted positions of all windows:
   perplexity   exp(mean negative log-likelihood of the next token), log-softmax in float32
@@ -54,7 +56,7 @@ class Result:
         return self.top1 / max(self.tokens, 1)
 
 
-def heldout_windows(encode: Callable[[str], Sequence[int]], path: str | Path | None = None, max_length: int = 512,
+def heldout_windows(encode: Callable[[str], Sequence[int]], path: str | Path | None = None, max_length: int = 256,
                     max_tokens: int | None = None) -> list[torch.Tensor]:
     """The held-out text (default: heldout.txt next to this module) as token windows [1, <= max_length]."""
     p = Path(path) if path else DEFAULT_HELDOUT
@@ -108,13 +110,13 @@ def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[
     models = build_precisions(base, precisions, calibration)
     results = [Result(name) for name in precisions]
     for i, ids in enumerate(windows):
-        ref = window_logits(base, ids, chunk)[:-1]  # position t predicts token t + 1
+        ref = window_logits(base, ids, ids.shape[1])[:-1]  # position t predicts token t + 1
         target = ids[0, 1:]
         ref_top1 = ref.argmax(-1)
         ref_sq = float(ref.double().pow(2).sum())
         for (scheme, model), res in zip(models, results):
             t = time.perf_counter()
-            logits = window_logits(model, ids, chunk)[:-1]
+            logits = window_logits(model, ids, chunk if scheme.kv_granularity else ids.shape[1])[:-1]
             res.seconds += time.perf_counter() - t
             res.nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             res.tokens += len(target)

@@ -49,10 +49,12 @@ PRECISIONS = {"fp32": "fp32", "int8": "fp32+int8", "int4": "fp32+int4-g128"}  # 
 
 
 def bandwidth(mib: int = 1024, repeats: int = 5) -> dict:
-    """Best-of-n GB/s of a torch copy (read + write bytes) and a torch sum (read bytes), all threads."""
+    """Best-of-n GB/s of a torch copy (read + write bytes), a torch sum and a torch GEMV (matrix bytes read: what
+    decode does), all threads. `read_gbps`, the bound's bandwidth, is the best read rate of the last two."""
     n = mib * (1 << 20) // 4
     a, b = torch.rand(n), torch.empty(n)
-    copy_s, sum_s = [], []
+    x = torch.rand(4096)
+    copy_s, sum_s, mv_s = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
         b.copy_(a)
@@ -60,8 +62,25 @@ def bandwidth(mib: int = 1024, repeats: int = 5) -> dict:
         t = time.perf_counter()
         a.sum()
         sum_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.mv(a.view(-1, 4096), x)
+        mv_s.append(time.perf_counter() - t)
     nbytes = n * 4
-    return {"copy_gbps": 2 * nbytes / min(copy_s) / 1e9, "read_gbps": nbytes / min(sum_s) / 1e9, "mib": mib}
+    out = {"copy_gbps": 2 * nbytes / min(copy_s) / 1e9, "sum_gbps": nbytes / min(sum_s) / 1e9,
+           "gemv_gbps": nbytes / min(mv_s) / 1e9, "mib": mib}
+    out["read_gbps"] = max(out["sum_gbps"], out["gemv_gbps"])
+    return out
+
+
+def set_accuracy_level(path: Path, level: int) -> None:
+    """Experiment: MatMulNBits accuracy_level (4 = int8 activations per block, ORT's fast CPU kernels)."""
+    m = onnx.load(str(path), load_external_data=False)
+    for node in m.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(attrs + [onnx.helper.make_attribute("accuracy_level", level)])
+    onnx.save(m, str(path))
 
 
 def decode_speed(backend, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int) -> dict:
@@ -95,6 +114,31 @@ def streamed_bytes(onnx_path: Path) -> int:
     return total
 
 
+def op_profile(path: Path, threads: int, steps: int = 8) -> dict:
+    """ONNX Runtime's per-node profile of `steps` batch-1 decode steps: ms per step of the five costliest ops."""
+    import collections
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = OnnxRuntimeBackend(path, max_length=64, threads=threads, profile=str(Path(tmp) / "ort"))
+        list(stream(backend, [[1, 2, 3, 4]], SamplingConfig(max_new_tokens=steps + 1)))
+        events = json.loads(Path(backend.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    prefill_end = runs[0]["ts"] + runs[0]["dur"]
+    ops = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > prefill_end:
+            ops[e["args"]["op_name"]] += e["dur"]
+    n = len(runs) - 1
+    return {"decode_ms_per_step": sum(e["dur"] for e in runs[1:]) / n / 1e3,
+            "ops_ms_per_step": {k: round(v / n / 1e3, 2) for k, v in ops.most_common(5)}}
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def rss_peak_mib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -108,7 +152,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--engines", nargs="+", default=["transformers", "torch", *[f"ort-{p}" for p in PRECISIONS]])
+    ap.add_argument("--engines", nargs="+", default=["transformers", "torch", *[f"ort-{p}" for p in PRECISIONS]],
+                    help="transformers, torch, ort-PRECISION (fp32, int8, int4), ort-PRECISION-accN (the same with "
+                         "MatMulNBits accuracy_level N)")
+    ap.add_argument("--profile", action="store_true", help="also profile each ONNX Runtime engine's decode per op")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,12 +165,14 @@ def main() -> None:
     result = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
               "threads": args.threads, "load_average_start": os.getloadavg(), "torch": torch.__version__,
+              "onnxruntime": __import__("onnxruntime").__version__, "cpu": _cpu_name(),
               "parameters": config.num_parameters, "shape": QUICK if args.quick else SHAPE,
               "prompt": args.prompt, "new_tokens": args.new_tokens, "batches": args.batches}
     console.print(f"[bold]model[/] {config.num_parameters / 1e6:.0f}M parameters {result['shape']}")
     result["bandwidth"] = bandwidth(256 if args.quick else 1024)
-    console.print(f"[bold]bandwidth[/] copy {result['bandwidth']['copy_gbps']:.1f} GB/s (read+write), "
-                  f"sum {result['bandwidth']['read_gbps']:.1f} GB/s (read)")
+    bw = result["bandwidth"]
+    console.print(f"[bold]bandwidth[/] copy {bw['copy_gbps']:.1f} GB/s (read+write), sum {bw['sum_gbps']:.1f} GB/s, "
+                  f"GEMV {bw['gemv_gbps']:.1f} GB/s (read)")
     base = random_model(config, seed=0, dtype=torch.float32).eval()
     rows = []
     kv_per_token = 2 * config.num_layers * config.kv_size * 4  # fp32 K and V of one position, all layers
@@ -135,12 +184,15 @@ def main() -> None:
             elif engine == "torch":
                 backend = TorchBackend(base, max_length)
             else:
-                prec = engine.removeprefix("ort-")
+                prec, _, acc = engine.removeprefix("ort-").partition("-acc")
                 model = base if prec == "fp32" else apply_scheme(copy.deepcopy(base), parse_precision(PRECISIONS[prec]))
                 t = time.perf_counter()
-                export(model, Path(tmp) / prec / "export" / "model.onnx")
+                # export.onnx, not model.onnx: lower_file deletes a same-named external data file it just copied
+                export(model, Path(tmp) / prec / "export" / "export.onnx")
                 path = Path(tmp) / prec / "onnxruntime" / "model.onnx"
-                lower_file(Path(tmp) / prec / "export" / "model.onnx", "onnxruntime", path)
+                lower_file(Path(tmp) / prec / "export" / "export.onnx", "onnxruntime", path)
+                if acc:
+                    set_accuracy_level(path, int(acc))
                 entry["build_s"] = round(time.perf_counter() - t, 1)
                 if model is not base:
                     del model
@@ -161,6 +213,9 @@ def main() -> None:
                               + (f" ({100 * r['of_bound']:.0f}% of {r['bound_tps']:.1f})" if "of_bound" in r else ""))
             del backend
             gc.collect()
+            if args.profile and engine.startswith("ort-"):
+                entry["profile"] = op_profile(path, args.threads)
+                console.print(f"  {engine:16s} profile: {entry['profile']}")
             rows.append(entry)
     result["engines"] = rows
     result["load_average_end"] = os.getloadavg()

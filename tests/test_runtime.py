@@ -83,7 +83,7 @@ def test_streaming_equals_generate(fp32):
 def test_int8_weights_and_kv_cache(quantized):
     model, paths = quantized
     backend = OnnxRuntimeBackend(paths["onnxruntime"], max_length=64, max_batch=4)
-    assert backend.kv_type == np.int8 and not backend.shared  # the int8 past is dequantized before attention
+    assert backend.kv_type == np.int8
     expected = generate(TorchBackend(model, 64), PROMPTS, GREEDY)
     got = generate(backend, PROMPTS, GREEDY)
     agree = np.mean([a == b for e, g in zip(expected, got) for a, b in zip(e, g)])
@@ -181,3 +181,81 @@ def test_tensorrt_backend_matches_onnxruntime(tmp_path):  # pragma: no cover - r
     info = build_engine(paths["tensorrt"], tmp_path / "model.engine", limits, compute_capabilities=[f"sm{major}{minor}"])
     backend = TensorRTBackend(tmp_path / "model.engine", info, max_length=64, max_batch=4, max_input_length=16)
     assert generate(backend, PROMPTS, GREEDY) == generate(TorchBackend(model, 64), PROMPTS, GREEDY)
+
+
+# ---------------------------------------------------------------------------------------------- shipped model, builds
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """The shipped model compiled at fp32 for the two ONNX Runtime lowerings (limits: batch 2, prompt 64, 256)."""
+    from glmc.assets import SHIPPED_MODEL
+    from glmc.cli import main
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        pytest.fail(f"the shipped model is missing: {SHIPPED_MODEL}")
+    tmp = tmp_path_factory.mktemp("build")
+    rc = main(["compile", "compile_configs/glmc-tiny-fp32.yaml", "--set", f"output={tmp / 'fp32'}",
+               "--set", f"cache_dir={tmp / 'cache'}", "--set", "targets=[reference, onnxruntime]"])
+    assert rc == 0
+    return tmp / "fp32"
+
+
+def test_shipped_model_same_text_on_every_backend(tiny_build):
+    import glmc
+    from glmc.runtime.loader import load
+    prompts = ["The", "def main():"]
+    runs = {"checkpoint (glmc.load)": glmc.load()}
+    runs["torch"] = load(tiny_build, backend="torch")
+    for target in ("reference", "onnxruntime"):
+        runs[target] = load(tiny_build, backend="onnxruntime", target=target)
+    assert runs["onnxruntime"].backend.name == "onnxruntime" and runs["torch"].backend.name == "torch"
+    texts = {name: [m.generate(p, max_new_tokens=24) for p in prompts] for name, m in runs.items()}
+    assert all(len(t) > 0 for t in texts["torch"])
+    for name, t in texts.items():
+        assert t == texts["checkpoint (glmc.load)"], name
+    # a left-padded batch gives each row the text it gets alone
+    assert runs["onnxruntime"].generate_batch(prompts, max_new_tokens=24) == texts["onnxruntime"]
+    # streaming == the whole answer
+    assert "".join(runs["onnxruntime"].stream(prompts[1], max_new_tokens=24)) == texts["onnxruntime"][1]
+
+
+def test_auto_backend_and_limits_of_a_build(tiny_build):
+    from glmc.runtime.loader import load
+    model = load(tiny_build)  # auto: no engine here, so ONNX Runtime on the fast lowering
+    assert model.backend.name == "onnxruntime" and model.backend.path.parent.name == "onnxruntime"
+    assert (model.backend.max_length, model.backend.max_batch, model.backend.max_input_length) == (256, 2, 64)
+    with pytest.raises(GlmcError, match=f"max_input_length of 64 .*{tiny_build.name}"):
+        model.generate(" ".join(["word"] * 200), max_new_tokens=4)
+    with pytest.raises(GlmcError, match="max_sequence_length 512 exceeds the build's limit of 256"):
+        load(tiny_build, max_length=512)
+    with pytest.raises(GlmcError, match="max_batch of 2"):
+        model.generate_batch(["a", "b", "c"], max_new_tokens=2)
+
+
+def test_glmc_run_chat_and_bench_commands(tiny_build, capsys, monkeypatch, tmp_path):
+    import io
+    from glmc.cli import main
+    from glmc.runtime.loader import load
+    model = load(tiny_build)
+    assert main(["run", str(tiny_build), "Hello", "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == model.generate("Hello", chat=True, max_new_tokens=16) + "\n"
+    assert main(["run", str(tiny_build), "Hello", "def f(", "--raw", "--max-new-tokens", "8"]) == 0
+    expected = model.generate_batch(["Hello", "def f("], max_new_tokens=8)
+    assert capsys.readouterr().out == "".join(f"[{i}] {t}\n" for i, t in enumerate(expected))
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/exit\n"))
+    assert main(["chat", str(tiny_build), "--max-new-tokens", "16"]) == 0
+    reply = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=16)
+    assert capsys.readouterr().out.strip() == reply.strip()
+
+    assert main(["run", str(tiny_build), "x " * 100]) == 2
+    assert "max_input_length of 64" in capsys.readouterr().err
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny_build), "--prompt-length", "16", "--new-tokens", "8", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "onnxruntime" and [r["batch"] for r in result["results"]] == [1, 2]
+    for r in result["results"]:
+        assert r["prompt_tokens"] == 16 and r["new_tokens"] == 8
+        assert r["ttft_s"] > 0 and r["prefill_tps"] > 0 and r["decode_tps"] > 0
+    assert result["memory"]["host_peak_rss_mib"] > 0 and result["memory"]["kv_buffers_mib"] > 0

@@ -141,6 +141,11 @@ def test_precision_names():
     for bad in ("int3", "int4-g48", "kv8-row", "fp8"):
         with pytest.raises(GlmcError):
             parse_precision(bad)
+    for name in ("fp16+int4-g128-out+kv8-head", "bf16+int8", "fp32+kv8-tensor"):
+        scheme = parse_precision(name)
+        assert Scheme.from_json(scheme.to_json(), scheme.dtype) == scheme and scheme.name == name
+    with pytest.raises(GlmcError, match="granularity 'row'"):
+        Scheme.from_json({"kv_cache": {"granularity": "row", "dtype": "int8"}})
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -65,12 +65,21 @@ class Stage:
         return f"{self.name.replace(':', '-')}-{self.hash[:16]}"
 
 
+# The code whose changes change what the stages write (runtime backends and CLIs do not).
+CODE = ("modeling_patches", "quantization", "export", "compiler", "runtime/tokenizer.py", "runtime/generate.py",
+        "errors.py", "__init__.py")
+
+
 def code_fingerprint() -> str:
-    """glmc's version and a hash of its source: a cached stage is reused only with the code that made it."""
+    """glmc's version and a hash of the code (and data files, e.g. the builtin calibration text) behind the
+    stages: a cached stage is reused only with the code that made it."""
     h = hashlib.sha256(glmc.__version__.encode())
     root = Path(glmc.__file__).parent
-    for p in sorted(root.rglob("*.py")):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    for part in CODE:
+        files = [root / part] if (root / part).is_file() else sorted((root / part).rglob("*"))
+        for p in files:
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
     return f"{glmc.__version__}+{h.hexdigest()[:16]}"
 
 
@@ -292,6 +301,8 @@ def plan(cfg: CompileConfig) -> list[Stage]:
                "glmc": code}
         if s.name == "load":
             key["checkpoint"] = fingerprint
+        if s.name == "quantize" and calib and cfg.get("calibration.source") != "builtin":
+            key["calibration_sha256"] = hashlib.sha256(Path(cfg.get("calibration.source")).read_bytes()).hexdigest()
         s.hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return stages
 

@@ -620,3 +620,37 @@ def test_large_model_path_external_weights(project, tmp_path, monkeypatch):
     for t in ("onnxruntime", "tensorrt"):
         assert (out / "onnx" / t / "exported.onnx.data").stat().st_size > 100_000
     assert m["engines"]["tensorrt"]["engine_bytes"] > 10_000
+
+
+@needs_trt
+def test_a_builder_that_dies_is_reported_by_signal(tmp_path):
+    """The engine is built in a child process: killing it (as an abort or the OOM killer would) surfaces as a
+    TensorRTError naming the signal, and the parent carries on."""
+    import threading
+    from glmc.compiler.tensorrt import build_engine_isolated
+    path = mini_decoder(tmp_path / "m.onnx")
+    outcome: dict = {}
+
+    def build() -> None:
+        try:
+            build_engine_isolated(path, tmp_path / "m.engine", LIMITS)
+        except TensorRTError as e:
+            outcome["error"] = str(e)
+
+    def children() -> list[int]:
+        pids = []
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        return pids
+
+    before = set(children())
+    thread = threading.Thread(target=build)
+    thread.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not (set(children()) - before):
+        time.sleep(0.01)
+    for pid in set(children()) - before:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert "the TensorRT builder process died (signal SIGKILL)" in outcome.get("error", ""), outcome
+    assert not (tmp_path / "m.engine").exists() and not list(tmp_path.glob("*.request.json"))

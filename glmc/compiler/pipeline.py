@@ -204,9 +204,9 @@ def make_lower(target: str) -> Callable[[Context, Path], dict]:
 
 def run_engine(ctx: Context, out: Path) -> dict:
     """Build the TensorRT engine from the `tensorrt` lowering (TensorRT, else TensorRT for RTX)."""
-    from glmc.compiler.tensorrt import build_engine, write_layers
+    from glmc.compiler.tensorrt import build_engine_isolated, write_layers
     t = ctx.cfg.data["tensorrt"]
-    info = build_engine(
+    info = build_engine_isolated(
         ctx.outputs["lower:tensorrt"] / "model.onnx", out / "model.engine", ctx.cfg.data["limits"],
         profiles=t["profiles"], compute_capabilities=t["compute_capabilities"], workspace_mb=t["workspace_mb"],
         optimization_level=t["optimization_level"], log_path=out / "build.log",

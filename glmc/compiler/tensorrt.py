@@ -292,6 +292,51 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *
     }
 
 
+def _child_main(request_path: str) -> None:
+    """Run build_engine as the request file says; write the outcome (info or error) next to it as JSON."""
+    request = json.loads(Path(request_path).read_text())
+    try:
+        out = {"ok": True, "info": build_engine(**request["kwargs"])}
+    except GlmcError as e:
+        out = {"ok": False, "error": str(e), "glmc": True}
+    except Exception as e:  # noqa: BLE001 - reported to the parent with its type
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}", "glmc": False}
+    Path(request["result"]).write_text(json.dumps(out))
+
+
+def build_engine_isolated(onnx_path: str | Path, engine_path: str | Path, limits: dict, **kwargs: Any) -> dict:
+    """build_engine in a child Python process: a builder that aborts or runs out of memory takes only that
+    process down (reported as a TensorRTError naming the signal), and its memory is returned when it ends."""
+    import subprocess
+    import sys
+    engine_path = Path(engine_path)
+    request = engine_path.with_suffix(".request.json")
+    result = engine_path.with_suffix(".result.json")
+    kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+    request.write_text(json.dumps({"kwargs": dict(onnx_path=str(onnx_path), engine_path=str(engine_path),
+                                                  limits=limits, **kwargs), "result": str(result)}))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from glmc.compiler.tensorrt import _child_main; "
+                             "_child_main(sys.argv[1])", str(request)])
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: stop the builder too
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        request.unlink(missing_ok=True)
+    if not result.is_file():
+        import signal
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise TensorRTError(f"{onnx_path}: the TensorRT builder process died ({how}) before finishing"
+                            + (f"; its log: {kwargs['log_path']}" if kwargs.get("log_path") else ""))
+    out = json.loads(result.read_text())
+    result.unlink()
+    if not out["ok"]:
+        raise TensorRTError(out["error"] if out["glmc"] else f"{onnx_path}: {out['error']}")
+    return out["info"]
+
+
 def write_layers(info: dict, path: str | Path) -> None:
     """The layer record kept in the build directory (engine layers after fusion + parsed network layers)."""
     Path(path).write_text(json.dumps({"engine_layers": info["engine_layers"],

@@ -166,3 +166,19 @@ def test_glmc_verify_command(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
     assert main(args + ["--targets", "tensorrt"]) == 2  # not runnable in ORT: a usage error naming the target
     assert "tensorrt" in capsys.readouterr().err
+
+
+def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path):
+    """The large-model path on a tiny model: weights in model.onnx.data, referenced (not copied) by the simplified
+    and lowered graphs; the onnxruntime lowering's repacked weights go to its own data file."""
+    model = quantized_tiny("fp32+int4-g32")
+    export(model, tmp_path / "model.onnx", external_data=True)
+    simplify_file(tmp_path / "model.onnx", tmp_path / "model.sim.onnx")
+    lower_file(tmp_path / "model.sim.onnx", "onnxruntime", tmp_path / "model.onnxruntime.onnx")
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.onnx.data", "model.onnxruntime.onnx.data"} <= files and "model.sim.onnx.data" not in files
+    locations = {e.value for t in onnx.load(str(tmp_path / "model.onnxruntime.onnx"), load_external_data=False)
+                 .graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data", "model.onnxruntime.onnx.data"}  # embeddings/norms shared, int4 repacked
+    report = verify(model, {"onnxruntime": tmp_path / "model.onnxruntime.onnx"}, PROMPTS, steps=2)
+    assert report["targets"]["onnxruntime"]["prefill_rel"] < 1e-4 and report["passed"]

@@ -516,7 +516,7 @@ def test_compile_end_to_end_all_targets(project, weights, capsys):
 
 
 @needs_trt
-def test_cache_reruns_only_what_changed(project, monkeypatch):
+def test_cache_reruns_only_what_changed(project, monkeypatch, capsys):
     # glmc's source hash is part of every stage key; pinned here so that a colleague editing glmc/ in a shared
     # checkout while this runs does not invalidate the cache between the compiles below
     from glmc.compiler import pipeline
@@ -531,6 +531,12 @@ def test_cache_reruns_only_what_changed(project, monkeypatch):
     changed = ran(compile_(project["config"], "precision.weights=float", "limits.max_sequence_length=128"))
     assert changed == {"export", "simplify", "lower:onnx", "lower:reference", "lower:onnxruntime", "lower:tensorrt",
                        "engine:tensorrt", "verify"}  # the rotary tables in the graph are that long
+    # --plan says the same before building anything
+    capsys.readouterr()
+    assert glmc_main(["compile", str(project["config"]), "--set", "precision.weights=float", "--set",
+                      "tensorrt.optimization_level=0", "--plan"]) == 0
+    status = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert status["engine:tensorrt"] == "runs" and status["export"] == status["verify"] == "cached"
     everything = ran(compile_(project["config"], "precision.weights=float", force=True))
     assert {"quantize", "export", "simplify", "engine:tensorrt", "verify"} <= everything
     no_leftovers(project["root"])

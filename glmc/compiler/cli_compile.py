@@ -15,6 +15,7 @@ examples:
   glmc compile compile_configs/models/glm-4-9b-chat.yaml compile_configs/precisions/int8-kv8.yaml \\
       --set limits.max_sequence_length=8192 --set 'targets=[onnxruntime,tensorrt]'
   glmc compile compile_configs/glmc-tiny-fp32.yaml --check      # validate only, build nothing
+  glmc compile compile_configs/glmc-tiny-fp32.yaml --plan --set verify.steps=4   # what would rerun
 
 Several YAML files are merged left to right (a file can also say `extends: other.yaml`); --set wins last.
 Stages (load, quantize, export, simplify, lower:TARGET, engine:tensorrt, verify, package) are cached in
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one key (YAML value: 8, true, [a,b]); repeatable")
     p.add_argument("--force", action="store_true", help="rerun every stage, ignoring the stage cache")
     p.add_argument("--check", action="store_true", help="validate the config, print it resolved, build nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="list the stages, the config keys each depends on, and which are cached; build nothing")
     p.add_argument("-o", "--output", help="build directory (same as --set output=DIR)")
 
 
@@ -42,7 +45,17 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(cfg.to_json())
         return 0
-    from glmc.compiler.pipeline import compile_config
+    from glmc.compiler.pipeline import compile_config, plan
+    if args.plan:
+        from pathlib import Path
+        cache = Path(cfg.get("cache_dir"))
+        print(f"{cfg.get('model.name')} {cfg.precision_tag} -> {cfg.get('output')} (stage cache: {cache})")
+        for stage in plan(cfg):
+            cached = (cache / stage.dir_name / "stage.json").is_file()
+            status = "lazy" if stage.name == "load" else ("cached" if cached and not args.force else "runs")
+            reads = ", ".join(list(stage.keys) + list(stage.deps)) or "-"
+            print(f"  {stage.name:18s} {status:7s} {stage.hash[:12]}  reads: {reads}")
+        return 0
     # SIGTERM (kill, a CI timeout) cleans up like Ctrl-C: the temp build directory and the lock are removed
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -15,7 +15,9 @@ Optimization profiles come from the build limits; each dynamic input dimension h
 
 An engine cannot be deserialised without a GPU, so the layer record comes from the builder's own
 detailed log (the "Layers:" block it prints with ProfilingVerbosity.DETAILED), next to the parsed network's
-layers before optimization.
+layers before optimization; where the engine does load, the engine inspector's JSON is written as well.
+Two TensorRT for RTX 1.7 workarounds are applied to the parsed graph (see docs/compiler.md): attention layers
+are marked decomposable, and graph outputs that other nodes also read get their own Identity.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from typing import Any
 
 from glmc.errors import GlmcError
 
-# name -> (min, opt, max) as functions of the limits; see the table above
-PROFILE_KINDS = ("full", "prefill", "decode")
+PROFILE_KINDS = ("full", "prefill", "decode")  # one optimization profile each; role_ranges() says their shapes
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 

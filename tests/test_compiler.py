@@ -132,6 +132,7 @@ BAD = {
     "calibration-file-missing": ("precision:\n  kv_cache: int8\ncalibration:\n  source: calib.txt\n", [], r"cfg\.yaml:4: calibration\.source: .*calib\.txt does not exist"),
     "bad-set-syntax": ("", ["limits.max_batch"], r"--set limits\.max_batch: expected key\.path=value"),
     "bad-set-value": ("", ["limits.max_batch=-3"], r"--set limits\.max_batch=-3: limits\.max_batch: -3 is below the minimum 1"),
+    "extends-on-command-line": ("", ["extends=x.yaml"], r"--set extends=x\.yaml: extends works inside YAML files"),
     "bad-output-placeholder": ("", ["output=build/{modle}"], r"--set output=build/\{modle\}: output: bad placeholder"),
 }
 

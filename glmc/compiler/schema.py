@@ -234,6 +234,9 @@ def parse_set(option: str) -> tuple[str, Any]:
 def _apply_set(tree: dict, where: dict, option: str) -> None:
     key, value = parse_set(option)
     where_key = f"--set {option}"
+    if key == "extends":
+        raise ConfigError(f"{where_key}: extends works inside YAML files; on the command line, name the file as "
+                          "another CONFIG.yaml argument (later files overlay earlier ones)")
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):

@@ -74,7 +74,20 @@ def run(args: argparse.Namespace) -> int:
     if not v:
         con.print("verified   no (verify.enabled was false)")
     else:
-        con.print(f"verified   {'[green]passed[/]' if v.get('passed') else '[red]FAILED[/]'}: {v.get('summary', '')}")
+        tol = v.get("tolerance", {})
+        con.print(f"verified   {'[green]passed[/]' if v.get('passed') else '[red]FAILED[/]'} against the torch model "
+                  f"on {len(v.get('prompts', []))} prompts (tolerance: relative logits error <= {tol.get('rel', '?')}, "
+                  f"top-1 >= {tol.get('top1', '?')}, greedy >= {tol.get('greedy_fraction', '?')} of the steps)")
+        vt = Table(show_edge=False)
+        for col in ("target", "prefill rel", "decode rel", "top-1", "greedy", "result"):
+            vt.add_column(col)
+        for name, r in v.get("targets", {}).items():
+            vt.add_row(name, f"{r['prefill_rel']:.2g}", f"{r['decode_rel']:.2g}", f"{r['top1']:.1%}",
+                       f"{r['greedy_agree']}/{r['steps']}", "pass" if r["passed"] else "FAIL")
+        con.print(vt)
+        if "tensorrt" in v.get("targets", {}):
+            con.print("           (tensorrt: the ONNX graph the engine was built from, run in ONNX Runtime; the engine "
+                      "itself runs only on a GPU it was built for)")
     st = Table(title="stages", show_edge=False)
     for col in ("stage", "status", "seconds"):
         st.add_column(col)

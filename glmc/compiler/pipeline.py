@@ -389,7 +389,8 @@ def _report(manifest: dict) -> str:
         lines.append(f"- `{t}` engine: `{e['path']}` ({e['library']} {e['version']}, {e['engine_bytes']} bytes, "
                      f"{', '.join(e['compute_capabilities']) or 'this GPU'}, {e['engine_layer_count']} layers, "
                      f"built in {e['build_seconds']:.1f}s)")
-    lines += ["", "## Verification", ""]
+    lines += ["", "## Verification", "", "Torch model vs each lowering in ONNX Runtime (`tensorrt`: the graph the engine was "
+              "built from; the engine itself runs only on a GPU it was built for).", ""]
     v = manifest.get("verification")
     if not v:
         lines.append("- not run (verify.enabled: false)")

@@ -47,6 +47,16 @@ def test_int4_pack_round_trip(n, k):
     assert torch.equal(unpack_int4(packed, k), q)
 
 
+@pytest.mark.parametrize("n,k", [(2, 1), (4, 7), (8, 33), (6, 64), (3, 5)])
+def test_int4_transposed_matches_onnx_packing(n, k):
+    from glmc.modeling_patches.ops.onnx_defs import int4_tensor
+    from glmc.modeling_patches.ops.quantized_linear import int4_transposed
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    t = int4_transposed(pack_int4(q).numpy(), k)
+    assert list(t.dims) == [k, n] and t.raw_data == int4_tensor(q.T.contiguous().numpy()).raw_data
+    assert numpy_helper.to_array(t).astype(np.int8).tolist() == q.T.tolist()
+
+
 # ---------------------------------------------------------------------------------------------- references vs float64
 
 LINEAR_CASES = [  # (batch shape, K, N, bits, group)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto
 from onnx.defs import OpSchema
 
 from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, MS_DOMAIN, Builder, input_dims, input_elem_type,
@@ -87,12 +88,26 @@ def onnx_translation(x, qweight, scales, bias=None, bits: int = 8, group_size: i
 # ---------------------------------------------------------------------------------------------- lowerings
 
 def _weight(b: Builder) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-    """(q int8 [N, K] unpacked, scales [N] or [N, groups], bits, group_size, K) from the node's initializers."""
+    """(stored weight as uint8 bytes: int8 codes [N, K] or packed int4 [N, ceil(K/2)], scales, bits, group, K).
+    The lowerings move these bytes and nibbles as bits (no unpacking to int8: 6B-model weights stay fast)."""
     bits, group, k = b.attr("bits"), b.attr("group_size", 0), b.attr("in_features")
-    q = b.array(b.input(1))
-    if bits == 4:
-        q = unpack_int4(torch.from_numpy(q.view(np.uint8).copy()), k).numpy()
-    return q.astype(np.int8), b.array(b.input(2)), bits, group, k
+    return b.array(b.input(1)).view(np.uint8), b.array(b.input(2)), bits, group, k
+
+
+def int4_transposed(packed: np.ndarray, k: int) -> TensorProto:
+    """glmc int4 [N, ceil(K/2)] (pairs along K) -> ONNX INT4 tensor [K, N] (pairs along N, low nibble first)."""
+    n = packed.shape[0]
+    if n % 2:  # pairs of an odd N straddle rows in the flattened order: take the plain path
+        q = unpack_int4(torch.from_numpy(packed.copy()), k).numpy()
+        return int4_tensor(np.ascontiguousarray(q.T))
+    p0, p1 = packed[0::2], packed[1::2]  # rows 2j and 2j+1 share the bytes of the [K, N] tensor
+    even, odd = (p0 & 0x0F) | (p1 << 4), (p0 >> 4) | (p1 & 0xF0)  # the bytes of k = 2c and of k = 2c + 1
+    out = np.empty((2 * packed.shape[1], n // 2), np.uint8)
+    for r in range(0, n // 2, 512):  # transpose in column tiles: far faster than one strided copy
+        out[0::2, r:r + 512], out[1::2, r:r + 512] = even[r:r + 512].T, odd[r:r + 512].T
+    t = TensorProto(data_type=TensorProto.INT4, dims=[k, n])
+    t.raw_data = out[:k].tobytes()
+    return t
 
 
 def _add_bias(b: Builder, y: str, out: str) -> None:
@@ -106,9 +121,9 @@ def lower_dequantize_matmul(node, b: Builder) -> None:
     """reference / tensorrt: DequantizeLinear of a [K, N] weight (int8 per-axis or blocked; INT4 likewise) + MatMul.
     (ONNX Runtime 1.31's QDQ fusion of this pattern into MatMulNBits computes wrong results for signed weights:
     run the reference with disabled_optimizers=["QDQSelectorActionTransformer"]; see docs/onnx.md.)"""
-    q, scales, bits, group, k = _weight(b)
-    qt = np.ascontiguousarray(q.T)  # [K, N]: MatMul(X, W) needs no Transpose node
-    wq = b.const(int4_tensor(qt) if bits == 4 else qt, "qweight")
+    w, scales, bits, group, k = _weight(b)
+    # [K, N]: MatMul(X, W) needs no Transpose node
+    wq = b.const(int4_transposed(w, k) if bits == 4 else np.ascontiguousarray(w.view(np.int8).T), "qweight")
     s = scales.reshape(-1) if group == 0 else np.ascontiguousarray(scales.T)  # [N] or [groups, N]
     kw = {"axis": 1} if group == 0 else {"axis": 0, "block_size": group}
     w = b.op("DequantizeLinear", wq, b.const(s, "scale"), **kw)
@@ -129,24 +144,21 @@ def matmul_nbits_supported(node, b: Builder) -> bool:
 
 def lower_matmul_nbits(node, b: Builder) -> None:
     """onnxruntime: com.microsoft.MatMulNBits (8 or 4 bit). Its codes are unsigned with the default zero point
-    2^(bits-1), so u = q + 2^(bits-1); codes packed low nibble first; K padded to whole blocks with u = zero point."""
+    2^(bits-1): u = q + 2^(bits-1), which for two's complement is q with its top bit flipped (XOR 0x80 per int8,
+    0x88 per byte of two nibbles); same low-nibble-first order; K padded to whole blocks with u = zero point (an odd
+    K's padding nibble, 0, flips to 8 as well)."""
     if not matmul_nbits_supported(node, b):
         return lower_dequantize_matmul(node, b)
-    q, scales, bits, group, k = _weight(b)
-    n = q.shape[0]
+    w, scales, bits, group, k = _weight(b)
+    n = w.shape[0]
     block = matmul_nbits_block(k, group)
     blocks = -(-k // block)
-    zero = 1 << (bits - 1)
-    u = np.full((n, blocks * block), zero, np.uint8)
-    u[:, :k] = (q.astype(np.int16) + zero).astype(np.uint8)
-    if bits == 4:
-        u = u[:, 0::2] | (u[:, 1::2] << 4)
-    packed = u.reshape(n, blocks, -1)
+    flip = 0x80 if bits == 8 else 0x88
+    packed = np.full((n, blocks * block * bits // 8), flip, np.uint8)
+    packed[:, :w.shape[1]] = w ^ flip
+    packed = packed.reshape(n, blocks, -1)
     s = np.repeat(scales.reshape(n, 1), blocks, axis=1) if group == 0 else scales.reshape(n, blocks)
     y = b.op("MatMulNBits", b.input(0), b.const(packed, "qweight"), b.const(s.reshape(-1), "scales"),
              domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block)
     _add_bias(b, y, node.output[0])
 
-
-LOWERINGS = {"reference": lower_dequantize_matmul, "onnxruntime": lower_matmul_nbits,
-             "tensorrt": lower_dequantize_matmul}

@@ -110,6 +110,10 @@ class GraphView:
         t = self.initializers.get(name)
         if t is None:
             return None
+        if t.data_location == TensorProto.EXTERNAL:  # read a copy: to_array would load the data into `t` for good
+            ref = TensorProto()
+            ref.CopyFrom(t)
+            t = ref
         return numpy_helper.to_array(t, self.base_dir or "")
 
 

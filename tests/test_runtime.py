@@ -259,3 +259,17 @@ def test_glmc_run_chat_and_bench_commands(tiny_build, capsys, monkeypatch, tmp_p
         assert r["prompt_tokens"] == 16 and r["new_tokens"] == 8
         assert r["ttft_s"] > 0 and r["prefill_tps"] > 0 and r["decode_tps"] > 0
     assert result["memory"]["host_peak_rss_mib"] > 0 and result["memory"]["kv_buffers_mib"] > 0
+
+
+def test_tensorrt_engine_is_not_picked_where_it_cannot_run(fp32, tmp_path):
+    """A build with an engine on a machine that cannot run it: auto falls back to ONNX Runtime, and asking for
+    tensorrt says why (here: no GPU)."""
+    import dataclasses
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not run here")
+    build = dataclasses.replace(open_build(fp32[1]["onnxruntime"].parent), engine=engine,
+                                engine_info={"library": "tensorrt_rtx_bindings", "compute_capabilities": ["sm86"]})
+    assert pick(build, "auto", "cpu", None)[0] == "onnxruntime"
+    if not torch.cuda.is_available():
+        with pytest.raises(GlmcError, match="cannot run the TensorRT engine: no CUDA GPU here"):
+            pick(build, "tensorrt", "cuda", None)

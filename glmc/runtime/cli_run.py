@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         for i, answer in enumerate(answers):
             print(f"[{i}] {answer}")
     if args.stats:
+        sys.stdout.flush()
         device = getattr(backend, "device", "cpu")
         print(f"glmc run: {backend.name} on {device}, {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return 0

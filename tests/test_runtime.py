@@ -242,10 +242,13 @@ def test_glmc_run_chat_and_bench_commands(tiny_build, capsys, monkeypatch, tmp_p
     expected = model.generate_batch(["Hello", "def f("], max_new_tokens=8)
     assert capsys.readouterr().out == "".join(f"[{i}] {t}\n" for i, t in enumerate(expected))
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/exit\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n/exit\n"))
     assert main(["chat", str(tiny_build), "--max-new-tokens", "16"]) == 0
-    reply = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=16)
-    assert capsys.readouterr().out.strip() == reply.strip()
+    history = [{"role": "user", "content": "Hello"}]
+    first = model.chat(history, max_new_tokens=16)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = model.chat(history, max_new_tokens=16)  # the second answer sees the first exchange
+    assert capsys.readouterr().out == f"{first}\n{second}\n"
 
     assert main(["run", str(tiny_build), "x " * 100]) == 2
     assert "max_input_length of 64" in capsys.readouterr().err

@@ -120,7 +120,6 @@ def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None
     del graph.node[:]
     graph.node.extend(nodes)
     used = {n.op_type for n in nodes if n.domain == DOMAIN}
-    graph.initializer.extend(view.new_initializers)
     _drop_unused_initializers(graph)
     opsets = {o.domain: o.version for o in model.opset_import}
     opsets.update(view.opsets)
@@ -132,10 +131,11 @@ def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """In place, from the end (re-adding the kept ones would copy every weight)."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
 
 
 def runtime_config(model: onnx.ModelProto, target: str, model_file: str) -> dict:

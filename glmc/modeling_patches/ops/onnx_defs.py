@@ -83,7 +83,6 @@ class GraphView:
         self.graph = graph
         self.base_dir = base_dir
         self.initializers = {t.name: t for t in graph.initializer}
-        self.new_initializers: list[TensorProto] = []
         self.opsets: dict[str, int] = {}
         self._names = {n for node in graph.node for n in list(node.output) + [node.name]}
         self._names |= set(self.initializers) | {i.name for i in graph.input}
@@ -150,9 +149,10 @@ class Builder:
         return outs[0] if len(outs) == 1 else outs
 
     def const(self, value: np.ndarray | TensorProto, hint: str = "const") -> str:
-        tensor = value if isinstance(value, TensorProto) else numpy_helper.from_array(np.asarray(value))
+        """A new initializer, added to the graph at once (protobuf copies on insertion: one copy alive, not two)."""
+        tensor = self.view.graph.initializer.add()
+        tensor.CopyFrom(value if isinstance(value, TensorProto) else numpy_helper.from_array(np.asarray(value)))
         tensor.name = self.view.fresh(f"{self.node.name or self.node.op_type}/{hint}")
-        self.view.new_initializers.append(tensor)
         self.view.initializers[tensor.name] = tensor
         return tensor.name
 

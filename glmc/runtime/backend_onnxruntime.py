@@ -89,6 +89,8 @@ class OrtCache:
     length: int = 0
     parity: int = 0  # separate past/present: which of the two buffers holds the past
     owner: int = 0  # the backend's generation counter when this cache was made (one live cache per backend)
+    io: Any = None  # the generation's IO binding; with a shared buffer the cache stays bound from step to step
+    kv_bound: bool = False
 
 
 class OnnxRuntimeBackend:
@@ -127,6 +129,7 @@ class OnnxRuntimeBackend:
         self.shared = bool(share_buffer)
         self._torch_logits = self.device_type == "cuda" and torch.cuda.is_available()
         self._logits_buffer: torch.Tensor | None = None
+        self._logits_at: int | None = None
         self._buffers: list[list[Any]] = []  # per cache tensor: 1 or 2 OrtValues of [max_batch, Hkv, max_length, D]
         self._generation = 0
         self.bound_pointers: set[int] = set()  # every KV pointer ever bound (tests: the same buffers every step)
@@ -199,7 +202,7 @@ class OnnxRuntimeBackend:
         if not self._buffers:
             self._allocate()
         self._generation += 1
-        return OrtCache(batch=batch, owner=self._generation)
+        return OrtCache(batch=batch, owner=self._generation, io=self.session.io_binding())
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -232,26 +235,42 @@ class OnnxRuntimeBackend:
         if cache.length == 0 and seq > self.max_input_length:
             raise GlmcError(f"prompt of {seq} tokens exceeds the build's max_input_length of "
                             f"{self.max_input_length} ({self.path})")
-        io = self.session.io_binding()
+        io = cache.io
         io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
         io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
         io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
-        self._bind_kv(io, cache, total)
-        if self._torch_logits:  # a device buffer we can slice: only the last position crosses to the host
-            n = batch * seq * self.vocab_size
-            if self._logits_buffer is None or self._logits_buffer.numel() < n:
-                self._logits_buffer = torch.empty(max(n, self.max_batch * self.vocab_size), dtype=self.logits_torch,
-                                                  device=f"cuda:{self.device_id}")
-            io.bind_output(self.logits_name, "cuda", self.device_id, self.logits_type, [batch, seq, self.vocab_size],
-                           self._logits_buffer.data_ptr())
-        else:
-            io.bind_output(self.logits_name, self.device_type, self.device_id)
+        if not cache.kv_bound:  # a shared buffer keeps its pointer and shape: bound once per generation
+            self._bind_kv(io, cache, total)
+            cache.kv_bound = self.shared
+        buf = self._bind_logits(io, batch, seq)
         self.session.run_with_iobinding(io)
         cache.length, cache.parity = total, 1 - cache.parity
-        if self._torch_logits:
-            return self._logits_buffer[:batch * seq * self.vocab_size].view(batch, seq, -1)[:, -1].float().cpu(), cache
-        logits = io.get_outputs()[-1]  # outputs come back in binding order: logits was bound last
+        if buf is not None:
+            last = buf[:batch * seq * self.vocab_size].view(batch, seq, -1)[:, -1]
+            return last.to("cpu", torch.float32, copy=True), cache  # a copy: the buffer is reused next step
+        logits = io.get_outputs()[self._logits_index(io)]
         return torch.from_numpy(np.asarray(logits.numpy()[:, -1], dtype=np.float32)), cache
+
+    def _bind_logits(self, io, batch: int, seq: int) -> torch.Tensor | None:
+        """Bind the logits output to a reused torch buffer (on CUDA always, so that only the last position crosses
+        to the host; on CPU for decode steps, so no output list is built per step); None: ORT allocates it."""
+        if not (self._torch_logits or seq == 1):
+            io.bind_output(self.logits_name, self.device_type, self.device_id)
+            return None
+        n = batch * seq * self.vocab_size
+        if self._logits_buffer is None or self._logits_buffer.numel() < n:
+            device = f"cuda:{self.device_id}" if self.device_type == "cuda" else "cpu"
+            self._logits_buffer = torch.empty(max(n, self.max_batch * self.vocab_size), dtype=self.logits_torch,
+                                              device=device)
+        io.bind_output(self.logits_name, self.device_type, self.device_id, self.logits_type,
+                       [batch, seq, self.vocab_size], self._logits_buffer.data_ptr())
+        return self._logits_buffer
+
+    def _logits_index(self, io) -> int:
+        """Position of the logits among the bound outputs (get_outputs follows the first binding order)."""
+        if self._logits_at is None:
+            self._logits_at = len(self.present_names)  # the cache outputs were bound before the logits
+        return self._logits_at
 
     def end_profiling(self) -> str | None:
         """Stop ORT profiling (if on) and return the profile file."""

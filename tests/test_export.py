@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -180,5 +181,10 @@ def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path):
     locations = {e.value for t in onnx.load(str(tmp_path / "model.onnxruntime.onnx"), load_external_data=False)
                  .graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data", "model.onnxruntime.onnx.data"}  # embeddings/norms shared, int4 repacked
-    report = verify(model, {"onnxruntime": tmp_path / "model.onnxruntime.onnx"}, PROMPTS, steps=2)
-    assert report["targets"]["onnxruntime"]["prefill_rel"] < 1e-4 and report["passed"]
+    # in another directory (as the compiler's build does): the data file is hard-linked, not copied
+    lower_file(tmp_path / "model.sim.onnx", "reference", tmp_path / "ref" / "model.onnx")
+    assert os.path.samefile(tmp_path / "model.onnx.data", tmp_path / "ref" / "model.onnx.data")
+    assert (tmp_path / "ref" / "model.onnx.reference.data").is_file()  # its own tensors: no name clash
+    report = verify(model, {"onnxruntime": tmp_path / "model.onnxruntime.onnx", "reference": tmp_path / "ref" /
+                            "model.onnx"}, PROMPTS, steps=2)
+    assert report["targets"]["onnxruntime"]["prefill_rel"] < 1e-4 and report["passed"], report

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
 from glmc.errors import GlmcError
+from glmc.export.external import locations, share
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN, Builder, GraphView
 
 attention, kv_cache, quantized_linear = (importlib.import_module(f"glmc.modeling_patches.ops.{m}")
@@ -169,18 +169,18 @@ def config_path(model_path: str | Path) -> Path:
 
 def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = False) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
-    that the lowering leaves alone stay in the source's data file, shared when `dst` is in the same directory
-    (else copied: onnx and ONNX Runtime refuse hard-linked or out-of-directory data files)."""
+    that the lowering leaves alone stay in the source's data file, shared in place or hard-linked into `dst`'s
+    directory (external.share); new tensors go to `<dst>.data`."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
-    external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    external = locations(model)
     lower_model(model, target, str(src.parent), fold_kv8=fold_kv8)
-    for name in external:
-        if (dst.parent / name).resolve() != (src.parent / name).resolve():
-            shutil.copyfile(src.parent / name, dst.parent / name)
+    share(src.parent, dst.parent, external)
     large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
     data_name = dst.name + ".data"
+    if data_name in external:  # e.g. build/onnxruntime/model.onnx next to a link of the export's model.onnx.data
+        data_name = dst.name + f".{target}.data"
     if large:
         if (dst.parent / data_name).exists():
             (dst.parent / data_name).unlink()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from glmc.errors import GlmcError
+from glmc.export.external import locations, share
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN
 from glmc.export.onnx_export import IR_VERSION
 
@@ -21,18 +21,23 @@ def glmc_nodes(model: onnx.ModelProto) -> Counter:
 
 
 def check(path: str | Path) -> onnx.ModelProto:
-    """onnx checker (full: type and shape inference through the glmc schemas) on a file; returns the inferred
-    model (without external weights). Raises GlmcError naming the file and the problem."""
+    """onnx checker (full: type and shape inference through the glmc schemas) on a file's graph, its external
+    weights standing in as graph inputs (onnx refuses hard-linked data files); returns the inferred model. Raises GlmcError naming the
+    file and the problem."""
     path = Path(path)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-        return onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), strict_mode=True)
+        model = onnx.load(str(path), load_external_data=False)
+        _weights_to_inputs(model.graph, [t for t in model.graph.initializer
+                                         if t.data_location == onnx.TensorProto.EXTERNAL])
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise GlmcError(f"{path}: ONNX check failed: {str(e).splitlines()[0][:400]}") from None
 
 
 def simplify_file(src: str | Path, dst: str | Path) -> dict:
-    """onnxsim `src` into `dst` (same directory, or a copy of the weights is made), keep every glmc:: node, check.
+    """onnxsim `src` into `dst`, keep every glmc:: node, check. The weights stay in `src`'s data file (shared in
+    place, or hard-linked into `dst`'s directory).
 
     onnxsim runs on the graph's skeleton: weights of 1 KiB and more become graph inputs for the duration, so it
     neither copies them (it needs about 3.3x the model in memory otherwise: measured 8.4 GiB for 2.5 GiB of
@@ -55,10 +60,7 @@ def simplify_file(src: str | Path, dst: str | Path) -> dict:
         raise GlmcError(f"{src}: onnxsim changed the glmc ops ({dict(before)} -> {dict(after)}) or failed its check")
     _inputs_to_weights(simplified.graph, weights)
     simplified.ir_version = IR_VERSION
-    external = {e.value for t in weights for e in t.external_data if e.key == "location"}
-    for name in external:
-        if (dst.parent / name).resolve() != (src.parent / name).resolve():
-            shutil.copyfile(src.parent / name, dst.parent / name)
+    share(src.parent, dst.parent, locations(simplified))
     onnx.save(simplified, str(dst))
     check(dst)
     return {"seconds": time.perf_counter() - start, "nodes_before": nodes_before,

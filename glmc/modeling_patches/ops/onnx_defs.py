@@ -109,11 +109,8 @@ class GraphView:
         t = self.initializers.get(name)
         if t is None:
             return None
-        if t.data_location == TensorProto.EXTERNAL:  # read a copy: to_array would load the data into `t` for good
-            ref = TensorProto()
-            ref.CopyFrom(t)
-            t = ref
-        return numpy_helper.to_array(t, self.base_dir or "")
+        from glmc.export.external import read_tensor
+        return read_tensor(t, self.base_dir or "")
 
 
 class Builder:

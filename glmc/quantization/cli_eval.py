@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"glmc eval: {d} on {n} predicted tokens in {len(windows)} windows of <= {args.max_length}, "
           f"chunk {args.chunk}", file=sys.stderr)
     results = evaluate(model, precisions, windows, calibration, chunk=args.chunk,
-                       progress=lambda i, k: print(f"  window {i}/{k}", file=sys.stderr, end="\r"))
+                       progress=lambda name, i, k: print(f"  {name}: window {i}/{k}   ", file=sys.stderr, end="\r"))
     print(file=sys.stderr)
     print_table(results, title=f"glmc eval: {d.name}", markdown=args.markdown)
     if args.json:

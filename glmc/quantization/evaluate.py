@@ -26,7 +26,7 @@ import torch
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
-from glmc.quantization.scheme import Scheme, apply_scheme, parse_precision
+from glmc.quantization.scheme import apply_scheme, parse_precision
 
 DEFAULT_HELDOUT = Path(__file__).with_name("heldout.txt")
 
@@ -87,44 +87,40 @@ def window_logits(model: GLMForCausalLM, ids: torch.Tensor, chunk: int) -> torch
     return torch.cat(out)
 
 
-def build_precisions(base: GLMForCausalLM, precisions: Sequence[str], calibration: list[torch.Tensor] | None
-                     ) -> list[tuple[Scheme, GLMForCausalLM]]:
-    """One converted copy of the float32 model per precision name."""
-    if any(isinstance(m, QuantLinear) for m in base.modules()) or base.kv_dtype == torch.int8:
-        raise GlmcError("eval: the model directory holds a quantized checkpoint; evaluate its float original")
-    out = []
-    for name in precisions:
-        scheme = parse_precision(name)
-        out.append((scheme, apply_scheme(copy.deepcopy(base), scheme, calibration).eval()))
-    return out
-
-
 @torch.no_grad()
 def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[torch.Tensor],
              calibration: list[torch.Tensor] | None = None, chunk: int = 1,
-             progress: Callable[[int, int], None] | None = None) -> list[Result]:
-    """Metrics of each precision (names as in scheme.parse_precision) against `base` (a float32 model)."""
+             progress: Callable[[str, int, int], None] | None = None) -> list[Result]:
+    """Metrics of each precision (names as in scheme.parse_precision) against `base` (a float32 model).
+
+    One precision at a time: the float32 reference logits are kept, each converted copy is freed after its run,
+    so memory is the float model, one converted copy and the reference logits (tokens x vocabulary floats).
+    """
     if chunk < 1:
         raise GlmcError(f"eval: chunk {chunk} must be >= 1")
+    if any(isinstance(m, QuantLinear) for m in base.modules()) or base.kv_dtype == torch.int8:
+        raise GlmcError("eval: the model directory holds a quantized checkpoint; evaluate its float original")
+    schemes = [parse_precision(name) for name in precisions]
     base = base.float().eval()
-    models = build_precisions(base, precisions, calibration)
-    results = [Result(name) for name in precisions]
-    for i, ids in enumerate(windows):
-        ref = window_logits(base, ids, ids.shape[1])[:-1]  # position t predicts token t + 1
-        target = ids[0, 1:]
-        ref_top1 = ref.argmax(-1)
-        ref_sq = float(ref.double().pow(2).sum())
-        for (scheme, model), res in zip(models, results):
+    refs = [window_logits(base, ids, ids.shape[1])[:-1] for ids in windows]  # position t predicts token t + 1
+    results = []
+    for name, scheme in zip(precisions, schemes):
+        model = apply_scheme(copy.deepcopy(base), scheme, calibration).eval()
+        res = Result(name)
+        for i, (ids, ref) in enumerate(zip(windows, refs)):
+            target = ids[0, 1:]
             t = time.perf_counter()
             logits = window_logits(model, ids, chunk if scheme.kv_granularity else ids.shape[1])[:-1]
             res.seconds += time.perf_counter() - t
             res.nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             res.tokens += len(target)
             res.err_sq += float((logits.double() - ref.double()).pow(2).sum())
-            res.ref_sq += ref_sq
-            res.top1 += int((logits.argmax(-1) == ref_top1).sum())
-        if progress:
-            progress(i + 1, len(windows))
+            res.ref_sq += float(ref.double().pow(2).sum())
+            res.top1 += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+            if progress:
+                progress(name, i + 1, len(windows))
+        results.append(res)
+        del model
     return results
 
 
@@ -143,7 +139,7 @@ def table_rows(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
     b = baseline_index(results)
     base_name = results[b].name if b is not None else None
     header = ["precision", "scheme", "perplexity", f"Δ ppl vs {base_name}" if base_name else "Δ ppl",
-              "logits rel. error vs fp32", "top-1 agreement vs fp32", "tokens", "seconds"]
+              "logits rel. error", "top-1 agreement", "tokens", "seconds"]
     rows = []
     for r in results:
         delta = "" if b is None else f"{100 * (r.perplexity / results[b].perplexity - 1):+.2f}%"
@@ -162,9 +158,12 @@ def print_table(results: Sequence[Result], title: str = "", markdown: bool = Fal
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=title or None)
+    table = Table(title=title or None, caption="logits error and top-1 agreement against fp32")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 2 else "right")
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i < 2)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: rich would assume 80 columns and squeeze the table
+        console = Console(width=140)
+    console.print(table)

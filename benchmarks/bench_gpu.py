@@ -1,12 +1,13 @@
 """GPU benchmark (issue 8): ONNX Runtime CUDA builds of a ChatGLM3-6B-shaped model against the bandwidth bound and
 transformers' eager GlmForCausalLM, plus CPU-vs-CUDA correctness on the shipped model.
 
-Runs in phases so that each fits one device call (10 minutes), all sharing --work:
+Runs in pieces so that each fits one device call (10 minutes), all sharing --work (results accumulate in
+WORK/results.json; each call rewrites the JSON, the markdown table and the plot under --out):
 
-    python benchmarks/bench_gpu.py build --work /root/w                 # random fp16 checkpoint + 5 compiles
-    python benchmarks/bench_gpu.py bench --work /root/w --out $OUT      # timings, JSON, table, plot
-    python benchmarks/bench_gpu.py check --work /root/w --out $OUT      # shipped model: CPU vs CUDA tokens
-    python benchmarks/bench_gpu.py all --shape tiny --device cpu ...    # a dry run of everything on a CPU
+    python benchmarks/bench_gpu.py run --precisions fp16,int8           # compile + time + delete, per precision
+    python benchmarks/bench_gpu.py run --precisions int4,kv8,int8-kv8,transformers
+    python benchmarks/bench_gpu.py check                                # shipped model: CPU vs CUDA greedy tokens
+    python benchmarks/bench_gpu.py run --shape tiny --device cpu ...    # a dry run on a CPU
 
 The bound at batch 1: each decoded token reads every weight byte once (all linears, the output layer included, plus
 their scales) and the whole KV cache written so far; tokens/s <= copy bandwidth / those bytes.
@@ -32,6 +33,9 @@ PRECISIONS = ["fp16", "int8", "int4", "kv8", "int8-kv8"]
 SHAPES = {
     "chatglm3-6b": dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, head_dim=128,
                         vocab_size=65024, seq_length=8192),
+    # 4 layers of the real ChatGLM3-6B widths: the same GEMV shapes and per-layer bytes, a seventh of the layers
+    "l4": dict(num_layers=4, hidden_size=4096, ffn_hidden_size=13696, num_heads=32, head_dim=128,
+               vocab_size=65024, seq_length=8192),
     "tiny": dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_heads=4, head_dim=64, vocab_size=65024,
                  seq_length=8192),
 }
@@ -53,7 +57,7 @@ def gpu_used_bytes() -> int | None:
 
 # ---------------------------------------------------------------------------------------------- build
 
-def checkpoint(work: Path, shape: str) -> Path:
+def checkpoint(work: Path, shape: str, tokenizer: Path | None = None) -> Path:
     from glmc.assets import SHIPPED_MODEL
     from glmc.modeling_patches import variant
     from glmc.modeling_patches.checkpoint import write_random_checkpoint
@@ -63,31 +67,66 @@ def checkpoint(work: Path, shape: str) -> Path:
         log("writing random fp16 checkpoint", ckpt)
         write_random_checkpoint(variant("chatglm3-6b", **SHAPES[shape]), ckpt, dtype=torch.float16,
                                 shard_bytes=4 << 30)
-        for f in ("tokenizer.model", "tokenizer_config.json"):  # a real ChatGLM3-format tokenizer (ids < vocab)
-            shutil.copy(SHIPPED_MODEL / f, ckpt / f)
+    for f in ("tokenizer.model", "tokenizer_config.json"):  # a real ChatGLM3-format tokenizer (ids < vocab)
+        shutil.copy((tokenizer or SHIPPED_MODEL) / f, ckpt / f)
     return ckpt
 
 
-def build(args) -> None:
+def compile_one(args, prec: str, ckpt: Path) -> Path:
+    """`glmc compile` of one precision with the onnxruntime target (the library call behind the command)."""
     from rich.console import Console
 
     from glmc.compiler import pipeline, schema
 
-    ckpt = checkpoint(args.work, args.shape)
+    out = args.work / f"build-{args.shape}-{prec}"
+    if (out / "manifest.json").is_file():
+        return out
+    cfg = schema.load([ROOT / "compile_configs/models/chatglm3-6b.yaml", ROOT / f"compile_configs/precisions/{prec}.yaml"],
+                      overrides=[f"model.checkpoint={ckpt}", "targets=[onnxruntime]", f"output={out}",
+                                 f"limits.max_batch={BIG_BATCH}", f"limits.max_input_length={PREFILL}",
+                                 f"limits.max_sequence_length={PREFILL + NEW}", "verify.enabled=false",
+                                 "calibration.samples=4", "calibration.max_length=128",
+                                 f"cache_dir={args.work / 'cache'}"])
+    pipeline.compile_config(cfg, console=Console(width=120))
+    return out
+
+
+def load_results(args) -> dict:
+    path = args.work / "results.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "runs": {}}
+
+
+def save_results(args, results: dict) -> None:
+    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(results, args.out)
+
+
+def run(args) -> None:
+    """Per precision: compile, benchmark in a fresh process, then delete the build (a 6B fp16 build and its stage
+    cache take ~36 GB of the machine's 64)."""
+    results = load_results(args)
+    results.setdefault("copy_bandwidth_Bps", copy_bandwidth(args.device))
+    ckpt = checkpoint(args.work, args.shape, args.tokenizer)
     for prec in args.precisions:
-        out = args.work / f"build-{args.shape}-{prec}"
-        if (out / "manifest.json").is_file():
-            log("exists", out)
+        if prec in results["runs"] and "error" not in results["runs"][prec]:
             continue
         t = time.perf_counter()
-        cfg = schema.load([ROOT / "compile_configs/models/chatglm3-6b.yaml", ROOT / f"compile_configs/precisions/{prec}.yaml"],
-                          overrides=[f"model.checkpoint={ckpt}", "targets=[onnxruntime]", f"output={out}",
-                                     f"limits.max_batch={BIG_BATCH}", f"limits.max_input_length={PREFILL}",
-                                     f"limits.max_sequence_length={PREFILL + NEW}", "verify.enabled=false",
-                                     "calibration.samples=4", "calibration.max_length=128",
-                                     f"cache_dir={args.work / 'cache'}"])
-        pipeline.compile_config(cfg, console=Console())
-        log(f"built {prec} in {time.perf_counter() - t:.0f}s")
+        try:
+            if prec != "transformers":
+                build = compile_one(args, prec, ckpt)
+                results.setdefault("compile_seconds", {})[prec] = time.perf_counter() - t
+                results.setdefault("build_bytes", {})[prec] = sum(
+                    f.stat().st_size for f in (build / "onnx").rglob("*") if f.is_file())
+            results["runs"][prec] = bench_subprocess(args, prec)
+        except Exception as e:  # noqa: BLE001 - record and go on with the next precision
+            results["runs"][prec] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        log(prec, f"{time.perf_counter() - t:.0f}s", results["runs"][prec])
+        shutil.rmtree(args.work / f"build-{args.shape}-{prec}", ignore_errors=True)
+        shutil.rmtree(args.work / "cache", ignore_errors=True)
+        save_results(args, results)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -99,14 +138,33 @@ def time_generate(backend, batch: int, prompt_len: int, new_tokens: int, seed: i
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(100, 60000, (batch, prompt_len), generator=g).tolist()
     cfg = SamplingConfig(max_new_tokens=new_tokens)
+    timed = ForwardTimer(backend)
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    for _ in stream(backend, prompts, cfg):
+    for _ in stream(timed, prompts, cfg):
         last = time.perf_counter()
-        first = first or last
+        if first is None:
+            first, timed.seconds = last, 0.0
         n += 1
-    return {"ttft_s": first - t0, "decode_tps": batch * (n - 1) / (last - first), "steps": n}
+    return {"ttft_s": first - t0, "decode_tps": batch * (n - 1) / (last - first), "steps": n,
+            "forward_share": timed.seconds / (last - first)}
+
+
+class ForwardTimer:
+    """A backend wrapper that adds up the time spent inside forward (the rest is the loop's own overhead)."""
+
+    def __init__(self, backend):
+        self.backend, self.max_length, self.seconds = backend, backend.max_length, 0.0
+
+    def new_cache(self, batch):
+        return self.backend.new_cache(batch)
+
+    def forward(self, *args):
+        t = time.perf_counter()
+        out = self.backend.forward(*args)
+        self.seconds += time.perf_counter() - t
+        return out
 
 
 def time_prefill(backend, length: int) -> float:
@@ -145,6 +203,17 @@ def bench_one(args) -> None:
                                args.device)
     r = measure(backend)
     print("RESULT " + json.dumps(r), flush=True)
+    if os.environ.get("GLMC_PROFILE"):  # where a decode step's time goes (CPU side and device side)
+        from torch.profiler import ProfilerActivity, profile
+        ids = torch.randint(100, 60000, (1, PROMPT))
+        mask, pos = torch.ones_like(ids), torch.arange(PROMPT)[None]
+        _, cache = backend.forward(ids, pos, mask, backend.new_cache(1))
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            for i in range(8):
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.int64)], 1)
+                _, cache = backend.forward(ids[:, :1], pos[:, -1:] + 1 + i, mask, cache)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
 
 def weight_and_kv_bytes(shape: str, prec: str, tokens: int) -> tuple[float, float]:
@@ -186,34 +255,26 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / times[len(times) // 2]  # bytes read + written, median
 
 
-def bench(args) -> None:
-    results = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "device": args.device,
-               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-               "copy_bandwidth_Bps": copy_bandwidth(args.device), "runs": {}}
-    for name in args.precisions + ["transformers"]:
-        log("bench", name)
-        cmd = [sys.executable, __file__, "bench-one", "--precision", name, "--work", str(args.work), "--shape",
-               args.shape, "--device", args.device]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode or line is None:
-            results["runs"][name] = {"error": (p.stderr or p.stdout)[-2000:]}
-            log("FAILED", name, (p.stderr or p.stdout)[-1500:])
-            continue
-        results["runs"][name] = json.loads(line[7:])
-        log(name, results["runs"][name])
-    for name, r in results["runs"].items():
-        prec = "fp16" if name == "transformers" else name
-        w, kv = weight_and_kv_bytes(args.shape, prec, PROMPT + NEW // 2)
-        r["bytes_per_token_b1"] = w + kv
-        r["bound_tps_b1"] = results["copy_bandwidth_Bps"] / (w + kv)
-    report(results, args.out)
+def bench_subprocess(args, name: str) -> dict:
+    cmd = [sys.executable, __file__, "bench-one", "--precision", name, "--work", str(args.work), "--shape",
+           args.shape, "--device", args.device]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    print(p.stdout[-3000:], flush=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        return {"error": (p.stderr or p.stdout)[-2000:]}
+    return json.loads(line[7:])
 
 
 def report(results: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    for name, r in results["runs"].items():
+        if "error" not in r:
+            w, kv = weight_and_kv_bytes(results["shape"], "fp16" if name == "transformers" else name, PROMPT + NEW // 2)
+            r["bytes_per_token_b1"] = w + kv
+            r["bound_tps_b1"] = results["copy_bandwidth_Bps"] / (w + kv)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2) + "\n")
     hf = results["runs"].get("transformers", {}).get("b1", {}).get("decode_tps")
@@ -269,7 +330,7 @@ def check(args) -> None:
 
     prompts = [[64790, 64792, 30, 31, 32, 33], [64790, 64792, 40, 41]]
     out = {}
-    for prec in ["fp32", "fp16", "int8", "int4", "kv8"]:
+    for prec in args.precisions:
         bdir = args.work / f"tiny-{prec}"
         if not (bdir / "manifest.json").is_file():
             cfg = schema.load([ROOT / f"compile_configs/glmc-tiny-{prec}.yaml"] if
@@ -293,24 +354,25 @@ def check(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["build", "bench", "bench-one", "check", "all"])
+    ap.add_argument("phase", choices=["run", "bench-one", "check", "report"])
     ap.add_argument("--work", type=Path, default=Path("/root/glmc-gpu"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-results")))
     ap.add_argument("--shape", choices=list(SHAPES), default="chatglm3-6b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precision", default="fp16")
-    ap.add_argument("--precisions", type=lambda s: s.split(","), default=PRECISIONS)
+    ap.add_argument("--precisions", type=lambda s: s.split(","), default=PRECISIONS + ["transformers"])
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer dir for the random checkpoint (default: shipped model)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(16, os.cpu_count() or 1))
-    if args.phase in ("build", "all"):
-        build(args)
-    if args.phase in ("bench", "all"):
-        bench(args)
+    if args.phase == "run":
+        run(args)
     if args.phase == "bench-one":
         bench_one(args)
-    if args.phase in ("check", "all"):
+    if args.phase == "check":
         check(args)
+    if args.phase == "report":
+        report(load_results(args), args.out)
 
 
 if __name__ == "__main__":

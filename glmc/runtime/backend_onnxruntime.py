@@ -126,6 +126,11 @@ class OnnxRuntimeBackend:
         if share_buffer is None:  # the runtime config's word, else whether the graph allows it
             share_buffer = self.shared or (self.config.get("model", {}).get("target") == "onnxruntime"
                                            and past_feeds_gqa_only(self.path, self.past_names))
+        if self.device_type == "cuda" and self.kv_type == np.float32:
+            # ORT's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 graph runs it on the CPU EP behind memcpy
+            # nodes, where an in-place cache update lands in a copy (measured on an H200: wrong tokens from the
+            # second step). Separate past/present buffers stay correct.
+            share_buffer = False
         self.shared = bool(share_buffer)
         self._torch_logits = self.device_type == "cuda" and torch.cuda.is_available()
         self._logits_buffer: torch.Tensor | None = None

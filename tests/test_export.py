@@ -188,3 +188,18 @@ def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path):
     report = verify(model, {"onnxruntime": tmp_path / "model.onnxruntime.onnx", "reference": tmp_path / "ref" /
                             "model.onnx"}, PROMPTS, steps=2)
     assert report["targets"]["onnxruntime"]["prefill_rel"] < 1e-4 and report["passed"], report
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8+kv8"])
+def test_shipped_model_lowerings_match_torch(precision, tmp_path):
+    """`glmc verify` on the model shipped in the package (its tokenizer, its calibration text for kv8)."""
+    from glmc.assets import SHIPPED_MODEL
+    from glmc.cli import main
+    if not SHIPPED_MODEL.is_dir():
+        pytest.skip("the shipped model is not in this checkout")
+    report = tmp_path / "report.json"
+    assert main(["verify", "--precision", precision, "--steps", "16", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    for target, m in data["targets"].items():
+        assert m["greedy_agree"] == 16 and m["top1"] == 1.0, (target, m)
+        assert max(m["prefill_rel"], m["decode_rel"]) < (1e-5 if precision == "fp32" else 5e-3), (target, m)

@@ -37,14 +37,10 @@ def register(name: str, doc: str, inputs: list[tuple[str, str, bool]], outputs: 
         outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
         type_constraints=[(t, allowed, "") for t, allowed in types],
         attributes=[OpSchema.Attribute(n, a, "", required=True) if d is None
-                    else OpSchema.Attribute(n, _attr_default(n, d)) for n, a, d in attributes])
+                    else OpSchema.Attribute(n, helper.make_attribute(n, d)) for n, a, d in attributes])
     schema.set_type_and_shape_inference_function(infer)
     onnx.defs.register_schema(schema)
     return schema
-
-
-def _attr_default(name: str, value: object) -> onnx.AttributeProto:
-    return helper.make_attribute(name, value)
 
 
 # ---------------------------------------------------------------------------------------------- shape inference

@@ -90,6 +90,18 @@ def test_int8_weights_and_kv_cache(quantized):
     assert agree >= 0.95, agree
 
 
+def test_kv8_folded_into_gqa_shares_its_buffer(quantized, tmp_path):
+    """lower_file(fold_kv8=True): ORT's GroupQueryAttention reads and writes the int8 cache itself, so the backend
+    binds one int8 buffer as past and present; the tokens equal the two-buffer mode's."""
+    src = quantized[1]["onnxruntime"].parent.parent / "export" / "model.onnx"
+    path = tmp_path / "folded" / "model.onnx"
+    lower_file(src, "onnxruntime", path, fold_kv8=True)
+    shared = OnnxRuntimeBackend(path, max_length=64, max_batch=4)
+    separate = OnnxRuntimeBackend(path, max_length=64, max_batch=4, share_buffer=False)
+    assert shared.shared and shared.kv_type == np.int8 and not separate.shared
+    assert generate(shared, PROMPTS, GREEDY) == generate(separate, PROMPTS, GREEDY)
+
+
 @pytest.mark.parametrize("target", ["reference", "onnxruntime"])
 def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, target, tmp_path):
     """The KV cache is never copied through the host: every step binds the buffers allocated by new_cache (one per

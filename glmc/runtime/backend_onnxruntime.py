@@ -10,8 +10,8 @@ device (CPU, or CUDA with `ortvalue_from_shape_and_type(..., "cuda", 0)`), alloc
 - graphs whose past inputs are read only by com.microsoft.GroupQueryAttention (the `onnxruntime` lowering with a
   float cache; or runtime config `kv_cache.past_present_share_buffer: true`) bind one [B, Hkv, max_length, D]
   buffer as both past and present: GQA writes the new positions in place and reads the first T (T from the
-  attention mask), so a decode step moves no cache bytes at all. An int8 cache is dequantized before attention,
-  so its graph gets the two buffers.
+  attention mask), so a decode step moves no cache bytes at all. An int8 cache dequantized before attention gets
+  the two buffers; one folded into GQA (lower_file(fold_kv8=True)) is shared like a float one.
 
 A batch smaller than `max_batch` binds a prefix of each buffer (rows are outermost, so a prefix is contiguous).
 Only the small inputs (ids, positions, mask) go host -> device per step, and only the last position's logits come

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
     p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sample (default: 256)")
+    p.add_argument("--device", default="cpu", help="torch device for every precision (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: one-token forwards of small models lose more to thread "
                         "hand-offs than they gain, worst on a shared machine)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     schemes = [parse_precision(p) for p in precisions]  # fail on a bad name before loading anything
     d = model_dir(args.model)
     tokenizer = load_tokenizer(d, family=args.family)
-    model = load_model(d, dtype=torch.float32, family=args.family)
+    model = load_model(d, dtype=torch.float32, family=args.family, device=args.device)
     windows = heldout_windows(tokenizer.encode, args.text, args.max_length, args.max_tokens)
     calibration = None
     if any(s.kv_granularity for s in schemes):

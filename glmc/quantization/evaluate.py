@@ -75,15 +75,17 @@ def heldout_windows(encode: Callable[[str], Sequence[int]], path: str | Path | N
 @torch.no_grad()
 def window_logits(model: GLMForCausalLM, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     """float32 logits [S, V] of one window [1, S], fed `chunk` tokens per forward with the cache carried."""
+    device = model.cos_cache.device
+    ids = ids.to(device)
     s = ids.shape[1]
-    cache = model.empty_cache(1)
+    cache = model.empty_cache(1, device)
     out = []
     for start in range(0, s, chunk):
         piece = ids[:, start:start + chunk]
-        positions = torch.arange(start, start + piece.shape[1]).unsqueeze(0)
-        mask = torch.ones(1, start + piece.shape[1], dtype=torch.int64)
+        positions = torch.arange(start, start + piece.shape[1], device=device).unsqueeze(0)
+        mask = torch.ones(1, start + piece.shape[1], dtype=torch.int64, device=device)
         logits, cache = model(piece, positions, mask, cache)
-        out.append(logits[0].float())
+        out.append(logits[0].float().cpu())
     return torch.cat(out)
 
 

@@ -17,7 +17,10 @@ from glmc.runtime.generate import SamplingConfig, stream  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--no-cudnn-sdpa", action="store_true", help="keep torch from picking cuDNN attention")
 args = ap.parse_args()
+if args.no_cudnn_sdpa:
+    torch.backends.cuda.enable_cudnn_sdp(False)
 from transformers import GlmForCausalLM  # noqa: E402
 
 cfg = variant("chatglm3-6b", num_layers=args.layers)
@@ -31,6 +34,12 @@ t, n = time.perf_counter(), 0
 for _ in stream(backend, prompt, SamplingConfig(max_new_tokens=64)):
     n += 1
 print(f"generate loop: {n / (time.perf_counter() - t):.1f} tok/s")
+for batch in (1, 16):  # as bench_gpu.py times it: prompt 128, 256 new tokens
+    p = torch.randint(100, 60000, (batch, 128)).tolist()
+    t, n = time.perf_counter(), 0
+    for _ in stream(backend, p, SamplingConfig(max_new_tokens=256)):
+        n += 1
+    print(f"batch {batch}: {batch * n / (time.perf_counter() - t):.1f} tok/s")
 # the same forwards without the loop, each synchronised
 ids = torch.tensor(prompt).cuda()
 with torch.inference_mode():

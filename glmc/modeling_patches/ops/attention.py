@@ -218,6 +218,3 @@ def lower_ort_gqa(node, b: Builder) -> None:
         quant = dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8)
     b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=list(node.output[:3]), num_heads=hq,
          kv_num_heads=hkv, scale=scale, **quant)
-
-
-LOWERINGS = {"reference": lower_attention23, "onnxruntime": lower_ort_gqa, "tensorrt": lower_attention23}

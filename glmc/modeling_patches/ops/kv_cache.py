@@ -130,9 +130,3 @@ def lower_dequantize_qdq(node, b: Builder) -> None:
     kw = {} if axis is None else {"axis": axis}
     b.op("DequantizeLinear", b.input(0), b.const(s.reshape(()) if axis is None else s, "scale"), zero,
          outputs=[node.output[0]], **kw)
-
-
-QUANTIZE_LOWERINGS = {"reference": lower_quantize_plain, "onnxruntime": lower_quantize_plain,
-                      "tensorrt": lower_quantize_qdq}
-DEQUANTIZE_LOWERINGS = {"reference": lower_dequantize_plain, "onnxruntime": lower_dequantize_plain,
-                        "tensorrt": lower_dequantize_qdq}

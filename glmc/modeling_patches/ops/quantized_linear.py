@@ -161,4 +161,3 @@ def lower_matmul_nbits(node, b: Builder) -> None:
     y = b.op("MatMulNBits", b.input(0), b.const(packed, "qweight"), b.const(s.reshape(-1), "scales"),
              domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block)
     _add_bias(b, y, node.output[0])
-

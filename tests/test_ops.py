@@ -298,3 +298,19 @@ def test_gqa_lowerings(target, case, dtype):
     tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp16: a few units of 2^-11 (softmax/GEMM order)
     assert rel_err(torch.from_numpy(got[0])[real], want[0][real]) < tol
     assert rel_err(torch.from_numpy(got[1]), want[1]) < tol and rel_err(torch.from_numpy(got[2]), want[2]) < tol
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
+def test_matmul_nbits_accuracy_level_4(bits, group):
+    """accuracy_level=4: ORT quantizes the activations to int8 per block (fast CPU kernels): close, not exact."""
+    inputs, attrs = linear_node((4, 3), 256, 64, bits, group, bias=False)
+    inputs[0] = torch.randn(4, 3, 256)
+    want = ops.quantized_linear(*inputs, bits, group, 256)
+    model = lower_model(one_node_model("QuantizedLinear", inputs, attrs, 1, constants=(1, 2, 3)), "onnxruntime",
+                        accuracy_level=4)
+    node = [n for n in model.graph.node if n.op_type == "MatMulNBits"][0]
+    assert helper.get_attribute_value([a for a in node.attribute if a.name == "accuracy_level"][0]) == 4
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"in0": inputs[0].numpy()})[0]
+    err = rel_err(torch.from_numpy(got), want)
+    assert 1e-6 < err < 2e-2, err  # int8 activations: about 1/127 of each block's range

@@ -95,16 +95,17 @@ FUSIONS = {"onnxruntime": [fold_kv_cache_quantization]}
 
 
 def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None,
-                fold_kv8: bool = False) -> onnx.ModelProto:
-    """`model` with every glmc:: node replaced for `target` (in place; also returned). fold_kv8: let ONNX
-    Runtime's GroupQueryAttention read and write the int8 cache itself (see docs/onnx.md for what that changes)."""
+                fold_kv8: bool = False, accuracy_level: int = 0) -> onnx.ModelProto:
+    """`model` with every glmc:: node replaced for `target` (in place; also returned). onnxruntime options (see
+    docs/onnx.md for what they change): fold_kv8 lets GroupQueryAttention read and write the int8 cache itself;
+    accuracy_level is MatMulNBits' (0 float compute; 4 int8 activations, fast on CPU)."""
     if target not in TARGETS:
         raise GlmcError(f"unknown lowering target '{target}'; known: {', '.join(TARGETS)}")
     table = TARGETS[target]
     graph = model.graph
     for fusion in FUSIONS.get(target, []) if fold_kv8 else []:
         fusion(graph)
-    view = GraphView(graph, base_dir)
+    view = GraphView(graph, base_dir, {"accuracy_level": accuracy_level})
     nodes = []
     for node in graph.node:
         lower = table.get(node.op_type) if node.domain == DOMAIN else None
@@ -167,7 +168,8 @@ def config_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = False) -> dict:
+def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = False,
+               accuracy_level: int = 0) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
     that the lowering leaves alone stay in the source's data file, shared in place or hard-linked into `dst`'s
     directory (external.share); new tensors go to `<dst>.data`."""
@@ -175,7 +177,7 @@ def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = F
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
     external = locations(model)
-    lower_model(model, target, str(src.parent), fold_kv8=fold_kv8)
+    lower_model(model, target, str(src.parent), fold_kv8=fold_kv8, accuracy_level=accuracy_level)
     share(src.parent, dst.parent, external)
     large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
     data_name = dst.name + ".data"

@@ -73,11 +73,12 @@ def attribute(ctx, name: str, default=None):
 
 class GraphView:
     """Read access to the graph being lowered: initializers (external data loaded on demand), fresh names,
-    and sub-graphs built once per graph (e.g. the attention bias every layer shares)."""
+    sub-graphs built once per graph (e.g. the attention bias every layer shares), and the lowering's options."""
 
-    def __init__(self, graph: onnx.GraphProto, base_dir: str | None):
+    def __init__(self, graph: onnx.GraphProto, base_dir: str | None, options: dict | None = None):
         self.graph = graph
         self.base_dir = base_dir
+        self.options = options or {}
         self.initializers = {t.name: t for t in graph.initializer}
         self.opsets: dict[str, int] = {}
         self._names = {n for node in graph.node for n in list(node.output) + [node.name]}

@@ -146,7 +146,8 @@ def lower_matmul_nbits(node, b: Builder) -> None:
     """onnxruntime: com.microsoft.MatMulNBits (8 or 4 bit). Its codes are unsigned with the default zero point
     2^(bits-1): u = q + 2^(bits-1), which for two's complement is q with its top bit flipped (XOR 0x80 per int8,
     0x88 per byte of two nibbles); same low-nibble-first order; K padded to whole blocks with u = zero point (an odd
-    K's padding nibble, 0, flips to 8 as well)."""
+    K's padding nibble, 0, flips to 8 as well). Option `accuracy_level` (default 0: float compute, exact): 4 lets
+    the CPU kernels quantize activations to int8 per block (fast; docs/onnx.md has what it costs in accuracy)."""
     if not matmul_nbits_supported(node, b):
         return lower_dequantize_matmul(node, b)
     w, scales, bits, group, k = _weight(b)
@@ -159,5 +160,6 @@ def lower_matmul_nbits(node, b: Builder) -> None:
     packed = packed.reshape(n, blocks, -1)
     s = np.repeat(scales.reshape(n, 1), blocks, axis=1) if group == 0 else scales.reshape(n, blocks)
     y = b.op("MatMulNBits", b.input(0), b.const(packed, "qweight"), b.const(s.reshape(-1), "scales"),
-             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block)
+             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
+             accuracy_level=int(b.view.options.get("accuracy_level", 0)))
     _add_bias(b, y, node.output[0])

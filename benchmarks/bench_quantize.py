@@ -13,7 +13,6 @@ it, and its peak so far (getrusage ru_maxrss, which only grows). Both checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from glmc.modeling_patches.checkpoint import build_model, load_model
+from glmc.modeling_patches.checkpoint import load_model, write_random_checkpoint
 from glmc.modeling_patches.config import variant
 from glmc.quantization.scheme import Scheme, save_quantized
 from glmc.quantization.weight_only import quantize_model
@@ -46,39 +45,9 @@ def rss_peak() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
 
 
-def write_random_checkpoint(out: Path, num_layers: int, shard_bytes: int = 2 * GIB) -> None:
-    """A ChatGLM-layout fp16 checkpoint of normal(0, 0.02) weights (norms 1), written one shard at a time."""
-    from safetensors.torch import save_file
-
-    config = variant("chatglm3-6b", num_layers=num_layers)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = config.to_chatglm_json()
-    cfg["torch_dtype"] = "float16"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    shapes = {n: tuple(t.shape) for n, t in build_model(config, torch.float16).state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = 2 * torch.Size(shape).numel()
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for i, names in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = {}
-        for name in names:
-            if name.endswith("layernorm.weight"):
-                shard[name] = torch.ones(shapes[name], dtype=torch.float16)
-            else:
-                shard[name] = (torch.randn(shapes[name], generator=g) * 0.02).to(torch.float16)
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-        del shard
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+def write_checkpoint(out: Path, num_layers: int) -> None:
+    """A ChatGLM-layout fp16 checkpoint of random weights, written one shard at a time."""
+    write_random_checkpoint(variant("chatglm3-6b", num_layers=num_layers), out, dtype=torch.float16)
 
 
 def main() -> None:
@@ -94,7 +63,7 @@ def main() -> None:
     rows = []
     try:
         t = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint, args=(src, args.layers))
+        child = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(src, args.layers))
         child.start()
         child.join()
         if child.exitcode:

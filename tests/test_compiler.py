@@ -661,3 +661,18 @@ def test_a_builder_that_dies_is_reported_by_signal(tmp_path):
     thread.join(60)
     assert "the TensorRT builder process died (signal SIGKILL)" in outcome.get("error", ""), outcome
     assert not (tmp_path / "m.engine").exists() and not list(tmp_path.glob("*.request.json"))
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="the shipped model is not in the package")
+def test_int8_activations_option(tmp_path):
+    """precision.int8_activations lowers MatMulNBits with accuracy_level 4 and verifies it against its own bound;
+    the reference lowering keeps the exact tolerance."""
+    import onnx
+    m = compile_(CONFIGS / "glmc-tiny-int8.yaml", f"output={tmp_path}/b", f"cache_dir={tmp_path}/c",
+                 "precision.int8_activations=true", "targets=[reference,onnxruntime]")
+    graph = onnx.load(str(tmp_path / "b" / m["targets"]["onnxruntime"]["onnx"]), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    ver = m["verification"]["targets"]
+    assert m["verification"]["passed"] and 0 < ver["onnxruntime"]["prefill_rel"] < 3e-2
+    assert ver["reference"]["prefill_rel"] < 1e-4

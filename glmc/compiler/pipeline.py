@@ -196,7 +196,9 @@ def run_simplify(ctx: Context, out: Path) -> dict:
 def make_lower(target: str) -> Callable[[Context, Path], dict]:
     def run_lower(ctx: Context, out: Path) -> dict:
         from glmc.export.lower import lower_file
-        runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx")
+        fast = target == "onnxruntime" and ctx.cfg.get("precision.int8_activations")
+        runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx",
+                             accuracy_level=4 if fast else 0)
         return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
                 "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
     return run_lower
@@ -251,6 +253,14 @@ def run_verify(ctx: Context, out: Path) -> dict:
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
     report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol)
+    if ctx.cfg.get("precision.int8_activations") and "onnxruntime" in lowered:
+        # int8 activations change the math on purpose: held to the int8-activation bound instead (measured 0.5-0.7%
+        # relative logits error on the shipped model; 5x margin)
+        fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v["steps"],
+                                 tolerance=dc.replace(tol, rel=max(tol.rel, 3e-2), top1=min(tol.top1, 0.9),
+                                                      greedy_fraction=min(tol.greedy_fraction, 0.5)))
+        report["targets"]["onnxruntime"] = {**fast["targets"]["onnxruntime"], "tolerance": fast["tolerance"]}
+        report["passed"] = all(m["passed"] for m in report["targets"].values())
     report["prompts"] = prompts
     (out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     summary = ", ".join(f"{t}: rel {max(m['prefill_rel'], m['decode_rel']):.2g}, top-1 {m['top1']:.0%}, greedy "
@@ -285,7 +295,8 @@ def plan(cfg: CompileConfig) -> list[Stage]:
     ]
     lowered = lowered_targets(cfg)
     for t in lowered:
-        stages.append(Stage(f"lower:{t}", (), ("simplify",), make_lower(t)))
+        keys = ("precision.int8_activations",) if t == "onnxruntime" else ()
+        stages.append(Stage(f"lower:{t}", keys, ("simplify",), make_lower(t)))
     if "tensorrt" in targets:
         stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))
     if cfg.get("verify.enabled"):

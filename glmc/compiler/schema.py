@@ -57,6 +57,9 @@ FIELDS: dict[str, Field] = {
                                             "else a group of this many along K", choices=(0, 32, 64, 128)),
     "precision.quantize_output_layer": Field("bool", False, "also quantize the output layer (ChatGLM's official "
                                                              "quantized checkpoints keep it in fp16)"),
+    "precision.int8_activations": Field("bool", False, "onnxruntime target: MatMulNBits quantizes activations to "
+                                                       "int8 per block (accuracy_level 4): 3-30x faster int8/int4 "
+                                                       "decode on CPU for ~0.5% logits error (docs/runtime.md)"),
     "precision.kv_cache": Field("str", "float", "float (kept in `dtype`) | int8 (calibrated scales)",
                                 choices=("float", "int8")),
     "precision.kv_granularity": Field("str", "channel", "int8 KV cache scale granularity (channel: per KV head and channel)",

@@ -1,4 +1,4 @@
-"""The `glmc` command line: compile | verify | generate | run | chat | bench | eval | inspect."""
+"""The `glmc` command line: compile | inspect | verify | generate | run | chat | bench | eval | quantize."""
 
 from __future__ import annotations
 

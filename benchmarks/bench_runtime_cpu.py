@@ -38,6 +38,7 @@ from glmc.modeling_patches.hf_glm import TransformersBackend, to_transformers
 from glmc.quantization.scheme import apply_scheme, parse_precision
 from glmc.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from glmc.runtime.backend_torch import TorchBackend
+from glmc.runtime.cli_bench import measure
 from glmc.runtime.generate import SamplingConfig, stream
 
 # ~300M parameters with ChatGLM's proportions: head_dim 128, 2 KV groups, ffn ~3.34 x hidden, GLM-4-like vocab split
@@ -81,24 +82,6 @@ def set_accuracy_level(path: Path, level: int) -> None:
             del node.attribute[:]
             node.attribute.extend(attrs + [onnx.helper.make_attribute("accuracy_level", level)])
     onnx.save(m, str(path))
-
-
-def decode_speed(backend, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int) -> dict:
-    """Best of `repeats`: decode tokens/s (all rows) after the first token, and time to first token."""
-    prompts = [[(i * 37 + r * 11) % (vocab - 1) + 1 for i in range(prompt_len)] for r in range(batch)]
-    cfg = SamplingConfig(max_new_tokens=new_tokens)  # no stop ids: every row decodes every step
-    list(stream(backend, prompts, SamplingConfig(max_new_tokens=3)))  # warm-up
-    best = {"decode_tps": 0.0, "ttft_s": float("inf")}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        it = stream(backend, prompts, cfg)
-        next(it)
-        t1 = time.perf_counter()
-        steps = sum(1 for _ in it)
-        t2 = time.perf_counter()
-        best["decode_tps"] = max(best["decode_tps"], batch * steps / (t2 - t1))
-        best["ttft_s"] = min(best["ttft_s"], t1 - t0)
-    return best
 
 
 def streamed_bytes(onnx_path: Path) -> int:
@@ -201,7 +184,7 @@ def main() -> None:
                                              threads=args.threads)
                 entry["weight_bytes_per_step"] = streamed_bytes(path)
             for b in args.batches:
-                r = decode_speed(backend, b, args.prompt, args.new_tokens, config.vocab_size, args.repeats)
+                r = measure(backend, b, args.prompt, args.new_tokens, config.vocab_size, args.repeats)
                 entry[f"b{b}"] = r
                 if "weight_bytes_per_step" in entry:
                     ctx = args.prompt + args.new_tokens / 2

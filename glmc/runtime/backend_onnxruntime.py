@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from glmc.errors import GlmcError
+from glmc.runtime.generate import check_step
 
 # ONNX type -> (element type for OrtValue/IO binding: numpy type, or the ONNX enum where numpy has none; bytes; torch)
 _TYPES = {"tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
@@ -234,12 +235,7 @@ class OnnxRuntimeBackend:
         if batch != cache.batch or total != cache.length + seq:
             raise GlmcError(f"step shapes do not follow the cache: batch {batch} (cache {cache.batch}), mask of "
                             f"{total} positions for {cache.length} cached + {seq} new")
-        if total > self.max_length:
-            raise GlmcError(f"sequence of {total} tokens exceeds the build's max_sequence_length of "
-                            f"{self.max_length} ({self.path})")
-        if cache.length == 0 and seq > self.max_input_length:
-            raise GlmcError(f"prompt of {seq} tokens exceeds the build's max_input_length of "
-                            f"{self.max_input_length} ({self.path})")
+        check_step(total, seq, cache.length, self.max_length, self.max_input_length, self.path)
         io = cache.io
         io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
         io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))

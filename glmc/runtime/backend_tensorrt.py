@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import GlmcError
+from glmc.runtime.generate import check_step
 
 _TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
                 "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
@@ -126,12 +127,7 @@ class TensorRTBackend:
         total = attention_mask.shape[1]
         if cache.owner != self._generation:
             raise GlmcError("this KV cache belongs to an earlier generation on the same backend")
-        if total > self.max_length:
-            raise GlmcError(f"sequence of {total} tokens exceeds the build's max_sequence_length of "
-                            f"{self.max_length} ({self.path})")
-        if cache.length == 0 and seq > self.max_input_length:
-            raise GlmcError(f"prompt of {seq} tokens exceeds the build's max_input_length of "
-                            f"{self.max_input_length} ({self.path})")
+        check_step(total, seq, cache.length, self.max_length, self.max_input_length, self.path)
         kv_past = (batch, self.kv_heads, cache.length, self.head_dim)
         with torch.cuda.stream(self.stream):  # the small inputs are copied on the engine's stream
             small = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}

@@ -24,6 +24,16 @@ class Backend(Protocol):
                 cache: Any) -> tuple[torch.Tensor, Any]: ...
 
 
+def check_step(total: int, seq: int, past: int, max_length: int, max_input_length: int, where: object) -> None:
+    """The build limits every backend enforces on a step: the whole sequence, and the prompt at prefill."""
+    if total > max_length:
+        raise GlmcError(f"sequence of {total} tokens exceeds the build's max_sequence_length of {max_length} "
+                        f"({where})")
+    if past == 0 and seq > max_input_length:
+        raise GlmcError(f"prompt of {seq} tokens exceeds the build's max_input_length of {max_input_length} "
+                        f"({where})")
+
+
 @dataclasses.dataclass
 class SamplingConfig:
     """How to pick each next token. temperature 0 means greedy."""

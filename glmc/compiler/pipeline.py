@@ -196,9 +196,11 @@ def run_simplify(ctx: Context, out: Path) -> dict:
 def make_lower(target: str) -> Callable[[Context, Path], dict]:
     def run_lower(ctx: Context, out: Path) -> dict:
         from glmc.export.lower import lower_file
-        fast = target == "onnxruntime" and ctx.cfg.get("precision.int8_activations")
+        ort = target == "onnxruntime"
         runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx",
-                             accuracy_level=4 if fast else 0)
+                             accuracy_level=4 if ort and ctx.cfg.get("precision.int8_activations") else 0,
+                             fold_kv8=ort and ctx.cfg.get("onnxruntime.fold_kv8"),
+                             padded_batches=not ort or padded_batches(ctx.cfg))
         return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
                 "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
     return run_lower
@@ -253,11 +255,14 @@ def run_verify(ctx: Context, out: Path) -> dict:
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
     report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol)
-    if ctx.cfg.get("precision.int8_activations") and "onnxruntime" in lowered:
-        # int8 activations change the math on purpose: held to the int8-activation bound instead (measured 0.5-0.7%
-        # relative logits error on the shipped model; 5x margin)
+    # Options that change the math on purpose are held to their own bounds: int8 activations (measured 0.5-0.7%
+    # relative logits error on the shipped model; 5x margin); an int8 cache folded into GQA, which attends to the
+    # quantized new tokens (measured 3-9% on tiny random models with 4 calibration samples: docs/onnx.md)
+    loose = max([tol.rel] + [bound for key, bound in (("precision.int8_activations", 3e-2),
+                                                      ("onnxruntime.fold_kv8", 0.2)) if ctx.cfg.get(key)])
+    if loose > tol.rel and "onnxruntime" in lowered:
         fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v["steps"],
-                                 tolerance=dc.replace(tol, rel=max(tol.rel, 3e-2), top1=min(tol.top1, 0.9),
+                                 tolerance=dc.replace(tol, rel=loose, top1=min(tol.top1, 0.9),
                                                       greedy_fraction=min(tol.greedy_fraction, 0.5)))
         report["targets"]["onnxruntime"] = {**fast["targets"]["onnxruntime"], "tolerance": fast["tolerance"]}
         report["passed"] = all(m["passed"] for m in report["targets"].values())
@@ -270,6 +275,13 @@ def run_verify(ctx: Context, out: Path) -> dict:
     if not report["passed"]:
         raise StageError(f"verification failed against torch ({summary}; tolerance {report['tolerance']})")
     return report
+
+
+def padded_batches(cfg: CompileConfig) -> bool:
+    """Whether the onnxruntime lowering takes left-padded batches (onnxruntime.padded_batches; default: batches
+    larger than 1 are allowed)."""
+    padded = cfg.get("onnxruntime.padded_batches")
+    return cfg.get("limits.max_batch") > 1 if padded is None else padded
 
 
 def lowered_targets(cfg: CompileConfig) -> list[str]:
@@ -295,7 +307,7 @@ def plan(cfg: CompileConfig) -> list[Stage]:
     ]
     lowered = lowered_targets(cfg)
     for t in lowered:
-        keys = ("precision.int8_activations",) if t == "onnxruntime" else ()
+        keys = ("precision.int8_activations", "onnxruntime", "limits.max_batch") if t == "onnxruntime" else ()
         stages.append(Stage(f"lower:{t}", keys, ("simplify",), make_lower(t)))
     if "tensorrt" in targets:
         stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))

@@ -1,6 +1,6 @@
 """The compile YAML schema: load (with `extends:` and `--set`), validate with file:line errors, resolve defaults.
 
-A config is a small tree of sections (model, precision, calibration, limits, targets, tensorrt, verify,
+A config is a small tree of sections (model, precision, calibration, limits, targets, onnxruntime, tensorrt, verify,
 output). FIELDS below is the whole schema, one row per key: its type, default, allowed values and help.
 Every error names the file and line (or the `--set` option) and the dotted key path at fault.
 
@@ -76,6 +76,15 @@ FIELDS: dict[str, Field] = {
                                                                "kept), reference (standard ONNX), onnxruntime "
                                                                "(com.microsoft fast ops), tensorrt (+ engine)",
                      choices=TARGETS),
+    "onnxruntime.padded_batches": Field("bool", None, "onnxruntime target: rows of one batch may differ in length "
+                                                      "(left padding, an attention bias in every GroupQueryAttention)."
+                                                      " false: equal-length rows only, for GQA's fast path on CUDA "
+                                                      "(flash/XQA decode, int8 cache inside GQA, CUDA graphs). "
+                                                      "Default: limits.max_batch > 1", nullable=True),
+    "onnxruntime.fold_kv8": Field("bool", False, "onnxruntime target, int8 KV cache: GroupQueryAttention reads and "
+                                                 "writes the int8 cache itself (needs padded_batches false on CUDA; "
+                                                 "attends to quantized new tokens, so it is verified to a looser "
+                                                 "bound; docs/onnx.md)"),
     "tensorrt.compute_capabilities": Field("list[choice]", ["sm80", "sm86", "sm89", "sm120"],
                                            "GPU architectures the engine is built for (TensorRT for RTX; "
                                            "TensorRT proper builds for the GPU it runs on)",
@@ -376,6 +385,9 @@ def _cross_checks(data: dict, where: dict) -> None:
         if trt[key] is not None and trt[key] > lim[limit] - (key == "opt_past_length"):
             raise ConfigError(f"{at('tensorrt.' + key)}: tensorrt.{key} ({trt[key]}) is outside the limits "
                               f"(limits.{limit} = {lim[limit]})")
+    if data["onnxruntime"]["fold_kv8"] and prec["kv_cache"] != "int8":
+        raise ConfigError(f"{at('onnxruntime.fold_kv8')}: onnxruntime.fold_kv8 folds an int8 KV cache into "
+                          "GroupQueryAttention, but precision.kv_cache is float")
     if "tensorrt" in data["targets"] and tensorrt_available() is None:
         raise ConfigError(f"{at('targets')}: targets: 'tensorrt' needs TensorRT, and neither `tensorrt` nor "
                           "TensorRT for RTX (`tensorrt_rtx_bindings`) is importable; install one "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from glmc.errors import GlmcError
+from glmc.runtime.backend_onnxruntime import read_runtime_config
 from glmc.runtime.generate import left_pad
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
@@ -74,8 +75,10 @@ def ort_session(path: str | Path, target: str, threads: int = 0):
             from None
 
 
-def ort_step(session) -> tuple[Step, Callable[[int], list]]:
-    """A lowered model (fixed glmc I/O names) as a step function; the cache is a flat list of numpy arrays."""
+def ort_step(session, padded: bool = True) -> tuple[Step, Callable[[int], list]]:
+    """A lowered model (fixed glmc I/O names) as a step function; the cache is a flat list of numpy arrays.
+    A graph that takes no padding (runtime config kv_cache.padding "none") runs row by row, each row without its
+    left padding (its cache is then a list of per-row caches)."""
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     out_names = [o.name for o in session.get_outputs()]
 
@@ -87,7 +90,22 @@ def ort_step(session) -> tuple[Step, Callable[[int], list]]:
 
     def empty(batch: int) -> list:
         return [np.zeros((batch, i.shape[1], 0, i.shape[3]), _NP[i.type]) for i in past]
-    return step, empty
+    if padded:
+        return step, empty
+
+    def rows(ids, positions, mask, caches):
+        logits, presents = None, []
+        for r, cache in enumerate(caches):
+            real = int(mask[r].sum())
+            new = real - cache[0].shape[2]  # this row's real new tokens: the last `new` of the step
+            out, present = step(ids[r:r + 1, -new:], positions[r:r + 1, -new:], torch.ones(1, real, dtype=mask.dtype),
+                                cache)
+            if logits is None:
+                logits = torch.zeros(len(caches), ids.shape[1], out.shape[-1])
+            logits[r, -new:] = out[0]
+            presents.append(present)
+        return logits, presents
+    return rows, lambda batch: [empty(1) for _ in range(batch)]
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -182,7 +200,8 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
         exact = greedy_trace(*torch_step(fp32_oracle(model)), prompts, steps, forced=ref.tokens)
     results = {}
     for target, path in onnx_paths.items():
-        step, empty = ort_step(ort_session(path, target, threads))
+        padded = read_runtime_config(path).get("kv_cache", {}).get("padding", "left") != "none"
+        step, empty = ort_step(ort_session(path, target, threads), padded)
         forced = greedy_trace(step, empty, prompts, steps, forced=ref.tokens)
         free = greedy_trace(step, empty, prompts, steps)
         del step, empty  # one session alive at a time: a large model's session holds its weights

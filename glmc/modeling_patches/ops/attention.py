@@ -192,29 +192,60 @@ def _gqa_lengths(b: Builder) -> tuple[str, str]:
     return b.op("Expand", last, batch), b.op("Cast", b.op("Squeeze", t), to=TensorProto.INT32)
 
 
+def _gqa_lengths_dense(b: Builder) -> tuple[str, str]:
+    """Unpadded rows: seqlens_k = ReduceSum(mask) - 1 per row (int32) and total_sequence_length = mask width (int32
+    scalar). With a fixed-width mask (ones then zeros: a CUDA-graph decode step) both stay right: the sum counts the
+    tokens, and GQA reads the shared cache only up to seqlens_k."""
+    mask = b.input(6)
+    total = b.op("ReduceSum", mask, b.const(_i64(1), "axes"), keepdims=0)
+    seqlens = b.op("Cast", b.op("Sub", total, b.const(np.array(1, np.int64), "one")), to=TensorProto.INT32)
+    width = b.op("Cast", b.op("Squeeze", b.op("Shape", mask, start=1, end=2)), to=TensorProto.INT32)
+    return seqlens, width
+
+
+def _gqa_int8_cache(b: Builder, hkv: int) -> tuple[list[str], dict]:
+    """GQA inputs 12, 13 (k/v scales) and attributes for an int8 cache folded into GQA (lower.fold_kv_cache_quantization
+    appended the scales as inputs 9 and 10): PER_TENSOR for a [1] scale, else PER_CHANNEL with the scale as float32
+    [Hkv, 1, D] (a per-head scale repeated over D)."""
+    d = (b.view.dims(b.input(3)) or [None] * 4)[3]
+    if not isinstance(d, int):
+        raise ValueError(f"past key '{b.input(3)}' needs a static head dim for an int8 cache in GQA")
+    scales = [b.array(b.input(i)).astype(np.float32) for i in (9, 10)]
+    kind = "PER_TENSOR" if scales[0].size == 1 else "PER_CHANNEL"
+    scales = [s.reshape(-1) if kind == "PER_TENSOR" else np.broadcast_to(s.reshape(hkv, 1, -1), (hkv, 1, d)).copy()
+              for s in scales]
+    return ([b.const(scales[0], "k_scale"), b.const(scales[1], "v_scale")],
+            dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8))
+
+
 def lower_ort_gqa(node, b: Builder) -> None:
-    """onnxruntime: RotaryEmbedding-23 on q and k (ORT GQA's own rotary ignores position_ids at the first prompt:
-    measured on 1.31 CPU, wrong for left padding), then com.microsoft.GroupQueryAttention without rotary, past and
-    present as separate [B, Hkv, P|T, D] buffers, left padding masked through attention_bias. With inputs 9 and 10
-    (k/v scales, appended by lower.fold_kv_cache_quantization) the cache is int8 inside GQA: PER_TENSOR for a [1]
-    scale, else PER_CHANNEL with the scale as float32 [Hkv, 1, D] (a per-head scale repeated over D)."""
+    """onnxruntime: com.microsoft.GroupQueryAttention, past and present [B, Hkv, P|T, D] (the runtime may bind one
+    buffer as both). With inputs 9 and 10 (k/v scales, appended by lower.fold_kv_cache_quantization) the cache is
+    int8 inside GQA. Two forms, by the lowering option `padded_batches` (default True):
+
+    - padded: RotaryEmbedding-23 on q and k before GQA (ORT GQA's own rotary ignores position_ids at the first
+      prompt: measured on 1.31 CPU, wrong for left padding), GQA with do_rotary=0, left padding masked through
+      an attention_bias built once per graph. General, but ORT's CUDA GQA then runs no flash/XQA decode kernel,
+      takes no int8 cache, and the bias's shape grows every step (no CUDA graph).
+    - unpadded (False): every row of a batch is the same length. GQA rotates q and k itself (do_rotary=1,
+      interleaved: positions are cache indices, which are ChatGLM's positions when no row is padded), no bias,
+      seqlens_k from the mask's sum: GQA's fast decode path, the int8 cache inside it, CUDA graphs possible."""
     hq, hkv, scale = b.attr("num_heads"), b.attr("kv_num_heads"), b.attr("scale")
-    q = _rotary(b, b.input(0), hq)
-    k = _rotary(b, b.input(1), hkv)
-    seqlens_k, total = b.shared("gqa_lengths", _gqa_lengths)
-    bias = b.shared("attention_bias", _attention_bias)
-    inputs = [q, k, b.input(2), b.input(3), b.input(4), seqlens_k, total, "", "", "", bias]
+    padded = b.view.options.get("padded_batches", True)
+    if padded:
+        q, k = _rotary(b, b.input(0), hq), _rotary(b, b.input(1), hkv)
+        seqlens_k, total = b.shared("gqa_lengths", _gqa_lengths)
+        inputs = [q, k, b.input(2), b.input(3), b.input(4), seqlens_k, total, "", "", "",
+                  b.shared("attention_bias", _attention_bias)]
+        rotary = {}
+    else:
+        seqlens_k, total = b.shared("gqa_lengths_dense", _gqa_lengths_dense)
+        inputs = [b.input(0), b.input(1), b.input(2), b.input(3), b.input(4), seqlens_k, total, b.input(7),
+                  b.input(8)]
+        rotary = dict(do_rotary=1, rotary_interleaved=1)
     quant = {}
     if b.input(9):
-        d = (b.view.dims(b.input(3)) or [None] * 4)[3]
-        if not isinstance(d, int):
-            raise ValueError(f"past key '{b.input(3)}' needs a static head dim for an int8 cache in GQA")
-        scales = [b.array(b.input(i)).astype(np.float32) for i in (9, 10)]
-        kind = "PER_TENSOR" if scales[0].size == 1 else "PER_CHANNEL"
-        if kind == "PER_CHANNEL":
-            scales = [np.broadcast_to(s.reshape(hkv, 1, -1), (hkv, 1, d)).copy() for s in scales]
-        inputs += ["", b.const(scales[0].reshape(-1) if kind == "PER_TENSOR" else scales[0], "k_scale"),
-                   b.const(scales[1].reshape(-1) if kind == "PER_TENSOR" else scales[1], "v_scale")]
-        quant = dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8)
+        scales, quant = _gqa_int8_cache(b, hkv)
+        inputs += [""] * (12 - len(inputs)) + scales
     b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=list(node.output[:3]), num_heads=hq,
-         kv_num_heads=hkv, scale=scale, **quant)
+         kv_num_heads=hkv, scale=scale, **rotary, **quant)

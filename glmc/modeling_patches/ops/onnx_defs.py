@@ -102,6 +102,14 @@ class GraphView:
         t = self.initializers.get(name)
         return list(t.dims) if t is not None else None
 
+    def elem_type(self, name: str) -> int | None:
+        """ONNX element type of a graph input / value_info / output / initializer, if known."""
+        for v in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            if v.name == name:
+                return v.type.tensor_type.elem_type
+        t = self.initializers.get(name)
+        return t.data_type if t is not None else None
+
     def array(self, name: str) -> np.ndarray | None:
         t = self.initializers.get(name)
         if t is None:

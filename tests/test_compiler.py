@@ -528,7 +528,10 @@ def test_cache_reruns_only_what_changed(project, monkeypatch, capsys):
     assert ran(compile_(project["config"], "precision.weights=float", "verify.steps=3")) == {"verify"}
     assert ran(compile_(project["config"], "precision.weights=float", "tensorrt.workspace_mb=128")) == \
         {"engine:tensorrt"}
-    assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=1")) == {"engine:tensorrt"}
+    assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=3")) == {"engine:tensorrt"}
+    # batch 1: the onnxruntime lowering drops padding support (onnxruntime.padded_batches defaults to max_batch > 1)
+    assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=1")) == {
+        "engine:tensorrt", "lower:onnxruntime", "verify"}
     changed = ran(compile_(project["config"], "precision.weights=float", "limits.max_sequence_length=128"))
     assert changed == {"export", "simplify", "lower:onnx", "lower:reference", "lower:onnxruntime", "lower:tensorrt",
                        "engine:tensorrt", "verify"}  # the rotary tables in the graph are that long
@@ -676,3 +679,22 @@ def test_int8_activations_option(tmp_path):
     ver = m["verification"]["targets"]
     assert m["verification"]["passed"] and 0 < ver["onnxruntime"]["prefill_rel"] < 3e-2
     assert ver["reference"]["prefill_rel"] < 1e-4
+
+
+def test_unpadded_and_folded_kv8_options(tmp_path):
+    """onnxruntime.padded_batches defaults to limits.max_batch > 1; false (with fold_kv8 on an int8 cache) lowers
+    GroupQueryAttention to its unpadded form with the int8 cache inside, verified row by row to fold_kv8's bound;
+    the runtime config says so, and the backend shares the int8 buffer."""
+    assert schema.load([], ["limits.max_batch=1"], check_files=False).get("onnxruntime.padded_batches") is False
+    assert schema.load([], ["limits.max_batch=2"], check_files=False).get("onnxruntime.padded_batches") is True
+    with pytest.raises(ConfigError, match=r"--set onnxruntime\.fold_kv8=true: .*precision\.kv_cache is float"):
+        schema.load([], ["onnxruntime.fold_kv8=true"], check_files=False)
+    m = compile_(CONFIGS / "glmc-tiny-kv8.yaml", f"output={tmp_path}/b", f"cache_dir={tmp_path}/c",
+                 "onnxruntime.padded_batches=false", "onnxruntime.fold_kv8=true", "targets=[onnxruntime]")
+    assert m["targets"]["onnxruntime"]["lowering"]["kv_cache"]["padding"] == "none"
+    ver = m["verification"]
+    assert ver["passed"] and ver["targets"]["onnxruntime"]["greedy_agree"] == ver["targets"]["onnxruntime"]["steps"]
+    assert 0 < ver["targets"]["onnxruntime"]["prefill_rel"] < 0.2
+    from glmc.runtime.loader import make_backend, open_build
+    backend = make_backend(open_build(tmp_path / "b"), "onnxruntime", "cpu")
+    assert backend.shared and backend.kv_type == np.int8 and not backend.padded

@@ -153,6 +153,34 @@ def test_onnxruntime_folded_int8_cache(tmp_path):
     assert float((logits - want).abs()[mask.bool()].max() / want.abs().max()) < 0.3  # quantize-then-attend
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "kv8"])
+def test_unpadded_onnxruntime_lowering(precision, tmp_path):
+    """padded_batches=False: GQA rotates q and k itself (do_rotary), takes no attention bias and gets seqlens from
+    the mask's sum; fp16 norms lose their cast sandwich. verify runs it row by row (each prompt unpadded). kv8 is
+    folded into GQA here and held to the compiler's bound for that (0.2: it attends to quantized new tokens)."""
+    model = tiny_model("chatglm3-6b") if precision == "fp32" else quantized_tiny(precision)
+    export(model, tmp_path / "model.onnx")
+    path = tmp_path / "unpadded.onnx"
+    config = lower_file(tmp_path / "model.onnx", "onnxruntime", path, padded_batches=False,
+                        fold_kv8=precision == "kv8")
+    assert config["kv_cache"]["padding"] == "none"
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "RotaryEmbedding" not in ops and "Where" not in ops and "Range" not in ops  # no rotary nodes, no bias
+    assert ops.count("Cast") == 2  # the two GQA lengths; the fp16 norms read and write fp16 themselves
+    assert ops.count("RMSNormalization") == 2 * model.config.num_layers + 1
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in gqa for a in n.attribute
+               if a.name in ("do_rotary", "rotary_interleaved"))
+    assert all(n.input[3].startswith("past_key_values.") for n in gqa)  # kv8: the int8 cache goes straight in
+    scheme = parse_precision(precision)
+    tol = tolerance_for(scheme.torch_dtype, scheme.weight_bits, False).rel if precision != "kv8" else 0.2
+    report = verify(model, {"onnxruntime": str(path)}, PROMPTS, steps=16)
+    m = report["targets"]["onnxruntime"]
+    assert max(m["prefill_rel"], m["decode_rel"]) <= tol, m
+    assert m["top1"] >= 0.95 and m["greedy_agree"] >= (16 if precision == "fp32" else 8), m
+
+
 def test_glmc_verify_command(tmp_path, capsys):
     from glmc.cli import main
     from glmc.modeling_patches.checkpoint import save_checkpoint

@@ -102,6 +102,47 @@ def test_kv8_folded_into_gqa_shares_its_buffer(quantized, tmp_path):
     assert generate(shared, PROMPTS, GREEDY) == generate(separate, PROMPTS, GREEDY)
 
 
+def test_unpadded_lowering_runs_equal_rows_and_refuses_padded_ones(fp32, tmp_path):
+    """An onnxruntime graph lowered without padding support: equal-length rows give torch's tokens through the
+    shared buffer; a batch that needs padding is refused with a message naming the file and the fix."""
+    model, paths = fp32
+    path = tmp_path / "unpadded" / "model.onnx"
+    lower_file(paths["onnxruntime"].parent.parent / "export" / "model.onnx", "onnxruntime", path, padded_batches=False)
+    backend = OnnxRuntimeBackend(path, max_length=64, max_batch=4)
+    assert backend.shared and not backend.padded and not backend.cuda_graph  # CUDA graphs: CUDA only
+    rows = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    assert generate(backend, rows, GREEDY) == generate(TorchBackend(model, 64), rows, GREEDY)
+    with pytest.raises(GlmcError, match=r"unpadded.*model.onnx.*same\s+length; got lengths \[7, 2, 4\]"):
+        generate(backend, PROMPTS, GREEDY)
+    with pytest.raises(GlmcError, match="CUDA graphs need the CUDA device"):
+        OnnxRuntimeBackend(path, max_length=64, cuda_graph=True)
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _ort_cuda(), reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+@pytest.mark.parametrize("precision", ["fp16", "kv8"])
+def test_cuda_graph_decode_equals_plain_decode(precision, tmp_path):  # pragma: no cover - GPU machine only
+    """On CUDA, an unpadded fp16 graph (kv8: folded into GQA) decodes through captured CUDA graphs, one per batch
+    size: the same greedy tokens as the same session without graphs, for batch 2 and then batch 1."""
+    from glmc.quantization.scheme import apply_scheme, parse_precision
+    model = apply_scheme(tiny_model("chatglm3-6b"), parse_precision(precision),
+                         [torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    export(model, tmp_path / "export" / "model.onnx")
+    path = tmp_path / "unpadded" / "model.onnx"
+    lower_file(tmp_path / "export" / "model.onnx", "onnxruntime", path, padded_batches=False,
+               fold_kv8=precision == "kv8")
+    graphs = OnnxRuntimeBackend(path, max_length=64, max_batch=2, device="cuda")
+    plain = OnnxRuntimeBackend(path, max_length=64, max_batch=2, device="cuda", cuda_graph=False)
+    assert graphs.cuda_graph and graphs.shared and not plain.cuda_graph
+    for rows in ([[5, 6, 7, 8], [9, 10, 11, 12]], [[5, 6, 7]], [[9, 10, 11, 12]]):
+        assert generate(graphs, rows, GREEDY) == generate(plain, rows, GREEDY), rows
+    assert sorted(graphs._graph_inputs) == [1, 2]
+
+
 @pytest.mark.parametrize("target", ["reference", "onnxruntime"])
 def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, target, tmp_path):
     """The KV cache is never copied through the host: every step binds the buffers allocated by new_cache (one per

@@ -200,7 +200,7 @@ def make_lower(target: str) -> Callable[[Context, Path], dict]:
         runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx",
                              accuracy_level=4 if ort and ctx.cfg.get("precision.int8_activations") else 0,
                              fold_kv8=ort and ctx.cfg.get("onnxruntime.fold_kv8"),
-                             padded_batches=not ort or padded_batches(ctx.cfg))
+                             padded_batches=not ort or ctx.cfg.get("onnxruntime.padded_batches"))
         return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
                 "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
     return run_lower
@@ -277,13 +277,6 @@ def run_verify(ctx: Context, out: Path) -> dict:
     return report
 
 
-def padded_batches(cfg: CompileConfig) -> bool:
-    """Whether the onnxruntime lowering takes left-padded batches (onnxruntime.padded_batches; default: batches
-    larger than 1 are allowed)."""
-    padded = cfg.get("onnxruntime.padded_batches")
-    return cfg.get("limits.max_batch") > 1 if padded is None else padded
-
-
 def lowered_targets(cfg: CompileConfig) -> list[str]:
     """The config's targets, plus `reference` when verification needs something ONNX Runtime can run."""
     lowered = list(cfg.get("targets"))
@@ -307,7 +300,7 @@ def plan(cfg: CompileConfig) -> list[Stage]:
     ]
     lowered = lowered_targets(cfg)
     for t in lowered:
-        keys = ("precision.int8_activations", "onnxruntime", "limits.max_batch") if t == "onnxruntime" else ()
+        keys = ("precision.int8_activations", "onnxruntime") if t == "onnxruntime" else ()
         stages.append(Stage(f"lower:{t}", keys, ("simplify",), make_lower(t)))
     if "tensorrt" in targets:
         stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))

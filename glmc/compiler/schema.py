@@ -447,6 +447,8 @@ def validate(tree: dict, where: dict, files: list | None = None, check_files: bo
     trt["opt_input_length"] = trt["opt_input_length"] or min(128, lim["max_input_length"])
     if trt["opt_past_length"] is None:
         trt["opt_past_length"] = lim["max_sequence_length"] // 2
+    if data["onnxruntime"]["padded_batches"] is None:
+        data["onnxruntime"]["padded_batches"] = lim["max_batch"] > 1
     if check_files:
         _check_checkpoint(data, where)
     cfg = CompileConfig(data, where, [str(f) for f in files or []])

@@ -15,8 +15,14 @@ device (CPU, or CUDA with `ortvalue_from_shape_and_type(..., "cuda", 0)`), alloc
 
 A batch smaller than `max_batch` binds a prefix of each buffer (rows are outermost, so a prefix is contiguous).
 Only the small inputs (ids, positions, mask) go host -> device per step, and only the last position's logits come
-back (on CUDA the logits land in a torch buffer sliced on the device). CUDA graphs are not used: every step's
-mask and past shapes grow, and ORT replays a captured graph only for fixed shapes and addresses.
+back (on CUDA the logits land in a torch buffer sliced on the device).
+
+CUDA graphs (ORT's `enable_cuda_graph`): ORT replays a captured graph only for fixed shapes and addresses. A graph
+lowered without padding (runtime config `kv_cache.padding: "none"`) with a shared cache has them at every decode
+step: ids and positions [B, 1], the mask bound at its full width [B, max_length] (ones for the T tokens, then
+zeros: GQA takes the lengths from the mask's sum), the cache [B, Hkv, max_length, D], and the logits [B, 1, V],
+all in device buffers kept per batch size and updated in place. So decode steps run as one graph per batch size
+(run option `gpu_graph_id` = B), captured by ORT on first use; prefills run normally (`gpu_graph_id` -1).
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_path: str | Path, max_length: int, max_batch: int = 1, device: str = "cpu",
                  max_input_length: int | None = None, threads: int = 0, profile: str | None = None,
-                 share_buffer: bool | None = None, session_options: Any = None):
+                 share_buffer: bool | None = None, session_options: Any = None, cuda_graph: bool | None = None):
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
@@ -112,17 +118,24 @@ class OnnxRuntimeBackend:
         self.max_input_length = int(max_input_length or max_length)
         self.device = device
         providers, self.device_type, self.device_id = providers_for(device)
+        self._ort = ort
         so = session_options or ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         if profile:  # ORT's own per-node profile (JSON); used to check that no copy nodes run per step
             so.enable_profiling = True
             so.profile_file_prefix = profile
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; say which file failed
-            raise GlmcError(f"{self.path}: ONNX Runtime could not load the model: {str(e).splitlines()[0][:400]}"
-                            ) from None
+        self.padded = self.config.get("kv_cache", {}).get("padding", "left") != "none"
+        if cuda_graph and (self.device_type != "cuda" or self.padded):
+            raise GlmcError(f"{self.path}: CUDA graphs need the CUDA device and a graph lowered without padding "
+                            "(onnxruntime.padded_batches: false)")
+        # CUDA graphs: asked for, or by default where the runtime config promises what they need (checked below)
+        want_graph = cuda_graph if cuda_graph is not None else (
+            self.device_type == "cuda" and not self.padded and share_buffer is not False
+            and self.config.get("kv_cache", {}).get("dtype") not in (None, "float"))
+        self.session = self._open_graph(so, providers) if want_graph else None
+        self.cuda_graph = self.session is not None
+        self.session = self.session or self._open(so, providers)
         self._describe_io()
         if share_buffer is None:  # the runtime config's word, else whether the graph allows it
             share_buffer = self.shared or (self.config.get("model", {}).get("target") == "onnxruntime"
@@ -133,12 +146,37 @@ class OnnxRuntimeBackend:
             # second step). Separate past/present buffers stay correct.
             share_buffer = False
         self.shared = bool(share_buffer)
+        if self.cuda_graph and not self.shared:
+            if cuda_graph:
+                raise GlmcError(f"{self.path}: CUDA graphs need a KV buffer shared by past and present (a float16/"
+                                "bfloat16 cache, or an int8 one folded into GroupQueryAttention)")
+            self.cuda_graph, self.session = False, self._open(so, providers)
+        self._run_options = {}  # gpu_graph_id -> RunOptions
+        self._graph_inputs: dict[int, dict] = {}  # batch -> device OrtValues of ids/positions/mask + host mask
+        self._decode_logits: torch.Tensor | None = None  # fixed address: a captured graph writes here
         self._torch_logits = self.device_type == "cuda" and torch.cuda.is_available()
         self._logits_buffer: torch.Tensor | None = None
         self._logits_at: int | None = None
         self._buffers: list[list[Any]] = []  # per cache tensor: 1 or 2 OrtValues of [max_batch, Hkv, max_length, D]
         self._generation = 0
         self.bound_pointers: set[int] = set()  # every KV pointer ever bound (tests: the same buffers every step)
+
+    def _open(self, so, providers):
+        try:
+            return self._ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; say which file failed
+            raise GlmcError(f"{self.path}: ONNX Runtime could not load the model: {str(e).splitlines()[0][:400]}"
+                            ) from None
+
+    def _open_graph(self, so, providers):
+        """A session with CUDA graphs on, or None (with a warning) where ORT refuses them for this graph."""
+        try:
+            return self._open(so, [("CUDAExecutionProvider", dict(providers[0][1], enable_cuda_graph="1"))]
+                              + providers[1:])
+        except GlmcError as e:
+            import warnings
+            warnings.warn(f"CUDA graphs are off: {e}", stacklevel=3)
+            return None
 
     # ------------------------------------------------------------------------------------------ graph I/O
 
@@ -236,15 +274,28 @@ class OnnxRuntimeBackend:
             raise GlmcError(f"step shapes do not follow the cache: batch {batch} (cache {cache.batch}), mask of "
                             f"{total} positions for {cache.length} cached + {seq} new")
         check_step(total, seq, cache.length, self.max_length, self.max_input_length, self.path)
+        if not self.padded and cache.length == 0 and not bool(attention_mask.all()):
+            lengths = attention_mask.sum(1).tolist()
+            raise GlmcError(f"{self.path}: this model was compiled without padding support "
+                            f"(onnxruntime.padded_batches: false), so the prompts of one batch must have the same "
+                            f"length; got lengths {lengths}. Run them separately, or rebuild with "
+                            "onnxruntime.padded_batches: true")
         io = cache.io
-        io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
-        io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
-        io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
+        graph = self.cuda_graph and seq == 1
+        if graph:
+            self._bind_graph_inputs(io, input_ids, position_ids, total)
+        else:
+            io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
+            io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
+            io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
         if not cache.kv_bound:  # a shared buffer keeps its pointer and shape: bound once per generation
             self._bind_kv(io, cache, total)
             cache.kv_bound = self.shared
         buf = self._bind_logits(io, batch, seq)
-        self.session.run_with_iobinding(io)
+        if self.cuda_graph:
+            self.session.run_with_iobinding(io, self._graph_run_options(batch if graph else -1))
+        else:
+            self.session.run_with_iobinding(io)
         cache.length, cache.parity = total, 1 - cache.parity
         if buf is not None:
             last = buf[:batch * seq * self.vocab_size].view(batch, seq, -1)[:, -1]
@@ -252,20 +303,55 @@ class OnnxRuntimeBackend:
         logits = io.get_outputs()[self._logits_index(io)]
         return torch.from_numpy(np.asarray(logits.numpy()[:, -1], dtype=np.float32)), cache
 
+    def _graph_run_options(self, graph_id: int):
+        if graph_id not in self._run_options:
+            ro = self._ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._run_options[graph_id] = ro
+        return self._run_options[graph_id]
+
+    def _bind_graph_inputs(self, io, input_ids: torch.Tensor, position_ids: torch.Tensor, total: int) -> None:
+        """A decode step's ids, positions and full-width mask, copied into this batch size's device buffers."""
+        from onnxruntime import OrtValue
+
+        batch = input_ids.shape[0]
+        st = self._graph_inputs.get(batch)
+        if st is None:
+            def device(a):
+                return OrtValue.ortvalue_from_numpy(a, self.device_type, self.device_id)
+            st = {"mask_host": np.zeros((batch, self.max_length), np.int64)}
+            st.update(ids=device(np.zeros((batch, 1), np.int64)), pos=device(np.zeros((batch, 1), np.int64)),
+                      mask=device(st["mask_host"]))
+            self._graph_inputs[batch] = st
+        st["ids"].update_inplace(np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
+        st["pos"].update_inplace(np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
+        st["mask_host"][:, :total] = 1
+        st["mask_host"][:, total:] = 0
+        st["mask"].update_inplace(st["mask_host"])
+        for name, key in ((self.ids_name, "ids"), (self.pos_name, "pos"), (self.mask_name, "mask")):
+            io.bind_ortvalue_input(name, st[key])
+
     def _bind_logits(self, io, batch: int, seq: int) -> torch.Tensor | None:
         """Bind the logits output to a reused torch buffer (on CUDA always, so that only the last position crosses
-        to the host; on CPU for decode steps, so no output list is built per step); None: ORT allocates it."""
+        to the host; on CPU for decode steps, so no output list is built per step); None: ORT allocates it. Decode
+        steps write to a buffer of their own that never moves (a captured CUDA graph holds its address)."""
         if not (self._torch_logits or seq == 1):
             io.bind_output(self.logits_name, self.device_type, self.device_id)
             return None
+        device = f"cuda:{self.device_id}" if self.device_type == "cuda" else "cpu"
         n = batch * seq * self.vocab_size
-        if self._logits_buffer is None or self._logits_buffer.numel() < n:
-            device = f"cuda:{self.device_id}" if self.device_type == "cuda" else "cpu"
-            self._logits_buffer = torch.empty(max(n, self.max_batch * self.vocab_size), dtype=self.logits_torch,
-                                              device=device)
+        if seq == 1:
+            if self._decode_logits is None:
+                self._decode_logits = torch.empty(self.max_batch * self.vocab_size, dtype=self.logits_torch,
+                                                  device=device)
+            buf = self._decode_logits
+        else:
+            if self._logits_buffer is None or self._logits_buffer.numel() < n:
+                self._logits_buffer = torch.empty(n, dtype=self.logits_torch, device=device)
+            buf = self._logits_buffer
         io.bind_output(self.logits_name, self.device_type, self.device_id, self.logits_type,
-                       [batch, seq, self.vocab_size], self._logits_buffer.data_ptr())
-        return self._logits_buffer
+                       [batch, seq, self.vocab_size], buf.data_ptr())
+        return buf
 
     def _logits_index(self, io) -> int:
         """Position of the logits among the bound outputs (get_outputs follows the first binding order)."""

@@ -134,7 +134,7 @@ class OnnxRuntimeBackend:
             self.device_type == "cuda" and not self.padded and share_buffer is not False
             and self.config.get("kv_cache", {}).get("dtype") not in (None, "float"))
         self.session = self._open_graph(so, providers) if want_graph else None
-        self.cuda_graph = self.session is not None
+        self.cuda_graph = self.session is not None  # decode steps replay graphs (benchmarks may switch it off)
         self.session = self.session or self._open(so, providers)
         self._describe_io()
         if share_buffer is None:  # the runtime config's word, else whether the graph allows it
@@ -151,6 +151,7 @@ class OnnxRuntimeBackend:
                 raise GlmcError(f"{self.path}: CUDA graphs need a KV buffer shared by past and present (a float16/"
                                 "bfloat16 cache, or an int8 one folded into GroupQueryAttention)")
             self.cuda_graph, self.session = False, self._open(so, providers)
+        self._graph_session = self.cuda_graph  # the session was made with enable_cuda_graph: every run says its id
         self._run_options = {}  # gpu_graph_id -> RunOptions
         self._graph_inputs: dict[int, dict] = {}  # batch -> device OrtValues of ids/positions/mask + host mask
         self._decode_logits: torch.Tensor | None = None  # fixed address: a captured graph writes here
@@ -292,7 +293,7 @@ class OnnxRuntimeBackend:
             self._bind_kv(io, cache, total)
             cache.kv_bound = self.shared
         buf = self._bind_logits(io, batch, seq)
-        if self.cuda_graph:
+        if self._graph_session:
             self.session.run_with_iobinding(io, self._graph_run_options(batch if graph else -1))
         else:
             self.session.run_with_iobinding(io)

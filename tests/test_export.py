@@ -155,9 +155,10 @@ def test_onnxruntime_folded_int8_cache(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "kv8"])
 def test_unpadded_onnxruntime_lowering(precision, tmp_path):
-    """padded_batches=False: GQA rotates q and k itself (do_rotary), takes no attention bias and gets seqlens from
-    the mask's sum; fp16 norms lose their cast sandwich. verify runs it row by row (each prompt unpadded). kv8 is
-    folded into GQA here and held to the compiler's bound for that (0.2: it attends to quantized new tokens)."""
+    """padded_batches=False: GQA takes the fused QKV packed, rotates q and k itself (do_rotary), takes no attention
+    bias and gets seqlens from the mask's sum; fp16 norms lose their cast sandwich and take the residual Add in
+    (SkipSimplifiedLayerNormalization). verify runs it row by row (each prompt unpadded). kv8 is folded into GQA
+    here and held to the compiler's bound for that (0.2: it attends to quantized new tokens)."""
     model = tiny_model("chatglm3-6b") if precision == "fp32" else quantized_tiny(precision)
     export(model, tmp_path / "model.onnx")
     path = tmp_path / "unpadded.onnx"
@@ -168,8 +169,11 @@ def test_unpadded_onnxruntime_lowering(precision, tmp_path):
     ops = [n.op_type for n in graph.node]
     assert "RotaryEmbedding" not in ops and "Where" not in ops and "Range" not in ops  # no rotary nodes, no bias
     assert ops.count("Cast") == 2  # the two GQA lengths; the fp16 norms read and write fp16 themselves
-    assert ops.count("RMSNormalization") == 2 * model.config.num_layers + 1
+    layers = model.config.num_layers
+    assert ops.count("RMSNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("Split") == layers and ops.count("Add") == layers  # the MLP's [gate | up]; the QKV bias
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" for n in gqa)  # packed QKV
     assert all(onnx.helper.get_attribute_value(a) == 1 for n in gqa for a in n.attribute
                if a.name in ("do_rotary", "rotary_interleaved"))
     assert all(n.input[3].startswith("past_key_values.") for n in gqa)  # kv8: the int8 cache goes straight in

@@ -149,6 +149,7 @@ def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None
     view = GraphView(graph, base_dir, {"accuracy_level": accuracy_level, "padded_batches": padded_batches})
     if target == "onnxruntime":
         fold_norm_casts(view)
+        fuse_residual_norms(view)
     nodes = []
     for node in graph.node:
         lower = table.get(node.op_type) if node.domain == DOMAIN else None
@@ -164,6 +165,7 @@ def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None
     del graph.node[:]
     graph.node.extend(nodes)
     used = {n.op_type for n in nodes if n.domain == DOMAIN}
+    _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
     opsets = {o.domain: o.version for o in model.opset_import}
     opsets.update(view.opsets)
@@ -172,6 +174,47 @@ def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None
     del model.opset_import[:]
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
     return model
+
+
+def fuse_residual_norms(view: GraphView) -> int:
+    """Add(x, y) -> RMSNormalization becomes com.microsoft.SkipSimplifiedLayerNormalization(x, y, scale), whose
+    output 3 is the sum the next residual Add reads: one kernel for two, twice per layer. Returns the count."""
+    graph = view.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    fused = set()
+    for i, norm in enumerate(graph.node):
+        add = producer.get(norm.input[0]) if norm.op_type == "RMSNormalization" and norm.domain in ("", "ai.onnx") \
+            else None
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or id(add) in fused:
+            continue
+        types = {view.elem_type(x) for x in add.input} | {view.elem_type(norm.input[1])}
+        if len(types - {None}) > 1 or any(x in view.initializers for x in add.input):
+            continue  # (one type for all three; a constant operand is a bias, not a residual)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norm.attribute}
+        if attrs.get("axis", -1) != -1:
+            continue
+        graph.node[i].CopyFrom(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", add.output[0]], name=norm.name, domain="com.microsoft",
+            epsilon=attrs.get("epsilon", 1e-5)))
+        fused.add(id(add))
+    if fused:
+        keep = [n for n in graph.node if id(n) not in fused]
+        del graph.node[:]
+        graph.node.extend(keep)
+        view.opsets["com.microsoft"] = 1
+    return len(fused)
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Nodes none of whose outputs anything reads (e.g. a Split whose parts GQA now takes packed)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        keep = [n for n in graph.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -218,6 +218,16 @@ def _gqa_int8_cache(b: Builder, hkv: int) -> tuple[list[str], dict]:
             dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8))
 
 
+def _packed_qkv(b: Builder) -> list[str]:
+    """query, key, value for GQA: the fused [B, S, (Hq + 2 Hkv) D] tensor with empty key and value when the three
+    are the parts, in order, of one Split along the last axis (the Split then goes: lower._drop_dead_nodes)."""
+    split = b.view.producer(b.input(0))
+    if (split is not None and split.op_type == "Split" and list(split.output) == [b.input(i) for i in range(3)]
+            and {a.name: a.i for a in split.attribute}.get("axis") in (-1, 2)):
+        return [split.input[0], "", ""]
+    return [b.input(0), b.input(1), b.input(2)]
+
+
 def lower_ort_gqa(node, b: Builder) -> None:
     """onnxruntime: com.microsoft.GroupQueryAttention, past and present [B, Hkv, P|T, D] (the runtime may bind one
     buffer as both). With inputs 9 and 10 (k/v scales, appended by lower.fold_kv_cache_quantization) the cache is
@@ -229,7 +239,8 @@ def lower_ort_gqa(node, b: Builder) -> None:
       takes no int8 cache, and the bias's shape grows every step (no CUDA graph).
     - unpadded (False): every row of a batch is the same length. GQA rotates q and k itself (do_rotary=1,
       interleaved: positions are cache indices, which are ChatGLM's positions when no row is padded), no bias,
-      seqlens_k from the mask's sum: GQA's fast decode path, the int8 cache inside it, CUDA graphs possible."""
+      seqlens_k from the mask's sum, the fused QKV packed: GQA's fast decode path, the int8 cache inside it, CUDA
+      graphs possible."""
     hq, hkv, scale = b.attr("num_heads"), b.attr("kv_num_heads"), b.attr("scale")
     padded = b.view.options.get("padded_batches", True)
     if padded:
@@ -240,8 +251,7 @@ def lower_ort_gqa(node, b: Builder) -> None:
         rotary = {}
     else:
         seqlens_k, total = b.shared("gqa_lengths_dense", _gqa_lengths_dense)
-        inputs = [b.input(0), b.input(1), b.input(2), b.input(3), b.input(4), seqlens_k, total, b.input(7),
-                  b.input(8)]
+        inputs = [*_packed_qkv(b), b.input(3), b.input(4), seqlens_k, total, b.input(7), b.input(8)]
         rotary = dict(do_rotary=1, rotary_interleaved=1)
     quant = {}
     if b.input(9):

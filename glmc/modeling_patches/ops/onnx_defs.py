@@ -102,6 +102,12 @@ class GraphView:
         t = self.initializers.get(name)
         return list(t.dims) if t is not None else None
 
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node of the graph being lowered that outputs `name` (None for inputs and initializers)."""
+        if "producers" not in self._shared:
+            self._shared["producers"] = {o: n for n in self.graph.node for o in n.output}
+        return self._shared["producers"].get(name)
+
     def elem_type(self, name: str) -> int | None:
         """ONNX element type of a graph input / value_info / output / initializer, if known."""
         for v in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):

@@ -301,13 +301,13 @@ def profile_decode(backend, device: str, steps: int = 16) -> dict:
 
 def measure(backend, device: str) -> dict:
     graphs = getattr(backend, "cuda_graph", False)
-    time_generate(backend, 1, 16, 8)  # warm-up: session init, graph capture for batch 1, allocator
+    time_generate(backend, 1, PROMPT, 8)  # warm-up at the measured length: kernel choice, batch-1 graph, arena
     r = {"cuda_graph": graphs, "b1": time_generate(backend, 1, PROMPT, NEW)}
     if graphs:  # the same session without replaying graphs (each step launches every kernel from the host)
         backend.cuda_graph = False
         r["b1_no_graph"] = time_generate(backend, 1, PROMPT, 64)
         backend.cuda_graph = True
-    time_generate(backend, BIG_BATCH, 16, 4)  # warm-up of the batch-16 graph
+    time_generate(backend, BIG_BATCH, PROMPT, 4)  # warm-up of the batch-16 graph
     r[f"b{BIG_BATCH}"] = time_generate(backend, BIG_BATCH, PROMPT, NEW)
     r["long"] = time_generate(backend, 1, LONG_PROMPT, LONG_NEW)
     r["prefill_tps"] = time_prefill(backend, PREFILL)

@@ -185,6 +185,37 @@ def test_unpadded_onnxruntime_lowering(precision, tmp_path):
     assert m["top1"] >= 0.95 and m["greedy_agree"] >= (16 if precision == "fp32" else 8), m
 
 
+def test_near_ties_are_excused_and_clear_flips_are_not():
+    """verify.compare: a target whose argmax differs from torch's where torch's top two logits are within tie_rel
+    of the largest logit agrees "or ties"; greedy decoding that first diverges there passes; a flip of a clear
+    decision does not."""
+    from glmc.export.verify import Trace, compare
+    g = torch.Generator().manual_seed(0)
+    steps, vocab = 4, 10
+    prefill = torch.randn(1, 3, vocab, generator=g)
+    decode = [torch.randn(1, vocab, generator=g) for _ in range(steps - 1)]
+    decode[1][0, :2] = torch.tensor([5.0, 4.999])  # step 2's token: a near tie between tokens 0 and 1
+    mask = torch.ones(1, 3, dtype=torch.int64)
+    tokens = torch.stack([prefill[:, -1].argmax(-1)] + [d.argmax(-1) for d in decode], 1)
+    ref = Trace(prefill, mask, decode, tokens)
+
+    def target(flip_step: int, noise: float) -> tuple[Trace, Trace]:
+        dec = [d + noise for d in decode]
+        dec[flip_step - 1] = dec[flip_step - 1].clone()
+        dec[flip_step - 1][0, [0, 1]] = dec[flip_step - 1][0, [1, 0]]  # swap the two top logits at that step
+        free_tokens = tokens.clone()
+        free_tokens[0, flip_step:] = (tokens[0, flip_step:] + 1) % vocab
+        return Trace(prefill + noise, mask, dec, tokens), Trace(prefill, mask, dec, free_tokens)
+
+    tie_rel = 2 * torch.finfo(torch.float16).eps  # what verify uses for fp16 models
+    tie = compare(ref, *target(2, 1e-3), tie_rel=tie_rel)
+    assert tie["top1"] < 1 and tie["top1_or_tie"] == 1 and tie["greedy_agree"] == 2 and tie["greedy_diverged_at_tie"]
+    decode[1][0, :2] = torch.tensor([5.0, 3.0])  # now a clear decision: the same swap is a real error
+    ref = Trace(prefill, mask, decode, tokens)
+    clear = compare(ref, *target(2, 1e-3), tie_rel=tie_rel)
+    assert clear["top1_or_tie"] < 1 and not clear["greedy_diverged_at_tie"]
+
+
 def test_glmc_verify_command(tmp_path, capsys):
     from glmc.cli import main
     from glmc.modeling_patches.checkpoint import save_checkpoint
@@ -235,6 +266,7 @@ def test_shipped_model_lowerings_match_torch(precision, tmp_path):
     report = tmp_path / "report.json"
     assert main(["verify", "--precision", precision, "--steps", "16", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
-    for target, m in data["targets"].items():
-        assert m["greedy_agree"] == 16 and m["top1"] == 1.0, (target, m)
+    for target, m in data["targets"].items():  # (fp16: a near-tie flip is allowed, verify.Tolerance)
+        assert m["passed"] and m["top1_or_tie"] == 1.0, (target, m)
+        assert m["greedy_agree"] == 16 or (precision != "fp32" and m["greedy_diverged_at_tie"]), (target, m)
         assert max(m["prefill_rel"], m["decode_rel"]) < (1e-5 if precision == "fp32" else 5e-3), (target, m)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             vt.add_column(col)
         for name, r in v.get("targets", {}).items():
             vt.add_row(name, f"{r['prefill_rel']:.2g}", f"{r['decode_rel']:.2g}", f"{r['top1']:.1%}",
-                       f"{r['greedy_agree']}/{r['steps']}", "pass" if r["passed"] else "FAIL")
+                       f"{r['greedy_agree']}/{r['steps']}" + (" (tie)" if r.get("greedy_diverged_at_tie") else ""), "pass" if r["passed"] else "FAIL")
         con.print(vt)
         if "tensorrt" in v.get("targets", {}):
             con.print("           (tensorrt: the ONNX graph the engine was built from, run in ONNX Runtime; the engine "

@@ -269,7 +269,8 @@ def run_verify(ctx: Context, out: Path) -> dict:
     report["prompts"] = prompts
     (out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     summary = ", ".join(f"{t}: rel {max(m['prefill_rel'], m['decode_rel']):.2g}, top-1 {m['top1']:.0%}, greedy "
-                        f"{m['greedy_agree']}/{m['steps']}{'' if m['passed'] else ' FAIL'}"
+                        f"{m['greedy_agree']}/{m['steps']}{' (tie)' if m.get('greedy_diverged_at_tie') else ''}"
+                        f"{'' if m['passed'] else ' FAIL'}"
                         for t, m in report["targets"].items())
     report["summary"] = summary
     if not report["passed"]:

@@ -102,19 +102,18 @@ def fold_norm_casts(view: GraphView) -> int:
     count. (bf16 graphs keep their casts: numpy has no bf16 to check the scale with.)"""
     graph = view.graph
     producer = {o: n for n in graph.node for o in n.output}
-    uses: dict[str, int] = {}
+    consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+            consumers.setdefault(i, []).append(n)
     half = onnx.TensorProto.FLOAT16
     dropped, folded = set(), 0
     for norm in graph.node:
         if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx"):
             continue
-        up = producer.get(norm.input[0])
-        down = [n for n in graph.node if n.op_type == "Cast" and list(n.input) == [norm.output[0]]]
-        if (up is None or up.op_type != "Cast" or uses.get(up.output[0]) != 1 or uses.get(norm.output[0]) != 1
-                or len(down) != 1 or norm.input[1] not in view.initializers
+        up, down = producer.get(norm.input[0]), consumers.get(norm.output[0], [])
+        if (up is None or up.op_type != "Cast" or len(consumers.get(up.output[0], [])) != 1 or len(down) != 1
+                or down[0].op_type != "Cast" or norm.input[1] not in view.initializers
                 or {a.name: a.i for a in down[0].attribute}.get("to") != half
                 or view.elem_type(up.input[0]) not in (half, None)):
             continue

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,6 @@ class OnnxRuntimeBackend:
             return self._open(so, [("CUDAExecutionProvider", dict(providers[0][1], enable_cuda_graph="1"))]
                               + providers[1:])
         except GlmcError as e:
-            import warnings
             warnings.warn(f"CUDA graphs are off: {e}", stacklevel=3)
             return None
 

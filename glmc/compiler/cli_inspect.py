@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     con.print(f"tokenizer  {m['tokenizer']['family']}: {', '.join(m['tokenizer']['files']) or 'none'} in "
               f"{m['tokenizer']['dir']}")
     for name, d in m["targets"].items():
-        con.print(f"target     {name}: {d['onnx']}\n           in:  {_io_line(d['inputs'])}\n"
+        padding = d.get("lowering", {}).get("kv_cache", {}).get("padding")
+        note = {"none": " (no padded batches: rows of a batch share one length)"}.get(padding, "")
+        con.print(f"target     {name}: {d['onnx']}{note}\n           in:  {_io_line(d['inputs'])}\n"
                   f"           out: {_io_line(d['outputs'])}")
     for name, e in m["engines"].items():
         con.print(f"engine     {name}: {e['path']} ({e['engine_bytes']:,} bytes), {e['library']} {e['version']}, "

@@ -235,9 +235,12 @@ def test_glmc_verify_command(tmp_path, capsys):
     assert "tensorrt" in capsys.readouterr().err
 
 
-def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path):
+def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path, monkeypatch):
     """The large-model path on a tiny model: weights in model.onnx.data, referenced (not copied) by the simplified
-    and lowered graphs; the onnxruntime lowering's repacked weights go to its own data file."""
+    and lowered graphs; the onnxruntime lowering's repacked weights go to its own data file. (Sharing forced: the
+    tiny int4 graph reads too little of the file to share it by default; test_a_mostly_unused_data_file_...)"""
+    from glmc.export import external
+    monkeypatch.setattr(external, "SHARE_MIN_FRACTION", 0.0)
     model = quantized_tiny("fp32+int4-g32")
     export(model, tmp_path / "model.onnx", external_data=True)
     simplify_file(tmp_path / "model.onnx", tmp_path / "model.sim.onnx")
@@ -254,6 +257,26 @@ def test_external_data_is_shared_by_simplified_and_lowered_graphs(tmp_path):
     report = verify(model, {"onnxruntime": tmp_path / "model.onnxruntime.onnx", "reference": tmp_path / "ref" /
                             "model.onnx"}, PROMPTS, steps=2)
     assert report["targets"]["onnxruntime"]["prefill_rel"] < 1e-4 and report["passed"], report
+
+
+def test_a_mostly_unused_data_file_is_not_shared(tmp_path):
+    """A lowered graph that reads less than external.SHARE_MIN_FRACTION of the export's data file (an int8
+    lowering: its codes are repacked) writes the tensors it reads to its own data file instead of linking the whole
+    file; a float lowering, which reads all of it, links it."""
+    from glmc.export.external import locations
+    for precision in ("fp32", "fp32+int8"):
+        model = tiny_model("chatglm3-6b") if precision == "fp32" else quantized_tiny(precision)
+        export(model, tmp_path / precision / "model.onnx", external_data=True)
+        out = tmp_path / precision / "lowered" / "model.onnx"
+        lower_file(tmp_path / precision / "model.onnx", "onnxruntime", out)
+        used = locations(onnx.load(str(out), load_external_data=False))
+        if precision == "fp32":
+            assert used == {"model.onnx.data"} and os.path.samefile(out.parent / "model.onnx.data",
+                                                                    tmp_path / precision / "model.onnx.data")
+        else:
+            assert used == {"model.onnx.onnxruntime.data"} and not (out.parent / "model.onnx.data").exists()
+        report = verify(model, {"onnxruntime": out}, PROMPTS, steps=4)
+        assert report["passed"] and report["targets"]["onnxruntime"]["prefill_rel"] < 1e-5, (precision, report)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8+kv8"])

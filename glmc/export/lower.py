@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from glmc.errors import GlmcError
-from glmc.export.external import locations, share
+from glmc.export.external import inline_sparse, locations, share
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN, Builder, GraphView
 
 attention, kv_cache, quantized_linear = (importlib.import_module(f"glmc.modeling_patches.ops.{m}")
@@ -260,14 +260,15 @@ def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = F
                accuracy_level: int = 0, padded_batches: bool = True) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
     that the lowering leaves alone stay in the source's data file, shared in place or hard-linked into `dst`'s
-    directory (external.share); new tensors go to `<dst>.data`."""
+    directory (external.share), unless the lowered graph uses less than 90% of that file (external.inline_sparse:
+    then the used ones are copied); new tensors go to `<dst>.data`."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src), load_external_data=False)
     external = locations(model)
     lower_model(model, target, str(src.parent), fold_kv8=fold_kv8, accuracy_level=accuracy_level,
                 padded_batches=padded_batches)
-    share(src.parent, dst.parent, external)
+    share(src.parent, dst.parent, inline_sparse(model, src.parent))
     large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
     data_name = dst.name + ".data"
     if data_name in external:  # e.g. build/onnxruntime/model.onnx next to a link of the export's model.onnx.data

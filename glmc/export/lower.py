@@ -54,10 +54,11 @@ LIMITS = {
 }
 
 
-def fold_kv_cache_quantization(graph: onnx.GraphProto) -> int:
+def fold_kv_cache_quantization(view: GraphView) -> int:
     """KVCacheDequantize -> GroupQueryAttention -> KVCacheQuantize (same scale) becomes one GroupQueryAttention
     with the int8 past/present and the two scales appended as inputs 9 and 10 (an intermediate form that only
     attention.lower_ort_gqa consumes). Returns the number of folded attentions."""
+    graph = view.graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -89,10 +90,6 @@ def fold_kv_cache_quantization(graph: onnx.GraphProto) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return folded
-
-
-# target -> graph passes that run before the op table when fold_kv8 is set (off by default: docs/onnx.md)
-FUSIONS = {"onnxruntime": [fold_kv_cache_quantization]}
 
 
 def fold_norm_casts(view: GraphView) -> int:
@@ -133,48 +130,6 @@ def fold_norm_casts(view: GraphView) -> int:
     return folded
 
 
-def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None,
-                fold_kv8: bool = False, accuracy_level: int = 0, padded_batches: bool = True) -> onnx.ModelProto:
-    """`model` with every glmc:: node replaced for `target` (in place; also returned). onnxruntime options (see
-    docs/onnx.md for what they change): fold_kv8 lets GroupQueryAttention read and write the int8 cache itself;
-    accuracy_level is MatMulNBits' (0 float compute; 4 int8 activations, fast on CPU); padded_batches=False
-    drops left-padding support for GQA's fast path (attention.lower_ort_gqa)."""
-    if target not in TARGETS:
-        raise GlmcError(f"unknown lowering target '{target}'; known: {', '.join(TARGETS)}")
-    table = TARGETS[target]
-    graph = model.graph
-    for fusion in FUSIONS.get(target, []) if fold_kv8 else []:
-        fusion(graph)
-    view = GraphView(graph, base_dir, {"accuracy_level": accuracy_level, "padded_batches": padded_batches})
-    if target == "onnxruntime":
-        fold_norm_casts(view)
-        fuse_residual_norms(view)
-    nodes = []
-    for node in graph.node:
-        lower = table.get(node.op_type) if node.domain == DOMAIN else None
-        if lower is None:
-            nodes.append(node)
-            continue
-        b = Builder(node, view)
-        try:
-            lower(node, b)
-        except ValueError as e:
-            raise GlmcError(f"lowering for {target}: {e}") from None
-        nodes.extend(b.nodes)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {n.op_type for n in nodes if n.domain == DOMAIN}
-    _drop_dead_nodes(graph)
-    _drop_unused_initializers(graph)
-    opsets = {o.domain: o.version for o in model.opset_import}
-    opsets.update(view.opsets)
-    if not used:
-        opsets.pop(DOMAIN, None)
-    del model.opset_import[:]
-    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
-    return model
-
-
 def fuse_residual_norms(view: GraphView) -> int:
     """Add(x, y) -> RMSNormalization becomes com.microsoft.SkipSimplifiedLayerNormalization(x, y, scale), whose
     output 3 is the sum the next residual Add reads: one kernel for two, twice per layer. Returns the count."""
@@ -203,6 +158,52 @@ def fuse_residual_norms(view: GraphView) -> int:
         graph.node.extend(keep)
         view.opsets["com.microsoft"] = 1
     return len(fused)
+
+
+# target -> graph passes run before the op table: (pass, the lowering option that turns it on; None: always)
+PASSES = {"onnxruntime": [(fold_kv_cache_quantization, "fold_kv8"), (fold_norm_casts, None),
+                          (fuse_residual_norms, None)]}
+
+
+def lower_model(model: onnx.ModelProto, target: str, base_dir: str | None = None,
+                fold_kv8: bool = False, accuracy_level: int = 0, padded_batches: bool = True) -> onnx.ModelProto:
+    """`model` with every glmc:: node replaced for `target` (in place; also returned). onnxruntime options (see
+    docs/onnx.md for what they change): fold_kv8 lets GroupQueryAttention read and write the int8 cache itself;
+    accuracy_level is MatMulNBits' (0 float compute; 4 int8 activations, fast on CPU); padded_batches=False
+    drops left-padding support for GQA's fast path (attention.lower_ort_gqa)."""
+    if target not in TARGETS:
+        raise GlmcError(f"unknown lowering target '{target}'; known: {', '.join(TARGETS)}")
+    table = TARGETS[target]
+    graph = model.graph
+    view = GraphView(graph, base_dir, {"accuracy_level": accuracy_level, "padded_batches": padded_batches,
+                                       "fold_kv8": fold_kv8})
+    for graph_pass, option in PASSES.get(target, []):
+        if option is None or view.options[option]:
+            graph_pass(view)
+    nodes = []
+    for node in graph.node:
+        lower = table.get(node.op_type) if node.domain == DOMAIN else None
+        if lower is None:
+            nodes.append(node)
+            continue
+        b = Builder(node, view)
+        try:
+            lower(node, b)
+        except ValueError as e:
+            raise GlmcError(f"lowering for {target}: {e}") from None
+        nodes.extend(b.nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {n.op_type for n in nodes if n.domain == DOMAIN}
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(graph)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    opsets.update(view.opsets)
+    if not used:
+        opsets.pop(DOMAIN, None)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())
+    return model
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:

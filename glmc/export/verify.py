@@ -166,16 +166,17 @@ def compare(ref: Trace, forced: Trace, free: Trace, tie_rel: float = 0.0) -> dic
     leading = int(agreeing.min())
     # Near ties: torch's top two logits closer than the model dtype's resolution (tie_rel), where two correct
     # implementations may pick either.
-    err = tie_rel * max(float(ref.prefill[real].abs().max()), float(dec_ref.abs().max()) if ref.decode else 0.0)
-    decisions = [ref.prefill[:, -1]] + ref.decode  # the logits behind each greedy token, [B, V] per step
-    scores = torch.cat([ref.prefill[real]] + ([dec_ref.flatten(0, 1)] if ref.decode else []))
+    scores = torch.cat([ref.prefill[real]] + ([dec_ref.flatten(0, 1)] if ref.decode else []))  # as `agree`
+    tie_gap = tie_rel * float(scores.abs().max())
     top2 = scores.topk(2, dim=-1).values
-    tie = (top2[:, 0] - top2[:, 1]) <= err
+    tie = (top2[:, 0] - top2[:, 1]) <= tie_gap
+    decisions = [ref.prefill[:, -1]] + ref.decode  # the logits behind each greedy token, [B, V] per step
     first = [(r, int(n)) for r, n in enumerate(agreeing) if n < ref.tokens.shape[1]]
-    greedy_tie = bool(first) and all(float(decisions[n][r].topk(2).values.diff().abs()) <= err for r, n in first)
+    greedy_tie = bool(first) and all(float(decisions[n][r].topk(2).values.diff().abs()) <= tie_gap for r, n in first)
+    agree = torch.cat(agree)
     return {"prefill_max_abs": pre_abs, "prefill_rel": pre_rel, "decode_max_abs": dec_abs, "decode_rel": dec_rel,
-            "top1": float(torch.cat(agree).float().mean()),
-            "top1_or_tie": float((torch.cat(agree) | tie).float().mean()), "greedy_agree": leading,
+            "top1": float(agree.float().mean()),
+            "top1_or_tie": float((agree | tie).float().mean()), "greedy_agree": leading,
             "greedy_diverged_at_tie": greedy_tie, "steps": ref.tokens.shape[1]}
 
 

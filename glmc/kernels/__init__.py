@@ -1,1 +1,30 @@
-"""GPU kernels (Triton) for the custom ops on CUDA: not written yet; on CUDA the ops run through ONNX Runtime."""
+"""GPU kernels (Triton) behind the glmc custom ops on CUDA, used by the `cuda` backend (glmc/runtime/backend_cuda.py).
+
+One module per op, each kernel's docstring naming the op and the torch reference it must match:
+
+- `quantized_linear`: weight-only int8/int4 (per channel or grouped) and fp16 GEMV with split-K float32 partials,
+  dequantize for prefill. Op: `glmc::quantized_linear` (ops/quantized_linear.py); `F.linear` for fp16.
+- `norm`: residual add (summing a linear's partials) + RMSNorm; SwiGLU over the gate/up partials. Reference:
+  `RMSNorm`, `GLMBlock`, `MLP` of modeling_chatglm.py.
+- `rotary`: QKV bias + ChatGLM rotary + KV-cache append into a static cache. Op: the rotary and concat of
+  `glmc::group_query_attention` (`gqa_reference`).
+- `attention`: decode attention over the static cache, split-K (flash-decoding) with GQA, then the combine. Op:
+  `gqa_reference` for one new token.
+- `sampling`: logits from the output layer's partials, greedy argmax on the device. Reference: `generate.sample`
+  with temperature 0.
+
+Importing any of them needs neither triton nor CUDA (`_jit`); launching does. `available()` says whether they can run.
+"""
+
+from __future__ import annotations
+
+
+def available() -> str | None:
+    """None when the kernels can run here, else why not (no triton, no CUDA device)."""
+    from glmc.kernels._jit import HAVE_TRITON
+    if not HAVE_TRITON:
+        return "triton is not installed (pip install -e '.[cuda]')"
+    import torch
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None

@@ -1,0 +1,98 @@
+"""Decode attention on CUDA over the static KV cache: split-K (flash-decoding) with grouped-query heads.
+
+Op and reference: the attention half of `glmc::group_query_attention` (`ops.attention.gqa_reference`) for one new
+token per row (S = 1), after `rotary.qkv_rotary_append` wrote its key and value at slot `past`: the query of row b
+sees keys j with start[b] <= j <= past (start[b] = the row's left padding: its attention mask is zeros then ones).
+Scores scaled, softmax in float32 (here everything is float32 inside; probabilities meet V in the cache dtype).
+
+Stage 1, program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one
+[G, D] tile (padded to 16 rows for the tensor cores) against the chunk's keys, online softmax; writes the chunk's
+max, sum and un-normalised output. Chunks past `past` exit at once, so one launch shape (and one CUDA graph) serves
+every length up to the cache's. Stage 2, program (row b, query head): merges the chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmc.kernels._jit import cdiv, jit, next_pow2, tl
+
+
+@jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_ptr, acc_ptr, scale,
+                             stride_cb, stride_ch, stride_ct, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr,
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    rg = tl.arange(0, BLOCK_G)
+    gmask = rg < G
+    rd = tl.arange(0, D)
+    heads = hk * G + rg  # query heads of this KV head
+    q = tl.load(q_ptr + b * HQ * D + heads[:, None] * D + rd[None, :], mask=gmask[:, None], other=0.0)
+    start = tl.load(start_ptr + b)
+    last = tl.load(past_ptr)  # the new token's slot: keys start..last
+    lo = tl.maximum(c * CHUNK, start)
+    hi = tl.minimum((c + 1) * CHUNK, last + 1)
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+    base = b * stride_cb + hk * stride_ch
+    t0 = c * CHUNK
+    for tt in range(0, CHUNK, BLOCK_T):
+        rt = t0 + tt + tl.arange(0, BLOCK_T)
+        tmask = (rt >= lo) & (rt < hi)
+        k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_T]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o = (b * HQ + heads) * NCHUNK + c
+    tl.store(m_ptr + o, m_i, mask=gmask)
+    tl.store(l_ptr + o, l_i, mask=gmask)
+    tl.store(acc_ptr + o[:, None] * D + rd[None, :], acc, mask=gmask[:, None])
+
+
+@jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks of program (b, h)."""
+    bh = tl.program_id(0)
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, D)
+    cmask = rc < NCHUNK
+    m = tl.load(m_ptr + bh * NCHUNK + rc, mask=cmask, other=float("-inf"))
+    lsum = tl.load(l_ptr + bh * NCHUNK + rc, mask=cmask, other=0.0)
+    mx = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
+    acc = tl.load(acc_ptr + (bh * NCHUNK + rc)[:, None] * D + rd[None, :], mask=cmask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    tl.store(out_ptr + bh * D + rd, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                     past: torch.Tensor, num_heads: int, scale: float, chunk: int = 256, block_t: int = 64,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D], start int32 [B], past int32 [1] (the new token's slot)
+    -> attention output [B, Hq D] in q's dtype."""
+    b = q.shape[0]
+    _, hkv, smax, d = k_cache.shape
+    g = num_heads // hkv
+    nchunk = cdiv(smax, chunk)
+    ml = torch.empty((2, b, num_heads, nchunk), dtype=torch.float32, device=q.device)
+    acc = torch.empty((b, num_heads, nchunk, d), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(b * hkv, nchunk)](
+        q, k_cache, v_cache, start, past, ml[0], ml[1], acc, scale, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, CHUNK=chunk,
+        BLOCK_T=block_t, num_warps=4)
+    out = torch.empty_like(q) if out is None else out
+    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, nchunk, D=d, BLOCK_C=max(2, next_pow2(nchunk)),
+                                      num_warps=2)
+    return out

@@ -1,0 +1,73 @@
+"""Residual add + RMSNorm, and SwiGLU, on CUDA: the epilogues that sum a linear's split-K partials.
+
+References (modeling_chatglm.py): `GLMBlock.forward`'s `x = x + linear(...)` followed by `RMSNorm` (normalise and
+scale in float32, cast back), and `MLP.forward`'s `silu(gate) * up`. Rounding follows the reference: the linear's
+output is rounded to the activation dtype, the residual sum is rounded, silu(gate) is rounded before the product.
+Partials P [SPLIT, M, N] are what `glmc.kernels.quantized_linear.linear_partials` returns (any float dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glmc.kernels._jit import cdiv, jit, next_pow2, tl
+
+
+@jit
+def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HAS_PART: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """res[m] += sum_s part[s, m] (rounded as the reference); out[m] = rmsnorm(res[m]) * w."""
+    m = tl.program_id(0)
+    rh = tl.arange(0, BLOCK_H)
+    mask = rh < H
+    r = tl.load(res_ptr + m * H + rh, mask=mask, other=0.0)
+    if HAS_PART:
+        y = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for s in range(0, nsplit):
+            y += tl.load(part_ptr + (s * M + m) * H + rh, mask=mask, other=0.0).to(tl.float32)
+        r = (r.to(tl.float32) + y.to(r.dtype).to(tl.float32)).to(r.dtype)
+        tl.store(res_ptr + m * H + rh, r, mask=mask)
+    rf = r.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(rf * rf, axis=0) / H + eps)
+    w = tl.load(w_ptr + rh, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * H + rh, (rf * inv * w).to(r.dtype), mask=mask)
+
+
+@jit
+def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr):
+    """out[m, f] = silu(gate) * up with gate = sum_s part[s, m, f], up = sum_s part[s, m, F + f]."""
+    m = tl.program_id(0)
+    rf = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rf < F
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, nsplit):
+        base = part_ptr + (s * M + m) * 2 * F
+        g += tl.load(base + rf, mask=mask, other=0.0).to(tl.float32)
+        u += tl.load(base + F + rf, mask=mask, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(out_ptr + m * F + rf, (act * u).to(dt), mask=mask)
+
+
+def add_rmsnorm(part: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """residual [M, H] (updated in place by the partials' sum when `part` is given) -> rmsnorm(residual) * weight."""
+    m, h = residual.shape
+    out = torch.empty_like(residual) if out is None else out
+    nsplit = part.shape[0] if part is not None else 0
+    _add_rmsnorm_kernel[(m,)](part if part is not None else residual, nsplit, residual, weight, out, m, h, eps,
+                              HAS_PART=part is not None, BLOCK_H=next_pow2(h), num_warps=8 if h >= 2048 else 4)
+    return out
+
+
+def swiglu(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """partials [SPLIT, M, 2F] of dense_h_to_4h ([gate | up]) -> silu(gate) * up [M, F] in `dtype`."""
+    nsplit, m, f2 = part.shape
+    f = f2 // 2
+    out = torch.empty((m, f), dtype=dtype, device=part.device) if out is None else out
+    block = 1024
+    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, num_warps=4)
+    return out

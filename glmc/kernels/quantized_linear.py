@@ -1,0 +1,300 @@
+"""glmc::QuantizedLinear on CUDA: weight-only int8/int4 (and fp16) GEMV/GEMM writing split-K float32 partials.
+
+Op and reference: `glmc.modeling_patches.ops.quantized_linear.quantized_linear` (Y = X @ dequant(QWeight, Scales)^T +
+Bias) and, for fp16 weights, `F.linear`. The weight layout is the op's own, unchanged (no repacking): int8 [N, K];
+int4 uint8 [N, ceil(K/2)], element 2j in the low nibble, two's complement; Scales [N] (group_size 0) or
+[N, ceil(K/G)].
+
+`linear_partials(x, lin)` returns P [SPLIT, M, N] (float32, or the activation dtype when one cuBLAS call made it)
+with Y = sum over SPLIT of P, bias NOT added: the consumer kernels (norm, rotary, sampling) sum the partials and add
+the bias in their own pass, so a linear's output never makes an extra round trip and split-K costs no extra launch.
+`linear(x, lin)` is the plain op (partials summed, bias added, in x's dtype): what the tests compare to the op.
+
+Decode (M <= 16): one kernel reads each weight byte once. `fma` variant (M = 1): per-thread multiply-adds into a
+[BLOCK_N, BLOCK_K] float32 accumulator, reduced once at the end. `dot` variant (M up to 16): tensor-core dots of the
+[16, BLOCK_K] activations with the dequantized [BLOCK_N, BLOCK_K] tile. int4: the even and odd columns of X meet the
+low and high nibbles separately (no interleave). Grouped scales: a tile never straddles a group (BLOCK_K divides the
+group), so the scale multiplies the tile's partial sum, not every weight. Per-channel scales multiply at the end.
+Prefill (M > 16): the weight is dequantized to the activation dtype by a kernel and multiplied by cuBLAS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from glmc.errors import GlmcError
+from glmc.kernels._jit import cdiv, jit, tl
+
+DECODE_MAX_M = 16
+
+
+@dataclasses.dataclass
+class PackedLinear:
+    """One linear layer as the kernels read it: the op's tensors on the device."""
+
+    weight: torch.Tensor  # fp16/bf16 [N, K] (bits 16), int8 [N, K], or uint8 [N, ceil(K/2)]
+    scale: torch.Tensor | None  # [N] or [N, groups] in the activation dtype; None for bits 16
+    bias: torch.Tensor | None  # [N]
+    bits: int  # 16, 8 or 4
+    group_size: int  # 0 = per channel
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    variant: str  # "fma" (M = 1) or "dot"
+    block_n: int
+    block_k: int
+    split: int
+    num_warps: int
+    num_stages: int
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@jit
+def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, k_split,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of X (program axis 2) times BLOCK_N weight rows over this split's K range -> partials[split, m, n]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    k_lo = pid_s * k_split
+    HALF: tl.constexpr = BLOCK_K // 2
+    acc = tl.zeros((BLOCK_N, HALF if BITS == 4 else BLOCK_K), dtype=tl.float32)
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_row = x_ptr + m * stride_xm
+    for k0 in range(k_lo, k_lo + k_split, BLOCK_K):  # the last split's tail is masked
+        if BITS == 4:
+            j = k0 // 2 + tl.arange(0, HALF)
+            p = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :],
+                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0).to(tl.int32)
+            lo = ((p << 28) >> 28).to(tl.float32)
+            hi = ((p << 24) >> 28).to(tl.float32)
+            xe = tl.load(x_row + 2 * j, mask=2 * j < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + 2 * j + 1, mask=2 * j + 1 < K, other=0.0).to(tl.float32)
+            tile = lo * xe[None, :] + hi * xo[None, :]
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
+                        other=0).to(tl.float32)
+            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+            tile = w * xk[None, :]
+        if GROUP > 0:
+            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            out += tl.sum(tile, axis=1) * s
+        else:
+            acc += tile
+    if GROUP == 0:
+        out = tl.sum(acc, axis=1)
+        if BITS != 16:
+            out = out * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    M = tl.num_programs(2)
+    tl.store(out_ptr + (pid_s * M + m) * N + rn, out, mask=nmask)
+
+
+@jit
+def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """BLOCK_M rows of X (tensor-core dots, rows past M masked) times BLOCK_N weight rows -> partials[split]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    k_lo = pid_s * k_split
+    HALF: tl.constexpr = BLOCK_K // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_split, BLOCK_K):  # the last split's tail is masked
+        if BITS == 4:
+            j = k0 // 2 + tl.arange(0, HALF)
+            p = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :],
+                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0).to(tl.int32)
+            xe = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
+                         mask=mmask[:, None] & (2 * j < K)[None, :], other=0.0)
+            xo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
+                         mask=mmask[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
+            lo = ((p << 28) >> 28).to(xe.dtype)
+            hi = ((p << 24) >> 28).to(xe.dtype)
+            tile = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :],
+                         other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
+                        other=0).to(xk.dtype)
+            tile = tl.dot(xk, tl.trans(w))
+        if GROUP > 0:
+            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            acc += tile * s[None, :]
+        else:
+            acc += tile
+    if GROUP == 0 and BITS != 16:
+        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dequant(QWeight, Scales) -> [N, K] in the scales' dtype: `ops.quantized_linear.dequantize_weight`."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    if BITS == 4:
+        p = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
+        shift = 28 - 4 * (rk % 2)  # even k: low nibble
+        q = ((p << shift[None, :]) >> 28).to(tl.float32)
+    else:
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    if GROUP > 0:
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + (rk // GROUP)[None, :], mask=mask, other=0.0)
+    else:
+        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
+    # as the reference: the product rounded in the scales' dtype
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], (q.to(s.dtype) * s), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+_TUNED: dict[str, list] | None = None
+TUNED_FILE = Path(__file__).with_name("tuned_h200.json")
+
+
+def _tuned() -> dict[str, list]:
+    global _TUNED
+    if _TUNED is None:
+        path = Path(os.environ.get("GLMC_GEMV_TUNED", TUNED_FILE))
+        _TUNED = json.loads(path.read_text()) if path.is_file() else {}
+    return _TUNED
+
+
+def config_key(m: int, n: int, k: int, bits: int, group: int) -> str:
+    return f"m{m}_n{n}_k{k}_b{bits}_g{group}"
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132) -> GemvConfig:
+    """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it)."""
+    variant = "fma" if m == 1 else "dot"
+    block_n = 32 if variant == "fma" else 64
+    block_k = {16: 128, 8: 256, 4: 256}[bits] if variant == "fma" else {16: 64, 8: 128, 4: 128}[bits]
+    if group:
+        block_k = min(block_k, group)
+    split = 1
+    tiles = cdiv(n, block_n)
+    while tiles * split < 2 * sms and split < 8 and k // (block_k * split * 2) >= 4:
+        split *= 2
+    return GemvConfig(variant, block_n, block_k, split, 4, 3 if variant == "dot" else 2)
+
+
+def pick_config(m: int, lin: PackedLinear, sms: int = 132) -> GemvConfig:
+    hit = _tuned().get(config_key(m, lin.n, lin.k, lin.bits, lin.group_size))
+    if hit:
+        return GemvConfig(*hit)
+    return default_config(m, lin.n, lin.k, lin.bits, lin.group_size, sms)
+
+
+def check_config(cfg: GemvConfig, lin: PackedLinear) -> None:
+    if lin.group_size and (cfg.block_k > lin.group_size or lin.group_size % cfg.block_k):
+        raise GlmcError(f"gemv config {cfg}: block_k must divide the group size {lin.group_size}")
+    if cfg.variant == "dot" and cfg.block_k < (32 if lin.bits == 4 else 16):
+        raise GlmcError(f"gemv config {cfg}: block_k too small for tensor-core dots")
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16, contiguous rows) -> float32 partials [split, M, N] (bias not added)."""
+    m = x.shape[0]
+    cfg = cfg or pick_config(m, lin, sm_count(x.device))
+    check_config(cfg, lin)
+    k_split = cdiv(cdiv(lin.k, cfg.split), cfg.block_k) * cfg.block_k
+    split = cdiv(lin.k, k_split)
+    if out is None:
+        out = torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
+    scale = lin.scale if lin.scale is not None else lin.weight
+    stride_sn = scale.stride(0) if scale.dim() == 2 and lin.group_size else 0
+    if cfg.variant == "fma":
+        grid = (cdiv(lin.n, cfg.block_n), split, m)
+        _gemv_fma_kernel[grid](x, lin.weight, scale, out, lin.n, lin.k, x.stride(0), lin.weight.stride(0), stride_sn,
+                               k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n,
+                               BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        block_m = 16
+        grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
+        _gemv_dot_kernel[grid](x, lin.weight, scale, out, m, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
+                               stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_M=block_m,
+                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
+    return out
+
+
+def dequantize(lin: PackedLinear) -> torch.Tensor:
+    """The weight as [N, K] in the scales' dtype (`ops.quantized_linear.dequantize_weight` on the device)."""
+    if lin.bits == 16:
+        return lin.weight
+    assert lin.scale is not None
+    out = torch.empty((lin.n, lin.k), dtype=lin.scale.dtype, device=lin.weight.device)
+    bn, bk = 32, 128
+    stride_sn = lin.scale.stride(0) if lin.group_size else 0
+    _dequantize_kernel[(cdiv(lin.n, bn), cdiv(lin.k, bk))](
+        lin.weight, lin.scale, out, lin.n, lin.k, lin.weight.stride(0), stride_sn, BITS=lin.bits,
+        GROUP=lin.group_size, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def linear_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] -> partials [split, M, N], bias not added: the GEMV kernel for M <= 16, else dequantize + cuBLAS
+    (then [1, M, N] in x's dtype)."""
+    if x.shape[-1] != lin.k:
+        raise GlmcError(f"quantized linear: input has {x.shape[-1]} features, the weight {lin.k}")
+    x = x.contiguous()
+    if x.shape[0] <= DECODE_MAX_M:
+        return gemv_partials(x, lin, cfg)
+    return torch.nn.functional.linear(x, dequantize(lin).to(x.dtype))[None]
+
+
+def linear(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) -> torch.Tensor:
+    """The op itself: x [M, K] -> x @ dequant(W)^T + bias, in x's dtype (partials summed in float32)."""
+    y = linear_partials(x, lin, cfg).float().sum(0)
+    if lin.bias is not None:
+        y = y.to(x.dtype).float() + lin.bias.float()
+    return y.to(x.dtype)
+
+
+def pack_linear(module: torch.nn.Module, device: torch.device | str | None = None) -> PackedLinear:
+    """An nn.Linear or a glmc QuantLinear -> PackedLinear (the same tensors; moved to `device` if given)."""
+    from glmc.modeling_patches.modeling_chatglm import QuantLinear
+
+    def mv(t: object) -> torch.Tensor | None:
+        return t.detach().to(device or t.device).contiguous() if isinstance(t, torch.Tensor) else None
+
+    if isinstance(module, QuantLinear):
+        w, s, b = mv(module.weight), mv(module.weight_scale), mv(module.bias)
+        assert w is not None
+        return PackedLinear(w, s, b, module.bits, module.group_size, module.out_features, module.in_features)
+    if isinstance(module, torch.nn.Linear):
+        w, b = mv(module.weight), mv(module.bias)
+        assert w is not None
+        return PackedLinear(w, None, b, 16, 0, module.out_features, module.in_features)
+    raise GlmcError(f"pack_linear: {type(module).__name__} is not an nn.Linear or a QuantLinear")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import save_file
 
-from conftest import tiny_model
 from glmc.errors import CheckpointError, ConfigError
 from glmc.modeling_patches import from_hf, load_model, save_checkpoint
 from glmc.modeling_patches.hf_glm import to_transformers
@@ -38,9 +38,10 @@ def test_layouts_load_identical(tmp_path, layout):
 def test_load_casts(tmp_path, dtype):
     model, path = saved(tmp_path)
     loaded = load_model(path, dtype=dtype)
-    w = loaded.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight
+    name = "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"
+    w = loaded.state_dict()[name]
     assert w.dtype == getattr(torch, dtype)
-    assert torch.equal(w, model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.to(w.dtype))
+    assert torch.equal(w, model.state_dict()[name].to(w.dtype))
 
 
 def test_transformers_glm_checkpoint(tmp_path):
@@ -52,6 +53,90 @@ def test_transformers_glm_checkpoint(tmp_path):
     assert loaded.config.rope_base == model.config.rope_base
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- QKV row order
+
+def _original_reading(fused: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as THUDM's modeling_chatglm.py reads an MHA (multi_query_attention false) fused tensor: rows viewed
+    as [heads, 3 * head_dim] and split in three per head."""
+    per_head = fused.reshape(heads, 3, -1, *fused.shape[1:])
+    return tuple(per_head[:, i].reshape(-1, *fused.shape[1:]) for i in range(3))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded-bin"])
+def test_mha_written_in_original_layout_and_read_back(tmp_path, layout):
+    """An MHA model is written with multi_query_attention false and its QKV rows per head, as the original code reads
+    them; loading the file gives back the same model."""
+    from safetensors.torch import load_file
+    model = tiny_model("chatglm3-6b", num_kv_heads=4)
+    path = save_checkpoint(model, tmp_path / layout, layout=layout, shard_bytes=200_000)
+    assert json.loads((path / "config.json").read_text())["multi_query_attention"] is False
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    written: dict[str, torch.Tensor] = {}
+    for f in files:
+        written.update(load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+    c = model.config
+    for i in range(c.num_layers):
+        for kind in ("weight", "bias"):
+            name = f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"
+            mine = model.state_dict()[name].split([c.q_size, c.kv_size, c.kv_size])
+            for got, want in zip(_original_reading(written[name], c.num_heads), mine, strict=True):
+                assert torch.equal(got, want), name
+            assert not torch.equal(written[name], model.state_dict()[name])  # the order really differs
+    loaded = load_model(path, dtype="float32")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    again = save_checkpoint(loaded, tmp_path / "again", layout="safetensors")
+    for k, v in load_file(again / "model.safetensors").items():
+        assert torch.equal(v, written[k]), k
+
+
+def test_gqa_written_split(tmp_path):
+    """Grouped-query models keep multi_query_attention true and the [q | k | v] order (no reordering)."""
+    from safetensors.torch import load_file
+    model, path = saved(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["multi_query_attention"] is True and cfg["multi_query_group_num"] == 2
+    name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+    assert torch.equal(load_file(path / "model.safetensors")[name], model.state_dict()[name])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4-g32", "int8+kv8-head"])
+def test_mha_quantized_round_trip(tmp_path, precision):
+    """Quantized MHA checkpoints (`glmc quantize` -> save_quantized) reorder codes, scales and bias alike."""
+    from safetensors.torch import load_file
+
+    from glmc.quantization.scheme import apply_scheme, parse_precision, save_quantized
+    model = tiny_model("chatglm3-6b", num_kv_heads=4)
+    scheme = parse_precision(precision)
+    calibration = [torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    apply_scheme(model, scheme, calibration if scheme.kv_granularity else None)
+    path = save_quantized(model, tmp_path / "q", scheme)
+    written = load_file(path / "model.safetensors")
+    c = model.config
+    for kind in ("weight", "weight_scale", "bias"):
+        name = f"transformer.encoder.layers.1.self_attention.query_key_value.{kind}"
+        mine = model.state_dict()[name].split([c.q_size, c.kv_size, c.kv_size])
+        for got, want in zip(_original_reading(written[name], c.num_heads), mine, strict=True):
+            assert torch.equal(got, want), name
+    loaded = load_model(path, dtype="float16")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    ids = torch.tensor([[5, 17, 42, 9, 100, 7]])
+    mask, pos = torch.ones_like(ids), torch.arange(6)[None]
+    with torch.no_grad():
+        want, _ = model(ids, pos, mask, model.empty_cache(1))
+        got, _ = loaded(ids, pos, mask, loaded.empty_cache(1))
+    assert torch.equal(got, want)
+
+
+def test_multi_query_attention_must_be_bool(tmp_path):
+    _, path = saved(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "multi_query_attention": "yes"}))
+    with pytest.raises(ConfigError, match=r"config\.json: 'multi_query_attention' must be true or false"):
+        load_model(path)
 
 
 def _edit_single(path, fn):
@@ -71,7 +156,8 @@ def test_missing_tensor(tmp_path):
 def test_unexpected_tensor(tmp_path):
     _, path = saved(tmp_path)
     _edit_single(path, lambda s: s.__setitem__("transformer.encoder.layers.7.mlp.extra", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'transformer\.encoder\.layers\.7"):
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors: unexpected tensor 'transformer\.encoder\.layers\.7"):
         load_model(path)
 
 
@@ -107,14 +193,14 @@ def test_bin_refuses_pickled_objects(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
     torch.save({"x": Evil()}, path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot read"):
         load_model(path)
 
 
 def test_no_weights(tmp_path):
     _, path = saved(tmp_path)
     (path / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_model(path)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import CheckpointError
-from glmc.modeling_patches.config import GLMConfig, load_config
+from glmc.modeling_patches.config import QKV_PER_HEAD, GLMConfig, from_hf, qkv_layout, read_config_json
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, enable_kv_int8, replace_linears
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -41,6 +41,9 @@ _GLM_NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "transformer.encoder.layers.{0}.mlp.dense_4h_to_h.weight", None),
 ]
 _IGNORED = re.compile(r"(transformer\.)?rotary_pos_emb\.inv_freq|model\.rotary_emb\.inv_freq")
+# The fused QKV tensors whose rows a QKV_PER_HEAD checkpoint orders per head (config.qkv_layout): float weight and
+# bias, and a quantized layer's int8/int4 codes and scales (quantized per output row, so rows move whole).
+_QKV = re.compile(r".*\.self_attention\.query_key_value\.(weight|bias|weight_scale)")
 
 
 @dataclass
@@ -95,7 +98,8 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                names = f.keys()
+                for name in names:
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
@@ -158,19 +162,33 @@ def _swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return ((u & 0x0F) << 4) | (u >> 4)
 
 
+def _per_head_view(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[q_0 k_0 v_0 | q_1 k_1 v_1 | ...] rows (QKV_PER_HEAD) viewed as [3, heads, head_dim, ...] ([q | k | v])."""
+    return t.reshape(heads, 3, t.shape[0] // (3 * heads), *t.shape[1:]).transpose(0, 1)
+
+
+def to_per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """glmc's [q | k | v] rows -> the original per-head order (a new contiguous tensor)."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    _per_head_view(out, heads).copy_(t.view(3, heads, t.shape[0] // (3 * heads), *t.shape[1:]))
+    return out
+
+
 def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                family: str | None = None, max_positions: int | None = None) -> GLMForCausalLM:
     """Load a ChatGLM2/3 / GLM-4 (or transformers GLM, or glmc-quantized) checkpoint directory."""
     d = Path(checkpoint_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: checkpoint directory does not exist")
-    config = load_config(d, family=family)
+    raw = read_config_json(d)
+    config = from_hf(raw, d, family=family, where=str(d / "config.json"))
+    per_head = qkv_layout(raw, str(d / "config.json")) == QKV_PER_HEAD  # num_kv_heads == num_heads then
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     quant = read_quantization(d, config)
     model = build_model(config, dtype, quant, max_positions)
     official_int4 = quant.get("weights", {}).get("format") == "chatglm" and quant["weights"]["bits"] == 4
 
-    expected = dict(model.named_parameters())
+    expected: dict[str, torch.Tensor] = dict(model.named_parameters())
     expected.update({n: b for n, b in model.named_buffers() if n not in ("cos_cache", "sin_cache")})
     filled: dict[str, torch.Tensor] = {}
     coverage: dict[str, int] = {}  # rows filled so far, for fused tensors
@@ -196,8 +214,12 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
                 tensor = _swap_nibbles(tensor)
             if not dest.dtype.is_floating_point and tensor.dtype != dest.dtype:
                 tensor = tensor.view(dest.dtype) if tensor.element_size() == dest.element_size() else tensor
+            rows = dest.shape[0]
+            if per_head and _QKV.fullmatch(target.name):
+                tensor = _per_head_view(tensor, config.num_heads)  # copied below into [q | k | v] order
+                dest = dest.view(tensor.shape)
             dest.copy_(tensor)
-            coverage[target.name] = coverage.get(target.name, 0) + dest.shape[0]
+            coverage[target.name] = coverage.get(target.name, 0) + rows
             del tensor
     missing = [n for n in expected if n not in filled or coverage[n] < expected[n].shape[0]]
     if missing:
@@ -210,13 +232,17 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
 
 # ---------------------------------------------------------------------------------------------- saving
 
-def _chatglm_state(model: GLMForCausalLM) -> dict[str, torch.Tensor]:
-    return {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+def _chatglm_state(model: GLMForCausalLM, per_head: bool) -> dict[str, torch.Tensor]:
+    """The tensors to write, fused QKV rows in the order the written config.json tells the original code to read."""
+    heads = model.config.num_heads
+    return {n: to_per_head(t.detach(), heads) if per_head and _QKV.fullmatch(n) else t.detach().contiguous()
+            for n, t in model.state_dict().items()}
 
 
 def save_checkpoint(model: GLMForCausalLM, out_dir: str | Path, layout: str = "safetensors",
                     shard_bytes: int = 2 << 30, quantization: dict | None = None) -> Path:
-    """Save in the ChatGLM layout: config.json + model.safetensors | sharded safetensors | pytorch_model.bin | sharded bin."""
+    """Save in the ChatGLM layout: config.json + model.safetensors | sharded safetensors | pytorch_model.bin |
+    sharded bin."""
     layouts = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
     if layout not in layouts:
         raise CheckpointError(f"layout '{layout}' is not one of {', '.join(layouts)}")
@@ -227,7 +253,7 @@ def save_checkpoint(model: GLMForCausalLM, out_dir: str | Path, layout: str = "s
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if quantization:
         (out / QUANT_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
-    state = _chatglm_state(model)
+    state = _chatglm_state(model, qkv_layout(cfg) == QKV_PER_HEAD)
     ext = "safetensors" if "safetensors" in layout else "bin"
     stem = "model" if ext == "safetensors" else "pytorch_model"
 

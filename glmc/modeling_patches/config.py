@@ -68,7 +68,7 @@ class GLMConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "GLMConfig":
+    def replace(self, **changes: Any) -> GLMConfig:
         return dataclasses.replace(self, **changes)
 
     def to_chatglm_json(self) -> dict[str, Any]:
@@ -81,7 +81,8 @@ class GLMConfig:
         out = {
             "architectures": ["ChatGLMModel"],
             "model_type": "chatglm",
-            "_name_or_path": {"chatglm2": "glmc/chatglm2", "chatglm3": "glmc/chatglm3", "glm4": "glmc/glm-4"}[self.family],
+            "_name_or_path": {"chatglm2": "glmc/chatglm2", "chatglm3": "glmc/chatglm3",
+                              "glm4": "glmc/glm-4"}[self.family],
             "glmc_family": self.family,
             "num_layers": self.num_layers,
             "padded_vocab_size": self.vocab_size,
@@ -253,16 +254,55 @@ def _from_transformers_glm(cfg: dict, family: str | None, where: str) -> GLMConf
     )
 
 
-def load_config(checkpoint_dir: str | Path, family: str | None = None) -> GLMConfig:
-    """Read and normalise `checkpoint_dir/config.json`."""
+# How a ChatGLM checkpoint orders the rows of each fused `query_key_value` weight/bias/scale (a checkpoint fact
+# that only the `multi_query_attention` key tells). glmc's model always holds QKV_SPLIT.
+QKV_SPLIT = "split"  # [q (all heads) | k (all groups) | v (all groups)]: multi_query_attention true, and GLM-format
+QKV_PER_HEAD = "per_head"  # [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]: multi_query_attention false (the original default)
+
+
+def qkv_layout(cfg: dict, where: str = "config.json") -> str:
+    """The row order of a checkpoint's fused QKV tensors, from its config.json dict.
+
+    The original ChatGLM2/ChatGLM3/GLM-4 modeling code (THUDM's modeling_chatglm.py, SelfAttention.forward; read
+    in THUDM/language_filter_chatglm3 and a chatglm2-6b copy, bq-xiao/chatglm2-6b-model) reads it two ways:
+
+        if self.multi_query_attention:
+            (query_layer, key_layer, value_layer) = mixed_x_layer.split([np * hn, ng * hn, ng * hn], dim=-1)
+        else:
+            new_tensor_shape = mixed_x_layer.size()[:-1] + (np, 3 * hn)
+            mixed_x_layer = mixed_x_layer.view(*new_tensor_shape)
+            # [sq, b, np, 3 * hn] --> 3 [sq, b, np, hn]
+            (query_layer, key_layer, value_layer) = split_tensor_along_last_dim(mixed_x_layer, 3)
+
+    so without multi-query attention (ChatGLMConfig's default: multi_query_attention=False) output row
+    h * 3 * hn + j is q of head h for j < hn, k for hn <= j < 2 hn, v above: interleaved per head.
+    """
+    if cfg.get("model_type") == "glm" or "GlmForCausalLM" in (cfg.get("architectures") or []):
+        return QKV_SPLIT  # transformers GLM: separate q_proj/k_proj/v_proj, fused here in glmc's order
+    mqa = cfg.get("multi_query_attention", False)
+    if not isinstance(mqa, bool):
+        raise ConfigError(f"{where}: 'multi_query_attention' must be true or false, got {mqa!r}")
+    return QKV_SPLIT if mqa else QKV_PER_HEAD
+
+
+def read_config_json(checkpoint_dir: str | Path) -> dict:
+    """`checkpoint_dir/config.json` as a dict (errors name the file)."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the checkpoint directory")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_hf(cfg, Path(checkpoint_dir), family=family, where=str(path))
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def load_config(checkpoint_dir: str | Path, family: str | None = None) -> GLMConfig:
+    """Read and normalise `checkpoint_dir/config.json`."""
+    path = Path(checkpoint_dir) / "config.json"
+    return from_hf(read_config_json(checkpoint_dir), Path(checkpoint_dir), family=family, where=str(path))
 
 
 # Variants of DESIGN.md's table, as small dicts; tests and benchmarks shrink them with `tiny()`.
@@ -284,7 +324,7 @@ def variant(name: str, **overrides: Any) -> GLMConfig:
     """A full-size config of a named variant (DESIGN.md table), with optional overrides (e.g. to shrink it)."""
     if name not in VARIANTS:
         raise ConfigError(f"unknown variant '{name}'; known: {', '.join(VARIANTS)}")
-    base = dict(hidden_size=4096, ffn_hidden_size=13696, num_heads=32, head_dim=128, rms_eps=1e-5)
+    base: dict[str, Any] = dict(hidden_size=4096, ffn_hidden_size=13696, num_heads=32, head_dim=128, rms_eps=1e-5)
     base.update(VARIANTS[name])
     base.update(overrides)
     return GLMConfig(**base)

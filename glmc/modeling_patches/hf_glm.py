@@ -28,7 +28,9 @@ def to_transformers(model: GLMForCausalLM):
     from transformers import GlmForCausalLM
 
     c = model.config
-    hf = GlmForCausalLM(transformers_config(c)).to(model.dtype)
+    hf = GlmForCausalLM(transformers_config(c))
+    # nn.Module.to: transformers' override (checks for quantized models only) is typed as an unbound wrapper
+    torch.nn.Module.to(hf, model.dtype)
     src = model.state_dict()
     dst = {"model.embed_tokens.weight": src["transformer.embedding.word_embeddings.weight"],
            "model.norm.weight": src["transformer.encoder.final_layernorm.weight"],

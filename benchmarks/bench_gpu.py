@@ -327,7 +327,8 @@ def bench_one(args) -> None:
         del model
         backend = TransformersBackend(hf, MAX_SEQ)
     else:
-        from glmc.runtime.loader import make_backend, open_build
+        from glmc.artifact import open_build
+        from glmc.runtime.loader import make_backend
         build = open_build(args.work / f"build-{args.shape}-{args.precision}")
         backend = make_backend(build, "onnxruntime", args.device)
     try:
@@ -482,7 +483,8 @@ def check(args) -> None:
 
     from glmc.compiler import pipeline, schema
     from glmc.export.verify import tolerance_for
-    from glmc.runtime.loader import make_backend, open_build
+    from glmc.artifact import open_build
+    from glmc.runtime.loader import make_backend
 
     prompts = {True: [[64790, 64792, 30, 31, 32, 33], [64790, 64792, 40, 41]],
                False: [[64790, 64792, 30, 31, 32, 33], [64790, 64792, 40, 41, 42, 43]]}

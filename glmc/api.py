@@ -12,11 +12,13 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from glmc.artifact import open_build
 from glmc.assets import model_dir
 from glmc.errors import GlmcError
+from glmc.modeling_patches.tokenizer import Tokenizer, load_tokenizer
 from glmc.runtime.chat_format import ReplyParser, chat_prompt, raw_prompt, stop_ids
 from glmc.runtime.generate import Backend, SamplingConfig, generate, stream
-from glmc.runtime.tokenizer import Tokenizer, load_tokenizer
+from glmc.runtime.loader import make_backend
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig) if f.name != "stop_token_ids")
 
@@ -110,27 +112,28 @@ class Model:
         return [self.tokenizer.decode(row) for row in out]
 
 
-def load(path: str | Path | None = None, family: str | None = None, dtype: str = "float32", device: str = "cpu",
-         max_length: int | None = None, backend: str = "auto") -> Model:
-    """Load a checkpoint directory (default: the shipped model) with its tokenizer on the torch backend.
+def check_tokenizer(where: Path, tokenizer: Tokenizer, family: str | None, vocab_size: int | None) -> None:
+    """A tokenizer must belong to the model it feeds: same family, no id past the model's vocabulary."""
+    if family is not None and family != tokenizer.family:
+        raise GlmcError(f"{where}: the model is a {family} model but {tokenizer.path} is a {tokenizer.family} "
+                        "tokenizer; name the family explicitly if the guess is wrong")
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise GlmcError(f"{where}: {tokenizer.path} has {tokenizer.vocab_size} ids (with special tokens) but the "
+                        f"model's vocabulary has only {vocab_size}")
 
-    The one place that turns a path into a runnable model: a build directory (manifest.json) or a lowered ONNX
-    model goes to glmc.runtime.loader, which picks its backend (auto | torch | onnxruntime | tensorrt).
-    """
-    if path is not None and ((Path(path) / "manifest.json").is_file() or (Path(path) / "model.onnx").is_file()
-                             or str(path).endswith(".onnx")):
-        from glmc.runtime.loader import load as load_build
-        return load_build(path, backend=backend, device=device, max_length=max_length, family=family)
-    from glmc.modeling_patches.checkpoint import load_model
-    from glmc.runtime.backend_torch import TorchBackend
 
-    d = model_dir(path)
-    tokenizer = load_tokenizer(d, family)
-    model = load_model(d, dtype=dtype, device=device, family=family, max_positions=max_length)
-    if model.config.family != tokenizer.family:
-        raise GlmcError(f"{d}: config.json describes a {model.config.family} model but tokenizer.model is a "
-                        f"{tokenizer.family} tokenizer; name the family explicitly if the guess is wrong")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GlmcError(f"{d}: {d / 'tokenizer.model'} has {tokenizer.vocab_size} ids (with special tokens) but the "
-                        f"model's vocabulary (config.json) has only {model.config.vocab_size}")
-    return Model(d, tokenizer, TorchBackend(model, max_length))
+def load(path: str | Path | None = None, family: str | None = None, dtype: str | None = None, device: str = "cpu",
+         max_length: int | None = None, backend: str = "auto", target: str | None = None,
+         max_batch: int | None = None, threads: int = 0, **options) -> Model:
+    """The one place that turns a path into a runnable model: a build directory (manifest.json), one lowered ONNX
+    model (`.../onnx/<target>/model.onnx` or its folder: that graph, or a refusal), or a checkpoint directory
+    (default: the shipped model). `backend`: auto | torch | onnxruntime | tensorrt (glmc.runtime.loader.pick);
+    `dtype` (torch backend): the checkpoint's own by default for builds on CUDA, else float32."""
+    build = open_build(model_dir(path) if path is None or not str(path).endswith(".onnx") else path)
+    be = make_backend(build, backend, device, target, max_length, max_batch, threads, dtype, **options)
+    tokenizer = load_tokenizer(build.tokenizer_dir, family or build.family)
+    model = getattr(be, "model", None)
+    arch = getattr(model, "config", None)
+    check_tokenizer(build.root, tokenizer, family or build.family or getattr(arch, "family", None),
+                    getattr(arch, "vocab_size", None) or getattr(be, "vocab_size", None))
+    return Model(build.root, tokenizer, be)

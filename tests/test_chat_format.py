@@ -11,7 +11,7 @@ from test_tokenizer import build_glm4_size_tiktoken, build_sentencepiece, build_
 
 from glmc.errors import GlmcError
 from glmc.runtime.chat_format import ReplyParser, chat_prompt, raw_prompt, stop_ids
-from glmc.runtime.tokenizer import load_tokenizer
+from glmc.modeling_patches.tokenizer import load_tokenizer
 
 TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"city": {"type": "string"}}}]
 MESSAGES = [

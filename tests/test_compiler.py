@@ -21,7 +21,8 @@ from onnx import numpy_helper as nh
 
 from glmc.cli import main as glmc_main
 from glmc.compiler import schema
-from glmc.compiler.builddir import BuildDir, BuildLocked, read_manifest
+from glmc.artifact import read_manifest
+from glmc.compiler.builddir import BuildDir, BuildLocked
 from glmc.compiler.tensorrt import TensorRTError, build_engine, profile_shapes, graph_inputs
 from glmc.errors import ConfigError, GlmcError
 from glmc.modeling_patches.checkpoint import save_checkpoint
@@ -696,6 +697,7 @@ def test_unpadded_and_folded_kv8_options(tmp_path):
     ver = m["verification"]
     assert ver["passed"] and ver["targets"]["onnxruntime"]["greedy_agree"] == ver["targets"]["onnxruntime"]["steps"]
     assert 0 < ver["targets"]["onnxruntime"]["prefill_rel"] < 0.2
-    from glmc.runtime.loader import make_backend, open_build
+    from glmc.artifact import open_build
+    from glmc.runtime.loader import make_backend
     backend = make_backend(open_build(tmp_path / "b"), "onnxruntime", "cpu")
     assert backend.shared and backend.kv_type == np.int8 and not backend.padded

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from glmc.export.lower import config_path, lower_file
+from glmc.artifact import config_path
+from glmc.export.lower import lower_file
 from glmc.export.onnx_export import IR_VERSION, export
 from glmc.export.simplify import check, glmc_nodes, simplify_file
 from glmc.export.verify import greedy_trace, ort_session, ort_step, tolerance_for, verify

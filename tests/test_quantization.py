@@ -291,7 +291,7 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     """`glmc quantize` then `glmc eval` on a checkpoint directory with a real SentencePiece tokenizer."""
     from glmc.cli import main
     from glmc.modeling_patches.checkpoint import save_checkpoint
-    from glmc.runtime.tokenizer import load_tokenizer
+    from glmc.modeling_patches.tokenizer import load_tokenizer
     from test_tokenizer import build_sentencepiece
 
     src = build_sentencepiece(tmp_path / "float")

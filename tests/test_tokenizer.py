@@ -14,7 +14,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tiktoken._educational import bpe_train
 
 from glmc.errors import GlmcError
-from glmc.runtime.tokenizer import (GLM4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer,
+from glmc.modeling_patches.tokenizer import (GLM4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer,
                                     write_tiktoken_ranks)
 
 CORPUS = [

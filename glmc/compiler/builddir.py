@@ -18,10 +18,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from glmc.artifact import MANIFEST, REPORT
 from glmc.errors import GlmcError
-
-MANIFEST = "manifest.json"
-REPORT = "REPORT.md"
 
 
 class BuildLocked(GlmcError):
@@ -185,13 +183,3 @@ def place(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest)
-
-
-def read_manifest(build: str | Path) -> dict:
-    path = Path(build) / MANIFEST
-    if not path.is_file():
-        raise GlmcError(f"{build}: not a glmc build directory (no {MANIFEST})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GlmcError(f"{path}: not valid JSON ({e})") from None

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from glmc.compiler.builddir import file_sha256, read_manifest
+from glmc.artifact import read_manifest
+from glmc.compiler.builddir import file_sha256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

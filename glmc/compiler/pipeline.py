@@ -166,7 +166,7 @@ def run_quantize(ctx: Context, out: Path) -> dict:
     info: dict[str, Any] = {"scheme": scheme.name, "quantization": scheme.to_json()}
     if scheme.kv_granularity:
         from glmc.quantization.kv_calibration import calibration_samples
-        from glmc.runtime.tokenizer import load_tokenizer
+        from glmc.modeling_patches.tokenizer import load_tokenizer
         c = ctx.cfg.data["calibration"]
         tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
         src = None if c["source"] == "builtin" else c["source"]
@@ -226,7 +226,7 @@ def encode_prompts(ctx: Context, prompts: list) -> list[list[int]]:
     """Verification prompts as token ids: text through the checkpoint's tokenizer, id lists as they are."""
     if all(isinstance(p, list) for p in prompts):
         return [list(p) for p in prompts]
-    from glmc.runtime.tokenizer import load_tokenizer
+    from glmc.modeling_patches.tokenizer import load_tokenizer
     tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for text, i in zip(prompts, ids):

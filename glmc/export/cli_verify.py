@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from glmc.modeling_patches.checkpoint import load_model
     from glmc.quantization.kv_calibration import calibration_samples
     from glmc.quantization.scheme import apply_scheme, parse_precision
-    from glmc.runtime.tokenizer import load_tokenizer
+    from glmc.modeling_patches.tokenizer import load_tokenizer
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]

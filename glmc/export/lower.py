@@ -7,13 +7,13 @@ com.microsoft MatMulNBits / GroupQueryAttention; `tensorrt` uses what TensorRT p
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from glmc.artifact import write_runtime_config
 from glmc.errors import GlmcError
 from glmc.export.external import inline_sparse, locations, share
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN, Builder, GraphView
@@ -251,12 +251,6 @@ def runtime_config(model: onnx.ModelProto, target: str, model_file: str, padded_
     }
 
 
-def config_path(model_path: str | Path) -> Path:
-    """Where the runtime config of a lowered model lives: `<dir>/<stem>.json` (model.onnxruntime.onnx ->
-    model.onnxruntime.json)."""
-    return Path(model_path).with_suffix(".json")
-
-
 def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = False,
                accuracy_level: int = 0, padded_batches: bool = True) -> dict:
     """Lower `src` (.onnx) into `dst` (.onnx) and write `dst`'s runtime config (`<stem>.json`). External weights
@@ -283,6 +277,6 @@ def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = F
     else:
         onnx.save(model, str(dst))
     config = runtime_config(model, target, dst.name, padded_batches=padded_batches or target != "onnxruntime")
-    config_path(dst).write_text(json.dumps(config, indent=2) + "\n")
+    write_runtime_config(dst, config)
     return config
 

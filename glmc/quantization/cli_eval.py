@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from glmc.quantization.evaluate import evaluate, heldout_windows, print_table, table_rows
     from glmc.quantization.kv_calibration import calibration_samples
     from glmc.quantization.scheme import parse_precision
-    from glmc.runtime.tokenizer import load_tokenizer
+    from glmc.modeling_patches.tokenizer import load_tokenizer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(src, dtype=torch.float32 if scheme.kv_granularity else scheme.torch_dtype,
                        family=args.family)
     if scheme.kv_granularity:
-        from glmc.runtime.tokenizer import load_tokenizer
+        from glmc.modeling_patches.tokenizer import load_tokenizer
         encode = load_tokenizer(src, family=args.family).encode
         calibration = calibration_samples(encode, args.calibration, args.num_samples, args.calibration_length)
     apply_scheme(model, scheme, calibration)

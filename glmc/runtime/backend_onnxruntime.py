@@ -28,7 +28,6 @@ all in device buffers kept per batch size and updated in place. So decode steps 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from glmc.artifact import read_runtime_config, session_of
 from glmc.errors import GlmcError
 from glmc.runtime.generate import check_step
 
@@ -43,17 +43,6 @@ from glmc.runtime.generate import check_step
 _TYPES = {"tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
           "tensor(bfloat16)": (16, 2, torch.bfloat16), "tensor(int8)": (np.int8, 1, torch.int8),
           "tensor(uint8)": (np.uint8, 1, torch.uint8)}
-
-
-def read_runtime_config(onnx_path: str | Path) -> dict:
-    """The runtime config written beside a lowered model (`model.onnx` -> `model.json`), or {} when absent."""
-    path = Path(onnx_path).with_suffix(".json")
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GlmcError(f"{path}: runtime config is not valid JSON ({e})") from None
 
 
 def past_feeds_gqa_only(onnx_path: str | Path, past_names: list[str]) -> bool:
@@ -115,6 +104,9 @@ class OnnxRuntimeBackend:
         if not self.path.is_file():
             raise GlmcError(f"{self.path}: ONNX model does not exist")
         self.config = read_runtime_config(self.path)
+        self.session_spec = session_of(self.path, self.config)  # the session its lowering must run in
+        if not self.session_spec.onnxruntime:
+            raise GlmcError(f"{self.path}: ONNX Runtime cannot run this model: {self.session_spec.note}")
         self.max_length, self.max_batch = int(max_length), int(max_batch)
         self.max_input_length = int(max_input_length or max_length)
         self.device = device
@@ -169,7 +161,8 @@ class OnnxRuntimeBackend:
 
     def _open(self, so, providers):
         try:
-            return self._ort.InferenceSession(str(self.path), so, providers=providers)
+            return self._ort.InferenceSession(str(self.path), so, providers=providers,
+                                              disabled_optimizers=list(self.session_spec.disabled_optimizers))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; say which file failed
             raise GlmcError(f"{self.path}: ONNX Runtime could not load the model: {str(e).splitlines()[0][:400]}"
                             ) from None

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 
 from glmc.errors import GlmcError
-from glmc.runtime.tokenizer import Tokenizer
+from glmc.modeling_patches.tokenizer import Tokenizer
 
 
 def _tools_chatglm3(content: str, tools: list) -> str:

@@ -24,7 +24,7 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_build(args: argparse.Namespace, max_batch: int | None = None):
-    from glmc.runtime.loader import load
+    from glmc.api import load
     return load(args.build, backend=args.backend, device=args.device, target=args.target,
                 max_length=args.max_length, max_batch=max_batch, threads=args.threads)
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from glmc.errors import GlmcError
+from glmc.modeling_patches.tokenizer import left_pad
 
 
 class Backend(Protocol):
@@ -52,20 +53,6 @@ class SamplingConfig:
                          ("repetition_penalty", self.repetition_penalty > 0)):
             if not ok:
                 raise GlmcError(f"sampling: {name}={getattr(self, name)} is out of range")
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts -> input_ids, attention_mask, position_ids [B, S]: padded on the left, positions from 0 per row."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GlmcError("generate: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.int64)
-        mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, history: torch.Tensor, generator: torch.Generator | None

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from glmc.errors import ConfigError, GlmcError
-from glmc.runtime.generate import left_pad
 
 _SP_SPECIAL = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
                "<|observation|>")
@@ -38,6 +37,20 @@ GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts -> input_ids, attention_mask, position_ids [B, S]: padded on the left, positions from 0 per row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GlmcError("generate: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.int64)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
 
 
 @dataclasses.dataclass

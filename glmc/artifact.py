@@ -1,0 +1,214 @@
+"""The artifact contract between the compiler (writer) and the runtime (reader): build layout, manifest, runtime config.
+
+A build directory (written by glmc.compiler.builddir, read by glmc.runtime.loader and `glmc inspect`):
+
+    manifest.json                what was built, from what, with which limits; every file's size and sha256
+    REPORT.md                    the same for people
+    model/                       tokenizer files, config.json, and the quantized weights when any
+    onnx/<target>/model.onnx     one lowering per target, with its runtime config beside it:
+    onnx/<target>/model.json     (RUNTIME CONFIG) I/O names, KV-cache convention, limits, and the ONNX Runtime
+                                 session it must run in (TARGETS below: whether ORT runs it, optimizers to disable)
+    tensorrt/model.engine        the TensorRT engine, when the tensorrt target was built
+    verify.json                  the verification report
+
+One writer and one reader per file: glmc.export.lower writes the runtime config (`write_runtime_config`), the ONNX
+Runtime backend and the verifier read it (`read_runtime_config`, `session_of`); the pipeline writes the manifest,
+`open_build` reads it. This module imports nothing of glmc's but errors, so both sides can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from glmc.errors import GlmcError
+
+MANIFEST = "manifest.json"
+REPORT = "REPORT.md"
+BUILD_FORMAT = "glmc-build/1"
+MODEL_DIR = "model"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a runtime must know about one lowering target's graphs."""
+
+    name: str
+    onnxruntime: bool  # ONNX Runtime runs the graph (and verification checks it there)
+    disabled_optimizers: tuple[str, ...] = ()  # ORT graph transformers the session must run without
+    note: str = ""  # why ORT cannot run it, when it cannot
+
+
+# ONNX Runtime 1.31 fuses DequantizeLinear + MatMul into MatMulNBits and gets signed int8/int4 weights wrong
+# (measured: docs/onnx.md): graphs that carry DequantizeLinear weights run without that fusion, in the compiler's
+# verification and in every user's session alike (the runtime config says so).
+_NO_QDQ_FUSION = ("QDQSelectorActionTransformer",)
+TARGETS: dict[str, Target] = {
+    "onnx": Target("onnx", False, note="it keeps the glmc:: custom ops for vendor toolchains and ONNX Runtime has "
+                                       "no kernels for them; run the onnxruntime or reference lowering instead"),
+    "reference": Target("reference", True, _NO_QDQ_FUSION),
+    "onnxruntime": Target("onnxruntime", True),
+    "tensorrt": Target("tensorrt", True, _NO_QDQ_FUSION),
+}
+ORT_PREFERENCE = ("onnxruntime", "reference", "tensorrt")  # what `auto` runs on ONNX Runtime, fastest first
+
+
+def target(name: str, where: object = "target") -> Target:
+    if name not in TARGETS:
+        raise GlmcError(f"{where}: unknown lowering target '{name}' (known: {', '.join(TARGETS)})")
+    return TARGETS[name]
+
+
+# ---------------------------------------------------------------------------------------------- runtime config
+
+def config_path(model_path: str | Path) -> Path:
+    """Where the runtime config of a lowered model lives: `<dir>/<stem>.json` (model.onnx -> model.json)."""
+    return Path(model_path).with_suffix(".json")
+
+
+def write_runtime_config(model_path: str | Path, config: dict) -> Path:
+    """Write the runtime config beside a lowered model, with the session its target needs."""
+    t = target(config["model"]["target"], model_path)
+    config = dict(config, session={"onnxruntime": t.onnxruntime, "disabled_optimizers": list(t.disabled_optimizers)})
+    path = config_path(model_path)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def read_runtime_config(model_path: str | Path) -> dict:
+    """The runtime config written beside a lowered model, or {} when absent."""
+    path = config_path(model_path)
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GlmcError(f"{path}: runtime config is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise GlmcError(f"{path}: runtime config is not a JSON object")
+    return config
+
+
+def session_of(model_path: str | Path, config: dict | None = None) -> Target:
+    """How ONNX Runtime must open this model: its runtime config's `session` (the target's defaults for configs
+    written before it had one; a model without a runtime config runs with ORT's defaults)."""
+    config = read_runtime_config(model_path) if config is None else config
+    name = config.get("model", {}).get("target")
+    if name is None:
+        return Target("unknown", True)
+    base = target(name, config_path(model_path))
+    s = config.get("session")
+    if not isinstance(s, dict):
+        return base
+    return dataclasses.replace(base, onnxruntime=bool(s.get("onnxruntime", base.onnxruntime)),
+                               disabled_optimizers=tuple(s.get("disabled_optimizers", ())))
+
+
+# ---------------------------------------------------------------------------------------------- builds
+
+def read_manifest(build: str | Path) -> dict:
+    path = Path(build) / MANIFEST
+    if not path.is_file():
+        raise GlmcError(f"{build}: not a glmc build directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GlmcError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise GlmcError(f"{path}: not a glmc build manifest (not a JSON object); recompile the build")
+    return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What every backend of a build enforces."""
+
+    max_batch: int
+    max_input_length: int
+    max_sequence_length: int
+
+
+@dataclasses.dataclass
+class Build:
+    """What a path offers: ONNX models per target, a TensorRT engine, weights for torch, tokenizer, limits."""
+
+    root: Path
+    onnx: dict[str, Path]  # target -> model.onnx
+    engine: Path | None
+    engine_info: dict
+    checkpoint: Path | None  # a directory load_model reads (the build's model/ or the original checkpoint)
+    tokenizer_dir: Path
+    family: str | None
+    limits: Limits | None  # None outside a build (an ONNX model or a checkpoint on its own)
+    manifest: dict
+    named: str | None = None  # the target the path named (…/onnx/<target>/model.onnx): run that one or refuse
+
+    @property
+    def dtype(self) -> str:
+        """The build's float type name (fp32 | fp16 | bf16)."""
+        return str(self.manifest.get("precision", {}).get("dtype", "fp32"))
+
+
+def _limits(manifest: dict) -> Limits:
+    config = manifest.get("config")
+    lim = config.get("limits", {}) if isinstance(config, dict) else None
+    try:
+        return Limits(int(lim["max_batch"]), int(lim["max_input_length"]), int(lim["max_sequence_length"]))
+    except (KeyError, TypeError, ValueError):
+        raise GlmcError(f"{MANIFEST}: config.limits is missing or damaged ({lim!r}); recompile the build") from None
+
+
+def _has_weights(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(p.suffix in (".safetensors", ".bin") for p in d.iterdir())
+
+
+def open_build(path: str | Path) -> Build:
+    """Describe a build directory, a lowered ONNX model (file or directory) or a checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise GlmcError(f"{p}: does not exist (expected a glmc build directory, an ONNX model or a checkpoint)")
+    if p.is_file() and p.suffix == ".onnx":
+        if p.name != "model.onnx":
+            raise GlmcError(f"{p}: glmc runs lowered models named model.onnx with their runtime config model.json "
+                            "beside them (a build's onnx/<target>/ folder)")
+        p = p.parent
+    if (p / MANIFEST).is_file():
+        m = read_manifest(p)
+        onnx = {t: p / d["onnx"] for t, d in m.get("targets", {}).items() if (p / d["onnx"]).is_file()}
+        eng = m.get("engines", {}).get("tensorrt")
+        engine = p / eng["path"] if eng and (p / eng["path"]).is_file() else None
+        tok = p / m.get("tokenizer", {}).get("dir", MODEL_DIR + "/")
+        ckpt = tok if _has_weights(tok) else None
+        original = m.get("model", {}).get("checkpoint")
+        if ckpt is None and original and Path(original).is_dir() and _has_weights(Path(original)):
+            ckpt = Path(original)
+        return Build(p, onnx, engine, eng or {}, ckpt, tok, m.get("model", {}).get("family"), _limits(m), m)
+    if (p / "model.onnx").is_file():  # one lowered model; inside a build when ../../manifest.json exists
+        config = read_runtime_config(p / "model.onnx")
+        name = config.get("model", {}).get("target") or p.name
+        up = p.parent.parent
+        if (up / MANIFEST).is_file():
+            b = open_build(up)
+            return dataclasses.replace(b, onnx={name: p / "model.onnx"}, engine=None, named=name)
+        tok = p if (p / "tokenizer.model").is_file() else p.parent
+        return Build(p, {name: p / "model.onnx"}, None, {}, None, tok, None, None, {}, named=name)
+    if (p / "config.json").is_file():
+        return Build(p, {}, None, {}, p, p, None, None, {})
+    raise GlmcError(f"{p}: not a glmc build directory ({MANIFEST}), an ONNX model directory (model.onnx) or a "
+                    "checkpoint directory (config.json)")
+
+
+def describe_target(build: Build, name: str) -> tuple[Path, Target]:
+    """(path, Target) of one lowering in a build, or a GlmcError that says why it cannot run on ONNX Runtime."""
+    if name not in build.onnx:
+        have = ", ".join(build.onnx) or "none"
+        raise GlmcError(f"{build.root}: no '{name}' lowering (lowerings here: {have})")
+    path = build.onnx[name]
+    spec = session_of(path)
+    if not spec.onnxruntime:
+        why = spec.note or "its runtime config says so"
+        raise GlmcError(f"{path}: ONNX Runtime cannot run the '{name}' lowering: {why}")
+    return path, spec

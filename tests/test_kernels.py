@@ -1,0 +1,261 @@
+"""glmc.kernels and the cuda backend: each kernel against its op's torch reference on fresh random inputs, the
+backend's greedy tokens against the torch backend's; and on the CPU, what needs no GPU (imports without triton,
+the cuda build's save/load round trip, the kernels' config rules)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glmc.errors import GlmcError
+from glmc.kernels import available
+from glmc.kernels.quantized_linear import PackedLinear, check_config, default_config, pack_linear
+from glmc.modeling_patches.ops.attention import gqa_reference, rotary_tables
+from glmc.modeling_patches.ops.quantized_linear import dequantize_weight, pack_int4, quantized_linear
+from glmc.quantization.weight_only import quantize_model, quantize_weight
+
+WHY = available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(WHY is not None, reason=f"cuda kernels cannot run here: {WHY}")
+DT = torch.float16
+TOL = 2e-3  # fp16 outputs: rounding of the result (~5e-4) plus accumulation order
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite output (unwritten or wrong)"
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _linear(n: int, k: int, bits: int, group: int, bias: bool, device: str) -> tuple[PackedLinear, torch.Tensor]:
+    w = torch.randn(n, k, device=device)
+    b = (0.1 * torch.randn(n, device=device)).to(DT) if bias else None
+    if bits == 16:
+        return PackedLinear(w.to(DT), None, b, 16, 0, n, k), w.to(DT)
+    q, s = quantize_weight(w, bits, group, scale_dtype=DT)
+    qw = q if bits == 8 else pack_int4(q)
+    return PackedLinear(qw, s, b, bits, group, n, k), dequantize_weight(qw, s, bits, group, k)
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+def test_kernels_import_without_triton_and_refuse_clearly():
+    """Every kernel module imports here (CI has no triton); the backend module too."""
+    import glmc.kernels.attention  # noqa: F401
+    import glmc.kernels.norm  # noqa: F401
+    import glmc.kernels.rotary  # noqa: F401
+    import glmc.kernels.sampling  # noqa: F401
+    import glmc.runtime.backend_cuda  # noqa: F401
+    from glmc.kernels._jit import HAVE_TRITON
+    if not HAVE_TRITON:
+        from glmc.kernels.quantized_linear import linear
+        lin, _ = _linear(32, 64, 8, 0, False, "cpu")
+        with pytest.raises(GlmcError, match="needs triton"):
+            linear(torch.randn(1, 64).to(DT), lin)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 64), (4, 0), (4, 32), (4, 128)])
+def test_pack_linear_reads_the_ops_layout(bits, group):
+    """pack_linear hands the kernels the QuantLinear's own tensors: dequantizing them as the kernels index them
+    (int4 low nibble = even k, group = k // G) gives the reference weight."""
+    from glmc.quantization.weight_only import quantize_linear
+    torch.manual_seed(bits * 100 + group)
+    lin = torch.nn.Linear(256, 48, bias=True).to(DT)
+    ql = quantize_linear(lin, bits, group)
+    p = pack_linear(ql)
+    assert (p.n, p.k, p.bits, p.group_size) == (48, 256, bits, group)
+    assert p.weight.data_ptr() == ql.weight.data_ptr() or torch.equal(p.weight, ql.weight)
+    # the kernels' indexing, written out in numpy terms
+    w = p.weight.to(torch.int32)
+    if bits == 4:
+        k = torch.arange(256)
+        byte = w[:, k // 2]
+        q = ((byte << (28 - 4 * (k % 2))) & 0xFFFFFFFF).to(torch.int64)
+        q = torch.where(q >= 2 ** 31, q - 2 ** 32, q) >> 28
+    else:
+        q = w
+    assert p.scale is not None
+    s = p.scale[:, (torch.arange(256) // group)] if group else p.scale[:, None]
+    ref = dequantize_weight(ql.weight, ql.weight_scale, bits, group, 256)
+    assert torch.equal(q.to(DT) * s, ref)
+    x = torch.randn(3, 256).to(DT)
+    y = quantized_linear(x, ql.weight, ql.weight_scale, ql.bias, bits, group, 256)
+    assert rel(y, x.float() @ ref.float().T + ql.bias.float()) < TOL
+
+
+def test_gemv_configs_respect_groups():
+    for n, k, bits, group in [(4608, 4096, 4, 128), (4096, 13696, 8, 0), (27392, 4096, 4, 32), (65024, 4096, 16, 0)]:
+        for m in (1, 16):
+            cfg = default_config(m, n, k, bits, group)
+            lin = PackedLinear(torch.empty(0), None, None, bits, group, n, k)
+            check_config(cfg, lin)
+            assert cfg.split >= 1 and (not group or group % cfg.block_k == 0)
+    with pytest.raises(GlmcError, match="divide the group"):
+        from glmc.kernels.quantized_linear import GemvConfig
+        check_config(GemvConfig("dot", 64, 256, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 128, 64, 512))
+
+
+def test_cuda_build_round_trip(tmp_path):
+    """save_cuda_build writes the op-layout weights + quantization.json + cuda.json; loading them back (on the CPU,
+    as the torch model) gives the same tensors and logits."""
+    from glmc.assets import SHIPPED_MODEL
+    from glmc.modeling_patches.checkpoint import load_model
+    from glmc.runtime.backend_cuda import BUILD_FILE, quantization_of, save_cuda_build
+
+    m = quantize_model(load_model(SHIPPED_MODEL, dtype="float16", max_positions=256), 4, 128)
+    out = save_cuda_build(m, tmp_path / "cuda", max_batch=4, max_length=200)
+    assert (out / BUILD_FILE).is_file() and (out / "quantization.json").is_file()
+    back = load_model(out, dtype="float16", max_positions=200)
+    assert quantization_of(back) == {"weights": {"bits": 4, "group_size": 128, "include_output": False}}
+    a, b = m.state_dict(), back.state_dict()
+    for name, t in a.items():
+        if name not in ("cos_cache", "sin_cache"):
+            assert torch.equal(t, b[name]), name
+    ids = torch.tensor([[5, 6, 7, 8]])
+    pos = torch.arange(4)[None]
+    mask = torch.ones(1, 4, dtype=torch.int64)
+    la, _ = m(ids, pos, mask, m.empty_cache(1))
+    lb, _ = back(ids, pos, mask, back.empty_cache(1))
+    assert torch.equal(la, lb)
+
+
+def test_cuda_backend_refuses_what_it_cannot_run():
+    from glmc.assets import SHIPPED_MODEL
+    from glmc.modeling_patches.checkpoint import load_model
+    from glmc.runtime.backend_cuda import CudaBackend
+
+    with pytest.raises(GlmcError, match="float16 or bfloat16"):
+        CudaBackend(load_model(SHIPPED_MODEL, dtype="float32"))
+    m = load_model(SHIPPED_MODEL, dtype="float16", max_positions=64)
+    b = CudaBackend(m, max_batch=2, max_length=64)
+    with pytest.raises(GlmcError, match="batch 3"):
+        b.new_cache(3)
+    cache = b.new_cache(2)
+    bad = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    with pytest.raises(GlmcError, match="zeros then ones"):
+        b.forward(torch.ones(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64), bad, cache)
+    b.new_cache(1)
+    with pytest.raises(GlmcError, match="newest"):
+        b.forward(torch.ones(2, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3), cache)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("bits,group", [(16, 0), (8, 0), (8, 128), (4, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_quantized_linear_kernel(bits, group, m):
+    from glmc.kernels.quantized_linear import GemvConfig, dequantize, linear
+    for n, k in [(4608, 4096), (300, 1000)]:
+        lin, w = _linear(n, k, bits, group, True, "cuda")
+        x = torch.randn(m, k, device="cuda").to(DT)
+        ref = quantized_linear(x, lin.weight, lin.scale, lin.bias, bits, group, k) if bits != 16 else \
+            torch.nn.functional.linear(x, w, lin.bias)
+        cfgs: list[GemvConfig | None] = [None]
+        if m <= 16:
+            bk = min(128, group or 128)
+            cfgs += [GemvConfig("dot", 32, bk, 3, 4, 2)] + ([GemvConfig("fma", 64, bk, 2, 4, 2)] if m == 1 else [])
+        for cfg in cfgs:
+            y = linear(x, lin, cfg)
+            assert rel(y, ref) < TOL, (n, k, cfg)
+        if bits != 16:
+            assert torch.equal(dequantize(lin), w)
+
+
+@gpu
+@needs_gpu
+def test_norm_and_swiglu_kernels():
+    from glmc.kernels import norm
+    for m, h, split in [(1, 4096, 4), (16, 4096, 1), (3, 300, 2)]:
+        part = torch.randn(split, m, h, device="cuda")
+        res = torch.randn(m, h, device="cuda").to(DT)
+        w = (1 + 0.1 * torch.randn(h, device="cuda")).to(DT)
+        r_ref = res + part.sum(0).to(DT)
+        n_ref = torch.nn.functional.rms_norm(r_ref.float(), (h,), w.float(), 1e-5).to(DT)
+        out = torch.full_like(res, float("nan"))
+        r = res.clone()
+        norm.add_rmsnorm(part, r, w, 1e-5, out=out)
+        assert rel(r, r_ref) < 1e-3 and rel(out, n_ref) < TOL
+        g, u = torch.randn(split, m, 2 * h, device="cuda").chunk(2, -1)
+        part2 = torch.cat([g, u], -1)
+        ref = torch.nn.functional.silu(g.sum(0).to(DT)) * u.sum(0).to(DT)
+        act = torch.full((m, h), float("nan"), device="cuda", dtype=DT)
+        norm.swiglu(part2, DT, out=act)
+        assert rel(act, ref) < TOL
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("hq,hkv,d,p", [(32, 2, 128, 300), (4, 2, 64, 5), (32, 2, 128, 1000)])
+def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
+    from glmc.kernels import attention, rotary
+    b, smax = 3, 1100
+    cos, sin = (t.to("cuda", DT) for t in rotary_tables(d // 2, 2048, 10000.0))
+    start = torch.tensor([0, 7, min(50, p - 1)][:b], dtype=torch.int32, device="cuda")
+    mask = (torch.arange(p + 1, device="cuda")[None] >= start[:, None].long()).long()
+    pos = (p - start).long()
+    past_k = torch.randn(b, hkv, p, d, device="cuda").to(DT)
+    past_v = torch.randn(b, hkv, p, d, device="cuda").to(DT)
+    nq = (hq + 2 * hkv) * d
+    part = torch.randn(2, b, nq, device="cuda")
+    bias = (0.1 * torch.randn(nq, device="cuda")).to(DT)
+    q, k, v = (part.sum(0).to(DT) + bias).split([hq * d, hkv * d, hkv * d], -1)
+    out_ref, pk, pv = gqa_reference(q[:, None], k[:, None], v[:, None], past_k, past_v, pos[:, None], mask, cos, sin,
+                                    hq, hkv, 1 / math.sqrt(d))
+    kc = torch.full((b, hkv, smax, d), float("nan"), device="cuda", dtype=DT)
+    vc = kc.clone()
+    kc[:, :, :p], vc[:, :, :p] = past_k, past_v
+    past = torch.tensor([p], dtype=torch.int32, device="cuda")
+    qo = rotary.qkv_rotary_append(part, bias, pos, cos, sin, kc, vc, past, 1, hq, hkv)
+    assert rel(kc[:, :, :p + 1], pk) < 1e-3 and rel(vc[:, :, :p + 1], pv) < 1e-3
+    for row in range(b):  # padding keys must not count: make them huge
+        kc[row, :, :int(start[row])] = 300.0
+    kc[:, :, p + 1:] = float("nan")  # slots past the new token must never be read
+    vc[:, :, p + 1:] = float("nan")
+    out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=DT)
+    attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), out=out)
+    assert rel(out, out_ref[:, 0]) < 5e-3
+
+
+@gpu
+@needs_gpu
+def test_logits_argmax_kernel():
+    from glmc.kernels import sampling
+    for m, v, split in [(1, 65024, 1), (16, 65024, 2), (3, 4160, 1)]:
+        part = torch.randn(split, m, v, device="cuda")
+        part[0, 0, 7] = 100.0  # a clear winner in row 0 ...
+        if m > 1:
+            part[:, 1, 100] = part[:, 1, 5000] = 50.0  # ... and an exact tie in row 1: the first index wins
+        ref = part.sum(0).to(DT).float()
+        logits, ids = sampling.logits_argmax(part, DT)
+        assert torch.equal(logits, ref)
+        assert ids.tolist() == ref.cpu().numpy().argmax(-1).tolist()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_cuda_backend_greedy_equals_torch(precision):
+    """The shipped model on CUDA: 32 greedy steps of a left-padded batch of 2 equal the torch backend's (same fp16
+    weights, same quantization), with CUDA graphs and without; the device-side greedy loop too."""
+    from glmc.assets import SHIPPED_MODEL
+    from glmc.modeling_patches.checkpoint import load_model
+    from glmc.runtime.backend_cuda import CudaBackend
+    from glmc.runtime.backend_torch import TorchBackend
+    from glmc.runtime.generate import SamplingConfig, generate, left_pad
+    from glmc.modeling_patches.tokenizer import load_tokenizer
+
+    m = load_model(SHIPPED_MODEL, dtype="float16", device="cuda", max_positions=512)
+    if precision != "fp16":
+        quantize_model(m, *{"int8": (8, 0), "int4": (4, 128)}[precision])
+    tok = load_tokenizer(SHIPPED_MODEL)
+    prompts = [tok.encode("def read_file(path):"), tok.encode("Return the sum of a and b as an int.")]
+    cfg = SamplingConfig(max_new_tokens=32)
+    ref = generate(TorchBackend(m), prompts, cfg)
+    for graphs in (True, False):
+        assert generate(CudaBackend(m, max_batch=4, max_length=512, cuda_graphs=graphs), prompts, cfg) == ref
+    ids, mask, _ = left_pad(prompts)
+    dev = CudaBackend(m, max_batch=4, max_length=512).generate_greedy(ids, mask, 32)
+    assert dev.tolist() == ref

@@ -615,7 +615,30 @@ def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
     if kv8:
         assert m["precision"]["quantization"]["kv_cache"]["granularity"] == "head"
         assert m["verification"]["prompts"] and json.loads((out / "verify.json").read_text())["passed"]
+    runs_what_was_verified(out, m)
     no_leftovers(root)
+
+
+def runs_what_was_verified(out: Path, m: dict) -> None:
+    """Every lowering, opened the way a user opens it (glmc.load on its model.onnx), is within the verified bound
+    of the torch model; the glmc:: graph is refused with the reason, never swapped for another engine."""
+    import glmc
+    from glmc.runtime.verify import compare, greedy_trace
+    prompts, steps = m["verification"]["prompts"], m["config"]["verify"]["steps"]
+    reference = glmc.load(out, backend="torch").backend
+    ref = greedy_trace(reference, prompts, steps)
+    bound = m["verification"]["tolerance"]["rel"]
+    for t in m["targets"]:
+        path = out / "onnx" / t / "model.onnx"
+        if t == "onnx":
+            with pytest.raises(GlmcError, match="cannot run the 'onnx' lowering: it keeps the glmc:: custom ops"):
+                glmc.load(path)
+            continue
+        backend = glmc.load(path).backend
+        assert backend.name == "onnxruntime" and backend.path == path
+        got = compare(ref, greedy_trace(backend, prompts, steps, forced=ref.tokens), greedy_trace(backend, prompts,
+                                                                                                   steps))
+        assert max(got["prefill_rel"], got["decode_rel"]) <= bound and got["greedy_agree"] == steps, (t, got)
 
 
 @needs_trt

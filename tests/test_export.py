@@ -7,19 +7,54 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import tiny_model
-from glmc.artifact import config_path
+
+from glmc.artifact import config_path, session_of
 from glmc.export.lower import lower_file
 from glmc.export.onnx_export import IR_VERSION, export
 from glmc.export.simplify import check, glmc_nodes, simplify_file
-from glmc.export.verify import greedy_trace, ort_session, ort_step, tolerance_for, verify
+from glmc.modeling_patches.tokenizer import left_pad
 from glmc.quantization.scheme import apply_scheme, parse_precision
+from glmc.runtime.verify import tolerance_for, verify
 
 TARGETS = ("reference", "onnxruntime")
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 61], [11, 12, 13, 14]]  # different lengths: the second is left-padded
+
+
+def ort_step(path):
+    """A lowered model as a raw step function over numpy caches (every position's logits, the cache tensors
+    themselves), in the session its runtime config asks for: for tests that look inside the cache."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(session_of(path).disabled_optimizers))
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    names = [o.name for o in sess.get_outputs()]
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+    def step(ids, positions, mask, cache):
+        feeds = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
+        outs = sess.run(names, feeds | {i.name: c for i, c in zip(past, cache, strict=True)})
+        return torch.from_numpy(outs[0]).float(), outs[1:]
+
+    def empty(batch):
+        return [np.zeros((batch, i.shape[1], 0, i.shape[3]), kinds[i.type]) for i in past]
+    return step, empty
+
+
+def step_trace(step, empty, prompts, forced):
+    """Prefill then feed `forced` tokens one at a time; every step's logits [B, S, V]."""
+    ids, mask, positions = left_pad(prompts)
+    logits, cache = step(ids, positions, mask, empty(len(prompts)))
+    out = [logits]
+    positions = positions[:, -1:]
+    for token in forced.T:
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.int64)], dim=1)
+        positions = positions + 1
+        logits, cache = step(token[:, None], positions, mask, cache)
+        out.append(logits)
+    return out
 
 
 def quantized_tiny(precision: str, family: str = "chatglm3-6b"):
@@ -103,20 +138,20 @@ def test_quantized_lowerings_match_torch(precision, tmp_path):
 @pytest.mark.parametrize("target", TARGETS)
 def test_prefill_then_decode_equals_one_long_prefill(fp32_build, target):
     model, paths = fp32_build
-    step, empty = ort_step(ort_session(paths[target], target))
+    step, empty = ort_step(paths[target])
     prompts = [p + [1, 2, 3] for p in PROMPTS]
-    long = greedy_trace(step, empty, prompts, steps=1)
-    short = greedy_trace(step, empty, PROMPTS, steps=4, forced=torch.tensor([[1, 2, 3, 0], [1, 2, 3, 0]]))
-    # the long prefill's logits at the last 3 positions == the decode logits after feeding 1, 2, 3 one at a time
-    got = torch.stack(short.decode, dim=1)  # [B, 3, V]
-    want = long.prefill[:, -3:]
+    long = step_trace(step, empty, prompts, torch.zeros(2, 0, dtype=torch.int64))[0]
+    short = step_trace(step, empty, PROMPTS, torch.tensor([[1, 2, 3], [1, 2, 3]]))
+    # the long prefill's logits at the last 3 positions == the prefill's last and the decode logits after 1, 2, 3
+    got = torch.cat([short[0][:, -1:]] + [s[:, -1:] for s in short[1:3]], dim=1)  # [B, 3, V]
+    want = long[:, -4:-1]
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_onnxruntime_kv8_cache_is_int8_and_matches_torch_cache(tmp_path):
     model = quantized_tiny("fp32+kv8-head")  # fp32: the codes can only differ at rounding boundaries
     paths = build(model, tmp_path)
-    step, empty = ort_step(ort_session(paths["onnxruntime"], "onnxruntime"))
+    step, empty = ort_step(paths["onnxruntime"])
     from glmc.runtime.generate import left_pad
     ids, mask, positions = left_pad(PROMPTS)
     _, cache = step(ids, positions, mask, empty(2))
@@ -141,7 +176,7 @@ def test_onnxruntime_folded_int8_cache(tmp_path):
     assert len(gqa) == 2 and all(n.input[3].startswith("past_key_values.") for n in gqa)
     assert {a.s for n in gqa for a in n.attribute if a.name == "k_quant_type"} == {b"PER_CHANNEL"}
     assert not any(n.op_type in ("Cast", "Round") and n.input[0].startswith("past_") for n in graph.node)
-    step, empty = ort_step(ort_session(tmp_path / "folded.onnx", "onnxruntime"))
+    step, empty = ort_step(tmp_path / "folded.onnx")
     from glmc.runtime.generate import left_pad
     ids, mask, positions = left_pad(PROMPTS)
     logits, cache = step(ids, positions, mask, empty(2))
@@ -190,7 +225,7 @@ def test_near_ties_are_excused_and_clear_flips_are_not():
     """verify.compare: a target whose argmax differs from torch's where torch's top two logits are within tie_rel
     of the largest logit agrees "or ties"; greedy decoding that first diverges there passes; a flip of a clear
     decision does not."""
-    from glmc.export.verify import Trace, compare
+    from glmc.runtime.verify import Trace, compare
     g = torch.Generator().manual_seed(0)
     steps, vocab = 4, 10
     prefill = torch.randn(1, 3, vocab, generator=g)

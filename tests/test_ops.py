@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from glmc.export.lower import TARGETS, lower_model
-from glmc.export.verify import DISABLED_OPTIMIZERS
+from glmc.artifact import TARGETS as ARTIFACT_TARGETS
 from glmc.modeling_patches import ops
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, unpack_int4
 
@@ -249,7 +249,7 @@ def run_lowered(model: onnx.ModelProto, target: str, feeds: dict) -> list[np.nda
     lowered = lower_model(model, target)
     assert not any(n.domain == "glmc" for n in lowered.graph.node)
     sess = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=DISABLED_OPTIMIZERS.get(target, []))
+                                disabled_optimizers=list(ARTIFACT_TARGETS[target].disabled_optimizers))
     return sess.run(None, feeds)
 
 

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import glmc
+from glmc.artifact import TARGETS, TOKENIZER_FILES
 from glmc.compiler.builddir import BuildDir, file_table, place, remove_dead_temps
 from glmc.compiler.schema import CompileConfig
 from glmc.errors import GlmcError
@@ -37,8 +38,6 @@ STAGE_FILE = "stage.json"  # in every cached stage folder: what the stage report
 # files overwrites the shared weights).
 EXPORTED = "exported.onnx"
 SIMPLIFIED = "simplified.onnx"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-ORT_TARGETS = ("reference", "onnxruntime", "tensorrt")  # lowerings ONNX Runtime can run (verify checks these)
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy", "transformers", "safetensors",
             "tensorrt", "tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu13-libs", "pyyaml", "rich")
 
@@ -241,10 +240,10 @@ def run_verify(ctx: Context, out: Path) -> dict:
 
     import torch
 
-    from glmc.export import verify as verify_mod
+    from glmc.runtime import verify as verify_mod
     v = ctx.cfg.data["verify"]
     model = ctx.model()
-    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.stages_lowered if t in ORT_TARGETS}
+    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.stages_lowered if TARGETS[t].onnxruntime}
     tol = verify_mod.tolerance_for(model.dtype, ctx.scheme().weight_bits, model.kv_dtype == torch.int8)
     changes = {"rel": v["max_rel_error"], "top1": v["min_top1"], "greedy_fraction": v["min_greedy_agreement"]}
     tol = dc.replace(tol, **{k: x for k, x in changes.items() if x is not None})
@@ -254,7 +253,8 @@ def run_verify(ctx: Context, out: Path) -> dict:
             ctx.cfg.get("limits.max_input_length"):
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
-    report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol)
+    report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol,
+                                max_batch=ctx.cfg.get("limits.max_batch"))
     # Options that change the math on purpose are held to their own bounds: int8 activations (measured 0.5-0.7%
     # relative logits error on the shipped model; 5x margin); an int8 cache folded into GQA, which attends to the
     # quantized new tokens (measured 3-9% on tiny random models with 4 calibration samples: docs/onnx.md)
@@ -262,6 +262,7 @@ def run_verify(ctx: Context, out: Path) -> dict:
                                                       ("onnxruntime.fold_kv8", 0.2)) if ctx.cfg.get(key)])
     if loose > tol.rel and "onnxruntime" in lowered:
         fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v["steps"],
+                                 max_batch=ctx.cfg.get("limits.max_batch"),
                                  tolerance=dc.replace(tol, rel=loose, top1=min(tol.top1, 0.9),
                                                       greedy_fraction=min(tol.greedy_fraction, 0.5)))
         report["targets"]["onnxruntime"] = {**fast["targets"]["onnxruntime"], "tolerance": fast["tolerance"]}
@@ -281,7 +282,7 @@ def run_verify(ctx: Context, out: Path) -> dict:
 def lowered_targets(cfg: CompileConfig) -> list[str]:
     """The config's targets, plus `reference` when verification needs something ONNX Runtime can run."""
     lowered = list(cfg.get("targets"))
-    if cfg.get("verify.enabled") and not any(t in ORT_TARGETS for t in lowered):
+    if cfg.get("verify.enabled") and not any(TARGETS[t].onnxruntime for t in lowered):
         lowered.append("reference")
     return lowered
 
@@ -306,7 +307,7 @@ def plan(cfg: CompileConfig) -> list[Stage]:
     if "tensorrt" in targets:
         stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))
     if cfg.get("verify.enabled"):
-        deps = tuple(f"lower:{t}" for t in lowered if t in ORT_TARGETS)
+        deps = tuple(f"lower:{t}" for t in lowered if TARGETS[t].onnxruntime)
         stages.append(Stage("verify", ("verify", "limits.max_input_length", "limits.max_sequence_length"),
                             ("quantize",) + deps, run_verify))
     by_name = {s.name: s for s in stages}

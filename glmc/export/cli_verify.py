@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from glmc.export.lower import lower_file
     from glmc.export.onnx_export import export
     from glmc.export.simplify import simplify_file
-    from glmc.export.verify import print_report, tolerance_for, verify
+    from glmc.runtime.verify import print_report, tolerance_for, verify
     from glmc.modeling_patches.checkpoint import load_model
     from glmc.quantization.kv_calibration import calibration_samples
     from glmc.quantization.scheme import apply_scheme, parse_precision

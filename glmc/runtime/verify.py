@@ -1,31 +1,27 @@
-"""Check lowered ONNX graphs against the torch model: same prompts, logits error, top-1 and greedy agreement.
+"""Check lowered ONNX graphs against the torch model, through the backends users run: logits error, top-1, greedy.
 
-`verify(model, {target: onnx_path}, prompts, steps)` is the library entry point (the compiler calls it on a build);
-`glmc verify` (cli_verify.py) wraps it. Decode logits are compared teacher-forced (every backend is fed the torch
-model's greedy tokens, so errors do not compound through different histories); greedy agreement is measured
-free-running (each backend feeds itself).
+`verify(model, {target: onnx_path}, prompts, steps)` is the library entry point (the compile pipeline's verify
+stage calls it; `glmc verify` runs that pipeline). Every lowering runs in `OnnxRuntimeBackend`, the class `glmc run`
+and `glmc.load` use, so the session (its options from the runtime config beside the model), the device-resident
+cache and the graph form (padded, or unpadded rows run one at a time, as a user must) are the ones that ship; the
+torch model runs in `TorchBackend`. Both return each step's last-position logits. Decode logits are compared
+teacher-forced (every backend is fed the torch model's greedy tokens, so errors do not compound through different
+histories); greedy agreement is measured free-running (each backend feeds itself).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from glmc.errors import GlmcError
-from glmc.runtime.backend_onnxruntime import read_runtime_config
-from glmc.runtime.generate import left_pad
-
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
-
-# ONNX Runtime 1.31 fuses DequantizeLinear + MatMul into MatMulNBits and gets signed int8/int4 weights wrong
-# (measured: docs/onnx.md); the reference and tensorrt lowerings run without that fusion.
-DISABLED_OPTIMIZERS = {"reference": ["QDQSelectorActionTransformer"], "tensorrt": ["QDQSelectorActionTransformer"]}
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+from glmc.modeling_patches.tokenizer import left_pad
+from glmc.runtime.backend_onnxruntime import OnnxRuntimeBackend
+from glmc.runtime.backend_torch import TorchBackend
+from glmc.runtime.generate import Backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,81 +49,31 @@ def tolerance_for(dtype: torch.dtype, weight_bits: int, kv8: bool) -> Tolerance:
     return Tolerance(rel, top1=0.95, greedy_fraction=0.5)
 
 
-# ---------------------------------------------------------------------------------------------- backends as steps
-
-def torch_step(model) -> tuple[Step, Callable[[int], list]]:
-    """The torch model as a step function (logits as float32) and its empty cache."""
-    @torch.inference_mode()
-    def step(ids, positions, mask, cache):
-        logits, presents = model(ids, positions, mask, cache)
-        return logits.float(), presents
-    return step, lambda batch: model.empty_cache(batch, "cpu")
-
-
-def ort_session(path: str | Path, target: str, threads: int = 0):
-    """An ONNX Runtime CPU session for a lowered model (with the optimizer workaround its target needs)."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=DISABLED_OPTIMIZERS.get(target, []))
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; name the file and target
-        raise GlmcError(f"{path}: ONNX Runtime cannot load the {target} graph: {str(e).splitlines()[0][:300]}") \
-            from None
-
-
-def ort_step(session, padded: bool = True) -> tuple[Step, Callable[[int], list]]:
-    """A lowered model (fixed glmc I/O names) as a step function; the cache is a flat list of numpy arrays.
-    A graph that takes no padding (runtime config kv_cache.padding "none") runs row by row, each row without its
-    left padding (its cache is then a list of per-row caches)."""
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    out_names = [o.name for o in session.get_outputs()]
-
-    def step(ids, positions, mask, cache):
-        feeds = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy()}
-        feeds.update({i.name: c for i, c in zip(past, cache)})
-        outs = session.run(out_names, feeds)
-        return torch.from_numpy(outs[0]).float(), outs[1:]
-
-    def empty(batch: int) -> list:
-        return [np.zeros((batch, i.shape[1], 0, i.shape[3]), _NP[i.type]) for i in past]
-    if padded:
-        return step, empty
-
-    def rows(ids, positions, mask, caches):
-        logits, presents = None, []
-        for r, cache in enumerate(caches):
-            real = int(mask[r].sum())
-            new = real - cache[0].shape[2]  # this row's real new tokens: the last `new` of the step
-            out, present = step(ids[r:r + 1, -new:], positions[r:r + 1, -new:], torch.ones(1, real, dtype=mask.dtype),
-                                cache)
-            if logits is None:
-                logits = torch.zeros(len(caches), ids.shape[1], out.shape[-1])
-            logits[r, -new:] = out[0]
-            presents.append(present)
-        return logits, presents
-    return rows, lambda batch: [empty(1) for _ in range(batch)]
-
-
 # ---------------------------------------------------------------------------------------------- comparison
 
 @dataclasses.dataclass
 class Trace:
-    prefill: torch.Tensor  # [B, S, V] logits
-    mask: torch.Tensor  # [B, S] prompt mask
+    prefill: torch.Tensor  # [B, S, V] logits (S = 1 from a backend: the prompt's last position)
+    mask: torch.Tensor  # [B, S] which prefill positions are real
     decode: list[torch.Tensor]  # per step [B, V] logits of the next token
     tokens: torch.Tensor  # [B, steps] tokens fed / chosen
 
 
-def greedy_trace(step: Step, empty_cache: Callable[[int], list], prompts: Sequence[Sequence[int]], steps: int,
+def greedy_trace(backend: Backend, prompts: Sequence[Sequence[int]], steps: int,
                  forced: torch.Tensor | None = None) -> Trace:
-    """Prefill the left-padded prompts, then `steps` greedy tokens (or the `forced` ones)."""
+    """Prefill the left-padded prompts, then `steps` greedy tokens (or the `forced` ones). Batches stay within the
+    backend's max_batch, and a backend that takes no padded batches (an unpadded lowering: `padded` False) runs
+    each prompt on its own, as a user has to."""
+    size = 1 if not getattr(backend, "padded", True) else getattr(backend, "max_batch", len(prompts))
+    if len(prompts) > size:
+        rows = [greedy_trace(backend, prompts[i:i + size], steps, None if forced is None else forced[i:i + size])
+                for i in range(0, len(prompts), size)]
+        return Trace(torch.cat([r.prefill for r in rows]), torch.cat([r.mask for r in rows]),
+                     [torch.cat(step) for step in zip(*(r.decode for r in rows), strict=True)],
+                     torch.cat([r.tokens for r in rows]))
     ids, mask, positions = left_pad(prompts)
-    logits, cache = step(ids, positions, mask, empty_cache(len(prompts)))
-    prefill, prompt_mask, last = logits, mask, logits[:, -1]
+    last, cache = backend.forward(ids, positions, mask, backend.new_cache(len(prompts)))
+    prefill = last[:, None]
     decode, tokens = [], []
     positions = positions[:, -1:]
     for i in range(steps):
@@ -137,10 +83,9 @@ def greedy_trace(step: Step, empty_cache: Callable[[int], list], prompts: Sequen
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.int64)], dim=1)
         positions = positions + 1
-        logits, cache = step(token[:, None], positions, mask, cache)
-        last = logits[:, -1]
+        last, cache = backend.forward(token[:, None], positions, mask, cache)
         decode.append(last)
-    return Trace(prefill, prompt_mask, decode, torch.stack(tokens, dim=1))
+    return Trace(prefill, torch.ones(len(prompts), 1, dtype=torch.int64), decode, torch.stack(tokens, dim=1))
 
 
 def _errors(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -197,7 +142,8 @@ def fp32_oracle(model):
 
 
 def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[int]], steps: int = 16,
-           tolerance: Tolerance | None = None, threads: int = 0, oracle: bool = True) -> dict:
+           tolerance: Tolerance | None = None, threads: int = 0, oracle: bool = True,
+           max_batch: int | None = None) -> dict:
     """Run the torch model and each lowered graph on `prompts`; return {"tolerance": ..., "targets": {target:
     metrics + "passed"}, "passed": all passed}.
 
@@ -211,18 +157,17 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
         layers = model.transformer.encoder.layers
         bits = getattr(layers[0].self_attention.query_key_value, "bits", 0)
         tolerance = tolerance_for(model.dtype, bits, kv8)
-    step, empty = torch_step(model)
-    ref = greedy_trace(step, empty, prompts, steps)
+    longest = max(len(p) for p in prompts) + steps
+    ref = greedy_trace(TorchBackend(model), prompts, steps)
     exact = None
     if oracle and model.dtype != torch.float32:
-        exact = greedy_trace(*torch_step(fp32_oracle(model)), prompts, steps, forced=ref.tokens)
+        exact = greedy_trace(TorchBackend(fp32_oracle(model)), prompts, steps, forced=ref.tokens)
     results = {}
     for target, path in onnx_paths.items():
-        padded = read_runtime_config(path).get("kv_cache", {}).get("padding", "left") != "none"
-        step, empty = ort_step(ort_session(path, target, threads), padded)
-        forced = greedy_trace(step, empty, prompts, steps, forced=ref.tokens)
-        free = greedy_trace(step, empty, prompts, steps)
-        del step, empty  # one session alive at a time: a large model's session holds its weights
+        backend = OnnxRuntimeBackend(path, max_length=longest, max_batch=max_batch or len(prompts), threads=threads)
+        forced = greedy_trace(backend, prompts, steps, forced=ref.tokens)
+        free = greedy_trace(backend, prompts, steps)
+        del backend  # one session alive at a time: a large model's session holds its weights
         m = compare(ref, forced, free, tie_rel=0.0 if model.dtype == torch.float32 else
                     2 * torch.finfo(model.dtype).eps)
         close = max(m["prefill_rel"], m["decode_rel"]) <= tolerance.rel

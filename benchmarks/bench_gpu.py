@@ -482,7 +482,7 @@ def check(args) -> None:
     from rich.console import Console
 
     from glmc.compiler import pipeline, schema
-    from glmc.export.verify import tolerance_for
+    from glmc.runtime.verify import tolerance_for
     from glmc.artifact import open_build
     from glmc.runtime.loader import make_backend
 

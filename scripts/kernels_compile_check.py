@@ -34,12 +34,14 @@ def main() -> int:
                     continue
                 sig = dict(x_ptr="*fp16", w_ptr=wty, s_ptr="*fp16", out_ptr="*fp32", N=i32, K=i32, stride_xm=i32,
                            stride_wn=i32, stride_sn=i32, k_split=i32)
-                compile_one(f"fma b{bits} g{group} {bn}x{bk}", ql._gemv_fma_kernel, sig,
-                            dict(BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk), num_stages=2)
+                for magic in ((False,) if bits == 16 else (False, True)):
+                    compile_one(f"fma b{bits} g{group} {bn}x{bk} magic={magic}", ql._gemv_fma_kernel, sig,
+                                dict(BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic), num_stages=2)
                 sig = dict(x_ptr="*fp16", w_ptr=wty, s_ptr="*fp16", out_ptr="*fp32", M=i32, N=i32, K=i32,
                            stride_xm=i32, stride_wn=i32, stride_sn=i32, k_split=i32)
-                compile_one(f"dot b{bits} g{group} {bn}x{bk}", ql._gemv_dot_kernel, sig,
-                            dict(BITS=bits, GROUP=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk))
+                for magic in ((False,) if bits == 16 else (False, True)):
+                    compile_one(f"dot b{bits} g{group} {bn}x{bk} magic={magic}", ql._gemv_dot_kernel, sig,
+                                dict(BITS=bits, GROUP=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic))
             if bits != 16:
                 compile_one(f"dequant b{bits} g{group}", ql._dequantize_kernel,
                             dict(w_ptr=wty, s_ptr="*fp16", out_ptr="*fp16", N=i32, K=i32, stride_wn=i32,

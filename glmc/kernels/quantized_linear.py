@@ -58,13 +58,36 @@ class GemvConfig:
     split: int
     num_warps: int
     num_stages: int
+    magic: bool = False  # int4/int8: dequantize through fp16 bit patterns instead of int->float conversions
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+# MAGIC dequantization (no int->float conversion instruction): an offset-binary code u in 0..255 OR-ed into the
+# mantissa of fp16 1024.0 (0x6400) is the fp16 number 1024 + u. int4: u = nibble ^ 8 = q + 8, so the value is
+# 1032 + q; int8: u = byte ^ 0x80 = q + 128, value 1152 + q. The kernels multiply these and subtract the offset
+# times the sum of x (per group for grouped scales).
+
+
+@jit
+def _int4_magic(p):
+    """Packed int4 bytes (uint8) -> (low, high) nibbles as fp16 1032 + q."""
+    v = p.to(tl.int16) ^ 0x88
+    lo = ((v & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+    hi = (((v >> 4) & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@jit
+def _int8_magic(w):
+    """int8 codes -> fp16 1152 + q."""
+    v = (w.to(tl.int16) & 0xFF) ^ 0x80
+    return (v | 0x6400).to(tl.float16, bitcast=True)
+
 
 @jit
 def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, k_split,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MAGIC: tl.constexpr):
     """One row of X (program axis 2) times BLOCK_N weight rows over this split's K range -> partials[split, m, n]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -75,30 +98,49 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, s
     HALF: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_N, HALF if BITS == 4 else BLOCK_K), dtype=tl.float32)
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    xsum = tl.zeros((1,), dtype=tl.float32)  # MAGIC: sum of x, for the offset correction
     x_row = x_ptr + m * stride_xm
     for k0 in range(k_lo, k_lo + k_split, BLOCK_K):  # the last split's tail is masked
         if BITS == 4:
             j = k0 // 2 + tl.arange(0, HALF)
             p = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :],
-                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0).to(tl.int32)
-            lo = ((p << 28) >> 28).to(tl.float32)
-            hi = ((p << 24) >> 28).to(tl.float32)
+                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0x88)
+            if MAGIC:
+                lo, hi = _int4_magic(p)
+                lo = lo.to(tl.float32)
+                hi = hi.to(tl.float32)
+            else:
+                p = p.to(tl.int32)
+                lo = ((p << 28) >> 28).to(tl.float32)
+                hi = ((p << 24) >> 28).to(tl.float32)
             xe = tl.load(x_row + 2 * j, mask=2 * j < K, other=0.0).to(tl.float32)
             xo = tl.load(x_row + 2 * j + 1, mask=2 * j + 1 < K, other=0.0).to(tl.float32)
             tile = lo * xe[None, :] + hi * xo[None, :]
+            if MAGIC:
+                xt = tl.sum(xe, axis=0) + tl.sum(xo, axis=0)
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
-                        other=0).to(tl.float32)
+                        other=0)
+            w = _int8_magic(w).to(tl.float32) if MAGIC else w.to(tl.float32)
             xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
             tile = w * xk[None, :]
+            if MAGIC:
+                xt = tl.sum(xk, axis=0)
         if GROUP > 0:
             s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
-            out += tl.sum(tile, axis=1) * s
+            if MAGIC:
+                out += (tl.sum(tile, axis=1) - (1032.0 if BITS == 4 else 1152.0) * xt) * s
+            else:
+                out += tl.sum(tile, axis=1) * s
         else:
             acc += tile
+            if MAGIC:
+                xsum += xt
     if GROUP == 0:
         out = tl.sum(acc, axis=1)
+        if MAGIC:
+            out = out - (1032.0 if BITS == 4 else 1152.0) * tl.sum(xsum, axis=0)
         if BITS != 16:
             out = out * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     M = tl.num_programs(2)
@@ -108,7 +150,7 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, s
 @jit
 def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
     """BLOCK_M rows of X (tensor-core dots, rows past M masked) times BLOCK_N weight rows -> partials[split]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -120,30 +162,46 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn
     k_lo = pid_s * k_split
     HALF: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(k_lo, k_lo + k_split, BLOCK_K):  # the last split's tail is masked
         if BITS == 4:
             j = k0 // 2 + tl.arange(0, HALF)
             p = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :],
-                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0).to(tl.int32)
+                        mask=nmask[:, None] & (2 * j < K)[None, :], other=0x88)
             xe = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
                          mask=mmask[:, None] & (2 * j < K)[None, :], other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
                          mask=mmask[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
-            lo = ((p << 28) >> 28).to(xe.dtype)
-            hi = ((p << 24) >> 28).to(xe.dtype)
-            tile = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+            if MAGIC:
+                lo, hi = _int4_magic(p)
+                xt = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            else:
+                p = p.to(tl.int32)
+                lo = ((p << 28) >> 28).to(xe.dtype)
+                hi = ((p << 24) >> 28).to(xe.dtype)
+            tile = tl.dot(xe, tl.trans(lo.to(xe.dtype))) + tl.dot(xo, tl.trans(hi.to(xe.dtype)))
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :],
                          other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
-                        other=0).to(xk.dtype)
-            tile = tl.dot(xk, tl.trans(w))
+                        other=0)
+            if MAGIC:
+                w = _int8_magic(w)
+                xt = tl.sum(xk.to(tl.float32), axis=1)
+            tile = tl.dot(xk, tl.trans(w.to(xk.dtype)))
+        if MAGIC:
+            if GROUP > 0:
+                tile = tile - (1032.0 if BITS == 4 else 1152.0) * xt[:, None]
+            else:
+                xsum += xt
         if GROUP > 0:
             s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
             acc += tile * s[None, :]
         else:
             acc += tile
+    if GROUP == 0 and MAGIC:
+        acc = acc - (1032.0 if BITS == 4 else 1152.0) * xsum[:, None]
     if GROUP == 0 and BITS != 16:
         acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
@@ -234,18 +292,20 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
         out = torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
     scale = lin.scale if lin.scale is not None else lin.weight
     stride_sn = scale.stride(0) if scale.dim() == 2 and lin.group_size else 0
+    magic = cfg.magic and lin.bits != 16 and x.dtype == torch.float16  # 1152 + q is exact in fp16 only
     if cfg.variant == "fma":
         grid = (cdiv(lin.n, cfg.block_n), split, m)
         _gemv_fma_kernel[grid](x, lin.weight, scale, out, lin.n, lin.k, x.stride(0), lin.weight.stride(0), stride_sn,
                                k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n,
-                               BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                               BLOCK_K=cfg.block_k, MAGIC=magic, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
     else:
         block_m = 16
         grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
         _gemv_dot_kernel[grid](x, lin.weight, scale, out, m, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
                                stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_M=block_m,
-                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -1,0 +1,209 @@
+"""Micro-benchmarks of glmc.kernels against the memory-bandwidth bound (bytes moved / measured copy bandwidth), and
+the GEMV config sweep whose winners become glmc/kernels/tuned_h200.json.
+
+    python3 benchmarks/bench_kernels.py --out OUTDIR            # on a CUDA machine with triton
+
+Prints one table (kernel, shape, us, GB/s, % of copy bandwidth) and writes OUTDIR/kernels.json and
+OUTDIR/tuned_h200.json. Shapes: ChatGLM3-6B's (hidden 4096, ffn 13696, 32 heads / 2 KV groups, head dim 128,
+vocab 65024). Weights are rotated among copies totalling > 4x the L2 so that no timing reads from the cache.
+"""
+
+# ruff: noqa: B023 - every lambda here is timed (called) before its loop variables change
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+H, FFN, HQ, HKV, D, V = 4096, 13696, 32, 2, 128, 65024
+LINEARS = {"qkv": ((HQ + 2 * HKV) * D, H), "dense": (H, HQ * D), "h_to_4h": (2 * FFN, H), "4h_to_h": (H, FFN),
+           "output": (V, H)}
+PRECISIONS = {"fp16": (16, 0), "int8": (8, 0), "int4-g128": (4, 128)}
+L2_BYTES = 60 << 20
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, median of 20 (bytes/s)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(23):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() / sorted(times[3:])[len(times[3:]) // 2]
+
+
+def bench(fn, rotate: int = 1) -> float:
+    """Seconds per call of fn(i), inputs i rotating: calls captured back to back in a CUDA graph (as the backend
+    runs them: no host launch time), median over 15 replays of the graph, after warm-up."""
+    reps = max(rotate, 10)
+    for i in range(2):
+        fn(i % rotate)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in range(reps):
+            fn(r % rotate)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(15):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def make_linear(n: int, k: int, bits: int, group: int):
+    from glmc.kernels.quantized_linear import PackedLinear
+    from glmc.modeling_patches.ops.quantized_linear import pack_int4
+    from glmc.quantization.weight_only import quantize_weight
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    if bits == 16:
+        return PackedLinear(w, None, None, 16, 0, n, k)
+    q, s = quantize_weight(w, bits, group, scale_dtype=torch.float16)
+    return PackedLinear(q if bits == 8 else pack_int4(q), s, None, bits, group, n, k)
+
+
+def candidates(m: int, bits: int, group: int, n: int, k: int) -> list:
+    from glmc.kernels.quantized_linear import GemvConfig, default_config
+    base = default_config(m, n, k, bits, group)
+    out = {base}
+    bks = [64, 128] if bits == 16 else ([128, 256] if not group else [min(128, group)])
+    for bk in bks:
+        for bn, variant in ([(16, "fma"), (32, "fma"), (64, "fma"), (32, "dot"), (64, "dot")] if m == 1
+                            else [(32, "dot"), (64, "dot"), (128, "dot")]):
+            if variant == "dot" and bk < (32 if bits == 4 else 16):
+                continue
+            tiles = -(-n // bn)
+            for split in sorted({1, 2, max(1, min(8, 2 * 132 // tiles))}):
+                if k // (bk * split) < 2:
+                    continue
+                for magic in ((False,) if bits == 16 else (False, True)):
+                    out.add(GemvConfig(variant, bn, bk, split, 4, 2 if variant == "fma" else 3, magic))
+    return sorted(out, key=lambda c: (c.variant, c.block_n, c.block_k, c.split))
+
+
+def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool) -> None:
+    from glmc.kernels.quantized_linear import config_key, gemv_partials
+    for prec, (bits, group) in PRECISIONS.items():
+        for name, (n, k) in LINEARS.items():
+            if name == "output" and bits != 16:
+                continue
+            lin0 = make_linear(n, k, bits, group)
+            nbytes = lin0.nbytes
+            copies = [lin0] + [make_linear(n, k, bits, group) for _ in range(max(0, 4 * L2_BYTES // nbytes))]
+            for m in (1, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                best = None
+                cands = candidates(m, bits, group, n, k)
+                if quick:
+                    cands = cands[:1]
+                for cfg in cands:
+                    try:
+                        t = bench(lambda i, cfg=cfg: gemv_partials(x, copies[i], cfg), len(copies))
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
+                        print("skip", name, prec, m, cfg, type(e).__name__, str(e)[:100], flush=True)
+                        continue
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                assert best is not None
+                t, cfg = best
+                tuned[config_key(m, n, k, bits, group)] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split,
+                                                           cfg.num_warps, cfg.num_stages, cfg.magic]
+                moved = nbytes + m * k * 2 + cfg.split * m * n * 4
+                rows.append(dict(kernel=f"gemv {prec} M={m}", shape=f"{name} {n}x{k}", us=t * 1e6,
+                                 gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
+                                 tried=len(cands)))
+                print(rows[-1], flush=True)
+            copies.clear()
+
+
+def small_kernels(bw: float, rows: list) -> None:
+    from glmc.kernels import attention, norm, rotary, sampling
+    from glmc.modeling_patches.ops.attention import rotary_tables
+    dt = torch.float16
+
+    def add(kernel, shape, t, moved):
+        rows.append(dict(kernel=kernel, shape=shape, us=t * 1e6, gbs=moved / t / 1e9, pct=100 * moved / t / bw))
+        print(rows[-1], flush=True)
+
+    for m in (1, 16):
+        part = torch.randn(1, m, H, device="cuda")
+        res = torch.randn(m, H, device="cuda", dtype=dt)
+        w = torch.ones(H, device="cuda", dtype=dt)
+        out = torch.empty_like(res)
+        add("add_rmsnorm", f"M={m} H={H}", bench(lambda i: norm.add_rmsnorm(part, res, w, 1e-5, out=out)),
+            m * H * (4 + 2 + 2 + 2) + H * 2)
+        part2 = torch.randn(1, m, 2 * FFN, device="cuda")
+        act = torch.empty(m, FFN, device="cuda", dtype=dt)
+        add("swiglu", f"M={m} F={FFN}", bench(lambda i: norm.swiglu(part2, dt, out=act)), m * FFN * (8 + 2))
+        cos, sin = (t.to("cuda", dt) for t in rotary_tables(D // 2, 8192, 10000.0))
+        kc = torch.zeros(m, HKV, 2304, D, device="cuda", dtype=dt)
+        vc = torch.zeros_like(kc)
+        partq = torch.randn(1, m, (HQ + 2 * HKV) * D, device="cuda")
+        bias = torch.zeros((HQ + 2 * HKV) * D, device="cuda", dtype=dt)
+        pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
+        past = torch.tensor([200], device="cuda", dtype=torch.int32)
+        q = torch.empty(m, HQ * D, device="cuda", dtype=dt)
+        add("qkv_rotary_append", f"M={m}", bench(lambda i: rotary.qkv_rotary_append(
+            partq, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV, q_out=q)), m * (HQ + 2 * HKV) * D * (4 + 2))
+        start = torch.zeros(m, dtype=torch.int32, device="cuda")
+        for ctx in (256, 2048):
+            pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
+            o = torch.empty_like(q)
+            t = bench(lambda i, pst=pst, o=o: attention.decode_attention(q, kc, vc, start, pst, HQ, 1 / math.sqrt(D),
+                                                                         out=o))
+            add("decode_attention+combine", f"B={m} ctx={ctx}", t, 2 * m * HKV * ctx * D * 2 + 2 * m * HQ * D * 2)
+        partv = torch.randn(1, m, V, device="cuda")
+        add("logits_argmax", f"M={m} V={V}", bench(lambda i: sampling.logits_argmax(partv, dt)), m * V * 8)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("kernels-out"))
+    ap.add_argument("--quick", action="store_true", help="one config per GEMV (no sweep)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})", flush=True)
+    rows: list = []
+    tuned: dict = {}
+    sweep_gemv(bw, rows, tuned, args.quick)
+    (args.out / "tuned_h200.json").write_text(json.dumps(tuned, indent=1) + "\n")
+    small_kernels(bw, rows)
+    result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
+              "command": " ".join(sys.argv), "rows": rows, "seconds": time.time() - t0}
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}; {time.strftime('%Y-%m-%d')}")
+    print("| kernel | shape | us | GB/s | % of copy bw | config |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['shape']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['pct']:.0f}% | "
+              f"{r.get('config', '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("glmc.runtime.cli_chat", "chat interactively (history, /reset, /exit; default: the shipped model)"),
     "verify": ("glmc.export.cli_verify", "check each ONNX lowering in ONNX Runtime against the torch model"),
     "eval": ("glmc.quantization.cli_eval", "accuracy table of precisions (fp16, int8, int4, kv8...) against fp32 on held-out text"),
+    "serve": ("glmc.serve.cli_serve", "an OpenAI-compatible HTTP server with in-flight batching and a chat page"),
     "quantize": ("glmc.quantization.cli_quantize", "write a weight-only int8/int4 (+ int8 KV cache) checkpoint"),
 }
 

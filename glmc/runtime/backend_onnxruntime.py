@@ -357,6 +357,82 @@ class OnnxRuntimeBackend:
             self._logits_at = len(self.present_names)  # the cache outputs were bound before the logits
         return self._logits_at
 
+    # ------------------------------------------------------------------------------------------ rows (serving)
+    # A server's scheduler (glmc.serve.slots) keeps one request per row of the shared KV buffers, each at its own
+    # length: it prefills a request into its row alone and decodes the occupied rows (a prefix) together.
+
+    @property
+    def rows_supported(self) -> str | None:
+        """None when step_rows can run this graph, else why not (rows need the KV buffer shared by past and
+        present: a separate past/present pair is laid out densely per step, not per row)."""
+        if not self.shared:
+            return f"{self.path}: past and present are separate KV tensors (rows need a shared GQA buffer)"
+        return None
+
+    def kv_row_views(self) -> list[torch.Tensor]:
+        """Byte views [max_batch, Hkv, max_length, D * itemsize] (uint8) of the shared KV buffers, zeroed on first
+        use, so that a scheduler can move a row or compact its positions (torch ops on the device memory)."""
+        if not self._buffers:
+            self._allocate()
+        views = []
+        for bufs in self._buffers:
+            ptr, n = bufs[0].data_ptr(), self.max_batch * self.kv_heads * self.max_length * self.head_dim
+            nbytes = n * self.kv_itemsize
+            if self.device_type == "cuda":
+                memory = type("DeviceBytes", (), {"__cuda_array_interface__": {  # what torch.as_tensor reads
+                    "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}})()
+                flat = torch.as_tensor(memory, device=f"cuda:{self.device_id}")
+            else:
+                import ctypes
+                flat = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=torch.uint8)
+            views.append(flat.view(self.max_batch, self.kv_heads, self.max_length, self.head_dim * self.kv_itemsize))
+        if not getattr(self, "_rows_zeroed", False):  # holes in a row's mask must hold finite numbers (0 * NaN)
+            for v in views:
+                v.zero_()
+            self._rows_zeroed = True
+        return views
+
+    def step_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  first_row: int = 0) -> torch.Tensor:
+        """One step on rows [first_row, first_row + B) of the shared KV buffers (bound at their full width, so
+        each row keeps its own positions): a prompt into one row (past 0), or one token for each of B rows whose
+        attention_mask [B, T] marks the positions each row holds (the new token's included). Where the new
+        positions land is the graph's rule: the padded form writes every row's token at T - 1, the unpadded one
+        at each row's mask sum - 1. Returns the last position's float32 logits [B, V] on the CPU."""
+        why = self.rows_supported
+        if why:
+            raise GlmcError(why)
+        batch, seq = input_ids.shape
+        if first_row + batch > self.max_batch:
+            raise GlmcError(f"rows {first_row}..{first_row + batch - 1} exceed the build's max_batch of "
+                            f"{self.max_batch} ({self.path})")
+        check_step(attention_mask.shape[1], seq, attention_mask.shape[1] - seq, self.max_length,
+                   self.max_input_length, self.path)
+        if not self._buffers:
+            self._allocate()
+        session = self.session
+        assert session is not None  # opened in __init__
+        io = session.io_binding()
+        io.bind_cpu_input(self.ids_name, np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
+        io.bind_cpu_input(self.pos_name, np.ascontiguousarray(position_ids.numpy(), dtype=np.int64))
+        io.bind_cpu_input(self.mask_name, np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64))
+        shape = [batch, self.kv_heads, self.max_length, self.head_dim]
+        offset = first_row * self.kv_heads * self.max_length * self.head_dim * self.kv_itemsize
+        for past, present, bufs in zip(self.past_names, self.present_names, self._buffers, strict=True):
+            ptr = bufs[0].data_ptr() + offset
+            io.bind_input(past, self.device_type, self.device_id, self.kv_type, shape, ptr)
+            io.bind_output(present, self.device_type, self.device_id, self.kv_type, shape, ptr)
+        buf = self._bind_logits(io, batch, seq)
+        if self._graph_session:
+            session.run_with_iobinding(io, self._graph_run_options(-1))
+        else:
+            session.run_with_iobinding(io)
+        if buf is not None:
+            return buf[:batch * seq * self.vocab_size].view(batch, seq, -1)[:, -1].to("cpu", torch.float32,
+                                                                                     copy=True)
+        logits = io.get_outputs()[len(self.present_names)]
+        return torch.from_numpy(np.asarray(logits.numpy()[:, -1], dtype=np.float32))
+
     def end_profiling(self) -> str | None:
         """Stop ORT profiling (if on) and return the profile file."""
         return self.session.end_profiling() if self.session.get_session_options().enable_profiling else None

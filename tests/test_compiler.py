@@ -76,15 +76,15 @@ def test_shipped_config_validates(name, checkpoints, tmp_path):
     if not name.startswith("glmc-tiny"):
         with pytest.raises(ConfigError, match=r"model\.checkpoint: must be set .*--set model\.checkpoint="):
             schema.load(path, overrides)
-        family = schema.load(path, overrides + ["model.checkpoint=/x"], check_files=False).get("model.family")
+        family = schema.load(path, overrides + ["model.checkpoint=/x"], check_files=False).model.family
         overrides.append(f"model.checkpoint={checkpoints[family]}")
     cfg = schema.load(path, overrides, check_files=not name.startswith("glmc-tiny") or schema.shipped_model().is_dir())
     precision = name.removesuffix(".yaml").split("-", 2 if name.startswith("glmc") else 0)
     tag = cfg.precision_tag
     assert ("kv8" in tag) == ("kv8" in name)
     assert ("int8" in tag) == ("int8" in name) and ("int4" in tag) == ("int4" in name), (precision, tag)
-    assert cfg.get("limits.max_input_length") <= cfg.get("limits.max_sequence_length")
-    assert "tensorrt" in cfg.get("targets") and not (tmp_path / "out").exists()
+    assert cfg.limits.max_input_length <= cfg.limits.max_sequence_length
+    assert "tensorrt" in cfg.targets and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (CONFIGS / "precisions").glob("*.yaml")))
@@ -99,11 +99,11 @@ def test_overlays_and_set_merge_in_order(tmp_path):
     cfg = schema.load([CONFIGS / "models" / "glmc-tiny.yaml", CONFIGS / "precisions" / "int8-kv8.yaml"],
                       ["precision.dtype=fp32", "limits.max_batch=4", "targets=onnx"], check_files=False)
     assert cfg.precision_tag == "int8-fp32-kv8"
-    assert cfg.get("limits.max_batch") == 4 and cfg.get("targets") == ["onnx"]
-    assert cfg.get("limits.max_sequence_length") == 256  # from the model file
+    assert cfg.limits.max_batch == 4 and cfg.targets == ("onnx",)
+    assert cfg.limits.max_sequence_length == 256  # from the model file
     assert cfg.where["limits.max_batch"] == "--set limits.max_batch=4"
     assert cfg.where["precision.weights"].endswith("int8-kv8.yaml:2")
-    assert cfg.get("tensorrt.opt_past_length") == 128  # resolved default
+    assert cfg.tensorrt.opt_past_length == 128  # resolved default
 
 
 # ---------------------------------------------------------------------------------------------- bad configs
@@ -157,7 +157,7 @@ def test_limits_either_validate_or_name_the_conflict(batch, seq, inp):
             schema.load([], sets, check_files=False)
     else:
         cfg = schema.load([], sets, check_files=False)
-        assert cfg.get("tensorrt.opt_batch") == batch and cfg.get("tensorrt.opt_past_length") == seq // 2
+        assert cfg.tensorrt.opt_batch == batch and cfg.tensorrt.opt_past_length == seq // 2
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -460,7 +460,7 @@ def compile_(cfg: Path, *sets: str, force: bool = False) -> dict:
     """Run `glmc compile` in-process; return the new build's manifest."""
     args = ["compile", str(cfg)] + [a for s in sets for a in ("--set", s)] + (["--force"] if force else [])
     assert glmc_main(args) == 0
-    out = schema.load(cfg, list(sets)).get("output")
+    out = schema.load(cfg, list(sets)).output
     return read_manifest(out)
 
 
@@ -529,7 +529,9 @@ def test_cache_reruns_only_what_changed(project, monkeypatch, capsys):
     assert ran(compile_(project["config"], "precision.weights=float", "verify.steps=3")) == {"verify"}
     assert ran(compile_(project["config"], "precision.weights=float", "tensorrt.workspace_mb=128")) == \
         {"engine:tensorrt"}
-    assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=3")) == {"engine:tensorrt"}
+    # verification runs batches within max_batch, as users must: it reads the limits too
+    assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=3")) == {"engine:tensorrt",
+                                                                                                   "verify"}
     # batch 1: the onnxruntime lowering drops padding support (onnxruntime.padded_batches defaults to max_batch > 1)
     assert ran(compile_(project["config"], "precision.weights=float", "limits.max_batch=1")) == {
         "engine:tensorrt", "lower:onnxruntime", "verify"}
@@ -710,8 +712,8 @@ def test_unpadded_and_folded_kv8_options(tmp_path):
     """onnxruntime.padded_batches defaults to limits.max_batch > 1; false (with fold_kv8 on an int8 cache) lowers
     GroupQueryAttention to its unpadded form with the int8 cache inside, verified row by row to fold_kv8's bound;
     the runtime config says so, and the backend shares the int8 buffer."""
-    assert schema.load([], ["limits.max_batch=1"], check_files=False).get("onnxruntime.padded_batches") is False
-    assert schema.load([], ["limits.max_batch=2"], check_files=False).get("onnxruntime.padded_batches") is True
+    assert schema.load([], ["limits.max_batch=1"], check_files=False).onnxruntime.padded_batches is False
+    assert schema.load([], ["limits.max_batch=2"], check_files=False).onnxruntime.padded_batches is True
     with pytest.raises(ConfigError, match=r"--set onnxruntime\.fold_kv8=true: .*precision\.kv_cache is float"):
         schema.load([], ["onnxruntime.fold_kv8=true"], check_files=False)
     m = compile_(CONFIGS / "glmc-tiny-kv8.yaml", f"output={tmp_path}/b", f"cache_dir={tmp_path}/c",

@@ -47,13 +47,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from glmc.compiler.pipeline import compile_config, plan
     if args.plan:
-        from pathlib import Path
-        cache = Path(cfg.get("cache_dir"))
-        print(f"{cfg.get('model.name')} {cfg.precision_tag} -> {cfg.get('output')} (stage cache: {cache})")
+        print(f"{cfg.name} {cfg.precision_tag} -> {cfg.output} (stage cache: {cfg.cache_dir})")
         for stage in plan(cfg):
-            cached = (cache / stage.dir_name / "stage.json").is_file()
+            cached = (cfg.cache_dir / stage.dir_name / "stage.json").is_file()
             status = "lazy" if stage.name == "load" else ("cached" if cached and not args.force else "runs")
-            reads = ", ".join(list(stage.keys) + list(stage.deps)) or "-"
+            reads = ", ".join(stage.reads + list(stage.deps)) or "-"
             print(f"  {stage.name:18s} {status:7s} {stage.hash[:12]}  reads: {reads}")
         return 0
     # SIGTERM (kill, a CI timeout) cleans up like Ctrl-C: the temp build directory and the lock are removed

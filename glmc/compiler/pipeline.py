@@ -18,7 +18,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 import glmc
-from glmc.artifact import TARGETS, TOKENIZER_FILES
+from glmc.artifact import BUILD_FORMAT, MODEL_DIR, TARGETS, TOKENIZER_FILES, Limits
 from glmc.compiler.builddir import BuildDir, file_table, place, remove_dead_temps
-from glmc.compiler.schema import CompileConfig
+from glmc.compiler.schema import Calibration, CompileConfig, ModelSource, OrtLowering, TensorRTBuild, VerifyOptions
 from glmc.errors import GlmcError
+from glmc.quantization.scheme import Scheme
 
 STAGE_FILE = "stage.json"  # in every cached stage folder: what the stage reported
 # Names of the exported and simplified graphs. Large models keep their weights in `<export name>.data`, which the
@@ -48,12 +49,13 @@ class StageError(GlmcError):
 
 @dataclasses.dataclass
 class Stage:
-    """One step: the config keys and upstream stages its cache key covers, and the function that runs it."""
+    """One step: the typed slice of the config it reads (its cache key is derived from that slice alone, so a key
+    it does not read cannot rerun it), the upstream stages it reads from, and the function that runs it."""
 
     name: str
-    keys: tuple[str, ...]
+    inputs: Any  # a frozen dataclass (or None): all of the config this stage's `run` is handed
     deps: tuple[str, ...]
-    run: Callable[["Context", Path], dict]
+    run: Callable[[Context, Any, Path], dict]
     hash: str = ""
     status: str = "pending"  # pending | cached | ran
     seconds: float = 0.0
@@ -63,10 +65,53 @@ class Stage:
     def dir_name(self) -> str:
         return f"{self.name.replace(':', '-')}-{self.hash[:16]}"
 
+    @property
+    def reads(self) -> list[str]:
+        """What the stage reads, for `glmc compile --plan`."""
+        return [f.name for f in dataclasses.fields(self.inputs)] if self.inputs is not None else []
+
+
+# The inputs of each stage: frozen dataclasses built from the typed config.
+@dataclasses.dataclass(frozen=True)
+class QuantizeInputs:
+    model: ModelSource
+    scheme: Scheme
+    calibration: Calibration | None  # only with an int8 KV cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """What rebuilding the quantized torch model needs (export; verify's reference)."""
+
+    model: ModelSource
+    scheme: Scheme
+    max_sequence_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerInputs:
+    target: str
+    onnxruntime: OrtLowering | None  # only the onnxruntime target reads its options
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInputs:
+    limits: Limits
+    tensorrt: TensorRTBuild
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyInputs:
+    source: ModelInputs
+    verify: VerifyOptions
+    limits: Limits
+    onnxruntime: OrtLowering
+    targets: tuple[str, ...]  # the lowerings compared (those ONNX Runtime runs)
+
 
 # The code whose changes change what the stages write (runtime backends and CLIs do not).
-CODE = ("modeling_patches", "quantization", "export", "compiler", "runtime/tokenizer.py", "runtime/generate.py",
-        "errors.py", "__init__.py")
+CODE = ("artifact.py", "modeling_patches", "quantization", "export", "compiler", "runtime/generate.py",
+        "runtime/verify.py", "runtime/backend_onnxruntime.py", "runtime/backend_torch.py", "errors.py", "__init__.py")
 
 
 def code_fingerprint() -> str:
@@ -96,95 +141,82 @@ def checkpoint_fingerprint(ckpt: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- context
 
 class Context:
-    """What stages share: the config, the finished stages' folders, and the lazily loaded models."""
+    """What stages share: the finished stages' folders and the lazily loaded models (not the config: each stage
+    is handed its own inputs)."""
 
-    def __init__(self, cfg: CompileConfig, console: Console):
-        self.cfg = cfg
+    def __init__(self, console: Console):
         self.console = console
         self.outputs: dict[str, Path] = {}
         self.stages: dict[str, Stage] = {}
-        self._model = None
-        self.stages_lowered = lowered_targets(cfg)
+        self._model: tuple[ModelInputs, Any] | None = None
 
-    @property
-    def checkpoint(self) -> Path:
-        return Path(self.cfg.get("model.checkpoint"))
-
-    def scheme(self):
-        from glmc.quantization.scheme import Scheme
-        p = self.cfg.data["precision"]
-        bits = {"float": 0, "int8": 8, "int4": 4}[p["weights"]]
-        return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
-                      p["kv_granularity"] if p["kv_cache"] == "int8" else None)
-
-    def load_float(self):
+    def load_float(self, source: ModelSource):
         """The floating-point checkpoint quantization and calibration start from (the `load` stage): float32 when
         it takes under a third of this machine's memory (CPU calibration is fastest and exact there), else the
         checkpoint's own fp16/bf16, so that a 6B model needs ~12 GB instead of 24."""
         from glmc.modeling_patches.checkpoint import load_model
         from glmc.modeling_patches.config import load_config
         t0 = time.perf_counter()
-        family = self.cfg.get("model.family")
-        arch = load_config(self.checkpoint, family=family)
+        arch = load_config(source.checkpoint, family=source.family)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         dtype = "float32" if 4 * arch.num_parameters < ram / 3 else arch.torch_dtype
-        model = load_model(self.checkpoint, dtype, family=family)
+        model = load_model(source.checkpoint, dtype, family=source.family)
         self.stages["load"].status, self.stages["load"].seconds = "ran", time.perf_counter() - t0
         self.stages["load"].info = {"dtype": dtype}
-        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {self.checkpoint} ({dtype})")
+        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {source.checkpoint} ({dtype})")
         return model
 
-    def model(self):
-        """The model to export, with the config's precision (read back from the quantize stage's weights)."""
+    def model(self, inputs: ModelInputs):
+        """The model to export and verify against: the quantize stage's weights (or the checkpoint's, for a float
+        scheme) in the scheme's dtype."""
         from glmc.modeling_patches.checkpoint import load_model
-        if self._model is not None:
-            return self._model
+        if self._model is not None and self._model[0] == inputs:
+            return self._model[1]
         weights = self.outputs["quantize"] / "model"
-        src = weights if (weights / "config.json").is_file() and self.scheme().to_json() else self.checkpoint
-        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.cfg.get("precision.dtype")]
-        self._model = load_model(src, dtype, family=self.cfg.get("model.family"),
-                                 max_positions=self.cfg.get("limits.max_sequence_length"))
-        return self._model
+        src = weights if (weights / "config.json").is_file() and inputs.scheme.to_json() else inputs.model.checkpoint
+        model = load_model(src, inputs.scheme.dtype, family=inputs.model.family,
+                           max_positions=inputs.max_sequence_length)
+        self._model = (inputs, model)
+        return model
 
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def run_quantize(ctx: Context, out: Path) -> dict:
+def run_quantize(ctx: Context, inp: QuantizeInputs, out: Path) -> dict:
     """Quantize weights / calibrate the KV cache; save a loadable checkpoint (model/) when anything is quantized."""
     from glmc.quantization.scheme import apply_scheme, save_quantized
-    scheme = ctx.scheme()
+    scheme, ckpt = inp.scheme, Path(inp.model.checkpoint)
     model_dir = out / "model"
     model_dir.mkdir()
-    for name in ("config.json",) + TOKENIZER_FILES:
-        if (ctx.checkpoint / name).is_file():
-            shutil.copy2(ctx.checkpoint / name, model_dir / name)
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, model_dir / name)
     if not scheme.to_json():
         return {"scheme": scheme.name, "quantization": {}, "weights": "in the ONNX files (float)"}
-    model = ctx.load_float()
+    model = ctx.load_float(inp.model)
     calib = None
     info: dict[str, Any] = {"scheme": scheme.name, "quantization": scheme.to_json()}
-    if scheme.kv_granularity:
-        from glmc.quantization.kv_calibration import calibration_samples
+    if inp.calibration is not None:
         from glmc.modeling_patches.tokenizer import load_tokenizer
-        c = ctx.cfg.data["calibration"]
-        tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
-        src = None if c["source"] == "builtin" else c["source"]
-        calib = calibration_samples(tok.encode, src, c["samples"], c["max_length"])
-        info["calibration"] = {"source": c["source"], "samples": len(calib),
-                               "tokens": int(sum(x.numel() for x in calib))}
+        from glmc.quantization.kv_calibration import calibration_samples
+        c = inp.calibration
+        tok = load_tokenizer(ckpt, inp.model.family)
+        src = None if c.source == "builtin" else c.source
+        calib = calibration_samples(tok.encode, src, c.samples, c.max_length)
+        info["calibration"] = {"source": c.source, "samples": len(calib), "tokens": int(sum(x.numel() for x in calib))}
     apply_scheme(model, scheme, calib)
     save_quantized(model, model_dir, scheme)
     return info
 
 
-def run_export(ctx: Context, out: Path) -> dict:
+def run_export(ctx: Context, inp: ModelInputs, out: Path) -> dict:
     """torch -> one ONNX graph (prefill and decode; dynamic batch, sequence and past), glmc:: ops kept."""
     from glmc.export.onnx_export import export
-    result = export(ctx.model(), out / EXPORTED)
+    result = export(ctx.model(inp), out / EXPORTED)
     return {"onnx": EXPORTED, "external_data": result["external_data"], "weight_bytes": result["weight_bytes"]}
 
 
-def run_simplify(ctx: Context, out: Path) -> dict:
+def run_simplify(ctx: Context, inp: None, out: Path) -> dict:
     """onnxsim the exported graph (the glmc:: nodes survive; the export module checks that)."""
     from glmc.export.simplify import simplify_file
     result = simplify_file(ctx.outputs["export"] / EXPORTED, out / SIMPLIFIED)
@@ -192,28 +224,25 @@ def run_simplify(ctx: Context, out: Path) -> dict:
             "glmc_nodes": result["glmc_nodes"], "seconds": round(result["seconds"], 3)}
 
 
-def make_lower(target: str) -> Callable[[Context, Path], dict]:
-    def run_lower(ctx: Context, out: Path) -> dict:
-        from glmc.export.lower import lower_file
-        ort = target == "onnxruntime"
-        runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, target, out / "model.onnx",
-                             accuracy_level=4 if ort and ctx.cfg.get("precision.int8_activations") else 0,
-                             fold_kv8=ort and ctx.cfg.get("onnxruntime.fold_kv8"),
-                             padded_batches=not ort or ctx.cfg.get("onnxruntime.padded_batches"))
-        return {"onnx": "model.onnx", "runtime_config": "model.json", "target": target,
-                "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
-    return run_lower
+def run_lower(ctx: Context, inp: LowerInputs, out: Path) -> dict:
+    from glmc.export.lower import lower_file
+    o = inp.onnxruntime
+    runtime = lower_file(ctx.outputs["simplify"] / SIMPLIFIED, inp.target, out / "model.onnx",
+                         accuracy_level=4 if o and o.int8_activations else 0, fold_kv8=bool(o and o.fold_kv8),
+                         padded_batches=not o or o.padded_batches)
+    return {"onnx": "model.onnx", "runtime_config": "model.json", "target": inp.target,
+            "limits": runtime.get("limits", {}), "kv_cache": runtime.get("kv_cache", {})}
 
 
-def run_engine(ctx: Context, out: Path) -> dict:
+def run_engine(ctx: Context, inp: EngineInputs, out: Path) -> dict:
     """Build the TensorRT engine from the `tensorrt` lowering (TensorRT, else TensorRT for RTX)."""
     from glmc.compiler.tensorrt import build_engine_isolated, write_layers
-    t = ctx.cfg.data["tensorrt"]
+    t = inp.tensorrt
     info = build_engine_isolated(
-        ctx.outputs["lower:tensorrt"] / "model.onnx", out / "model.engine", ctx.cfg.data["limits"],
-        profiles=t["profiles"], compute_capabilities=t["compute_capabilities"], workspace_mb=t["workspace_mb"],
-        optimization_level=t["optimization_level"], log_path=out / "build.log",
-        opt={"batch": t["opt_batch"], "input_length": t["opt_input_length"], "past_length": t["opt_past_length"]})
+        ctx.outputs["lower:tensorrt"] / "model.onnx", out / "model.engine", dataclasses.asdict(inp.limits),
+        profiles=list(t.profiles), compute_capabilities=list(t.compute_capabilities), workspace_mb=t.workspace_mb,
+        optimization_level=t.optimization_level, log_path=out / "build.log",
+        opt={"batch": t.opt_batch, "input_length": t.opt_input_length, "past_length": t.opt_past_length})
     write_layers(info, out / "layers.json")
     info = {k: v for k, v in info.items() if k not in ("engine_layers", "network_layers")} | {
         "engine_layer_count": len(info["engine_layers"]), "network_layer_count": len(info["network_layers"]),
@@ -221,50 +250,49 @@ def run_engine(ctx: Context, out: Path) -> dict:
     return info
 
 
-def encode_prompts(ctx: Context, prompts: list) -> list[list[int]]:
+def encode_prompts(source: ModelSource, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Verification prompts as token ids: text through the checkpoint's tokenizer, id lists as they are."""
-    if all(isinstance(p, list) for p in prompts):
+    if all(not isinstance(p, str) for p in prompts):
         return [list(p) for p in prompts]
     from glmc.modeling_patches.tokenizer import load_tokenizer
-    tok = load_tokenizer(ctx.checkpoint, ctx.cfg.get("model.family"))
+    tok = load_tokenizer(source.checkpoint, source.family)
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    for text, i in zip(prompts, ids):
+    for text, i in zip(prompts, ids, strict=True):
         if not i:
             raise StageError(f"verify.prompts: '{text}' encodes to no tokens")
     return ids
 
 
-def run_verify(ctx: Context, out: Path) -> dict:
-    """Compare the torch model with every lowering ONNX Runtime can run, on the config's prompts."""
-    import dataclasses as dc
+# Options that change the math on purpose are held to their own bounds: int8 activations (measured 0.5-0.7%
+# relative logits error on the shipped model; 5x margin); an int8 cache folded into GQA, which attends to the
+# quantized new tokens (measured 3-9% on tiny random models with 4 calibration samples: docs/onnx.md)
+OPTION_BOUNDS = {"int8_activations": 3e-2, "fold_kv8": 0.2}
 
+
+def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
+    """Compare the torch model with every lowering ONNX Runtime runs, on the config's prompts, through the runtime's
+    own backends (glmc.runtime.verify)."""
     import torch
 
     from glmc.runtime import verify as verify_mod
-    v = ctx.cfg.data["verify"]
-    model = ctx.model()
-    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in ctx.stages_lowered if TARGETS[t].onnxruntime}
-    tol = verify_mod.tolerance_for(model.dtype, ctx.scheme().weight_bits, model.kv_dtype == torch.int8)
-    changes = {"rel": v["max_rel_error"], "top1": v["min_top1"], "greedy_fraction": v["min_greedy_agreement"]}
-    tol = dc.replace(tol, **{k: x for k, x in changes.items() if x is not None})
-    prompts = encode_prompts(ctx, v["prompts"])
-    longest = max(len(p) for p in prompts) + v["steps"]
-    if longest > ctx.cfg.get("limits.max_sequence_length") or max(len(p) for p in prompts) > \
-            ctx.cfg.get("limits.max_input_length"):
+    v, lim = inp.verify, inp.limits
+    model = ctx.model(inp.source)
+    lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in inp.targets}
+    tol = verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, model.kv_dtype == torch.int8)
+    changes = {"rel": v.max_rel_error, "top1": v.min_top1, "greedy_fraction": v.min_greedy_agreement}
+    tol = dataclasses.replace(tol, **{k: x for k, x in changes.items() if x is not None})
+    prompts = encode_prompts(inp.source.model, v.prompts)
+    longest = max(len(p) for p in prompts) + v.steps
+    if longest > lim.max_sequence_length or max(len(p) for p in prompts) > lim.max_input_length:
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
-    report = verify_mod.verify(model, lowered, prompts, steps=v["steps"], tolerance=tol,
-                                max_batch=ctx.cfg.get("limits.max_batch"))
-    # Options that change the math on purpose are held to their own bounds: int8 activations (measured 0.5-0.7%
-    # relative logits error on the shipped model; 5x margin); an int8 cache folded into GQA, which attends to the
-    # quantized new tokens (measured 3-9% on tiny random models with 4 calibration samples: docs/onnx.md)
-    loose = max([tol.rel] + [bound for key, bound in (("precision.int8_activations", 3e-2),
-                                                      ("onnxruntime.fold_kv8", 0.2)) if ctx.cfg.get(key)])
+    report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch)
+    loose = max([tol.rel] + [b for key, b in OPTION_BOUNDS.items() if getattr(inp.onnxruntime, key)])
     if loose > tol.rel and "onnxruntime" in lowered:
-        fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v["steps"],
-                                 max_batch=ctx.cfg.get("limits.max_batch"),
-                                 tolerance=dc.replace(tol, rel=loose, top1=min(tol.top1, 0.9),
-                                                      greedy_fraction=min(tol.greedy_fraction, 0.5)))
+        fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v.steps,
+                                 max_batch=lim.max_batch,
+                                 tolerance=dataclasses.replace(tol, rel=loose, top1=min(tol.top1, 0.9),
+                                                               greedy_fraction=min(tol.greedy_fraction, 0.5)))
         report["targets"]["onnxruntime"] = {**fast["targets"]["onnxruntime"], "tolerance": fast["tolerance"]}
         report["passed"] = all(m["passed"] for m in report["targets"].values())
     report["prompts"] = prompts
@@ -275,53 +303,52 @@ def run_verify(ctx: Context, out: Path) -> dict:
                         for t, m in report["targets"].items())
     report["summary"] = summary
     if not report["passed"]:
-        raise StageError(f"verification failed against torch ({summary}; tolerance {report['tolerance']})")
+        failed = {t: m.get("tolerance", report["tolerance"]) for t, m in report["targets"].items() if not m["passed"]}
+        raise StageError(f"verification failed against torch ({summary}; bounds of the failing targets: {failed})")
     return report
 
 
 def lowered_targets(cfg: CompileConfig) -> list[str]:
     """The config's targets, plus `reference` when verification needs something ONNX Runtime can run."""
-    lowered = list(cfg.get("targets"))
-    if cfg.get("verify.enabled") and not any(TARGETS[t].onnxruntime for t in lowered):
+    lowered = list(cfg.targets)
+    if cfg.verify.enabled and not any(TARGETS[t].onnxruntime for t in lowered):
         lowered.append("reference")
     return lowered
 
 
-def plan(cfg: CompileConfig) -> list[Stage]:
-    """The stages this config needs, in order, with their cache keys."""
-    targets = cfg.get("targets")
-    precision = ("model.family", "precision.dtype", "precision.weights", "precision.group_size",
-                 "precision.quantize_output_layer", "precision.kv_cache", "precision.kv_granularity")
-    calib = ("calibration.source", "calibration.samples", "calibration.max_length") \
-        if cfg.get("precision.kv_cache") == "int8" else ()
+def plan(cfg: CompileConfig, until: str | None = None) -> list[Stage]:
+    """The stages this config needs, in order, each with the slice of the config it reads and its cache key
+    (`until`: stop after that stage, e.g. "quantize" for `glmc quantize`)."""
+    scheme, lowered = cfg.scheme, lowered_targets(cfg)
+    source = ModelInputs(cfg.model, scheme, cfg.limits.max_sequence_length)
     stages = [
-        Stage("load", ("model.checkpoint", "model.family"), (), lambda ctx, out: {}),
-        Stage("quantize", precision + calib, ("load",), run_quantize),
-        Stage("export", ("limits.max_sequence_length",), ("quantize",), run_export),
-        Stage("simplify", (), ("export",), run_simplify),
+        Stage("load", cfg.model, (), lambda ctx, inp, out: {}),
+        Stage("quantize", QuantizeInputs(cfg.model, scheme, cfg.calibration if scheme.kv_granularity else None),
+              ("load",), run_quantize),
+        Stage("export", source, ("quantize",), run_export),
+        Stage("simplify", None, ("export",), run_simplify),
     ]
-    lowered = lowered_targets(cfg)
-    for t in lowered:
-        keys = ("precision.int8_activations", "onnxruntime") if t == "onnxruntime" else ()
-        stages.append(Stage(f"lower:{t}", keys, ("simplify",), make_lower(t)))
-    if "tensorrt" in targets:
-        stages.append(Stage("engine:tensorrt", ("limits", "tensorrt"), ("lower:tensorrt",), run_engine))
-    if cfg.get("verify.enabled"):
-        deps = tuple(f"lower:{t}" for t in lowered if TARGETS[t].onnxruntime)
-        stages.append(Stage("verify", ("verify", "limits.max_input_length", "limits.max_sequence_length"),
-                            ("quantize",) + deps, run_verify))
+    stages += [Stage(f"lower:{t}", LowerInputs(t, cfg.onnxruntime if t == "onnxruntime" else None), ("simplify",),
+                     run_lower) for t in lowered]
+    if "tensorrt" in cfg.targets:
+        stages.append(Stage("engine:tensorrt", EngineInputs(cfg.limits, cfg.tensorrt), ("lower:tensorrt",),
+                            run_engine))
+    if cfg.verify.enabled:
+        verified = tuple(t for t in lowered if TARGETS[t].onnxruntime)
+        stages.append(Stage("verify", VerifyInputs(source, cfg.verify, cfg.limits, cfg.onnxruntime, verified),
+                            ("quantize", *(f"lower:{t}" for t in verified)), run_verify))
+    if until is not None:
+        stages = stages[:[s.name for s in stages].index(until) + 1]
     by_name = {s.name: s for s in stages}
-    fingerprint = checkpoint_fingerprint(Path(cfg.get("model.checkpoint")))
     code = code_fingerprint()
     for s in stages:
-        key = {"stage": s.name.split(":")[0], "target": s.name.split(":")[1] if ":" in s.name else None,
-               "config": cfg.slice(*s.keys), "deps": {d: by_name[d].hash for d in s.deps},
-               "glmc": code}
+        key: dict[str, Any] = {"stage": s.name, "inputs": dataclasses.asdict(s.inputs) if s.inputs else None,
+                               "deps": {d: by_name[d].hash for d in s.deps}, "glmc": code}
         if s.name == "load":
-            key["checkpoint"] = fingerprint
-        if s.name == "quantize" and calib and cfg.get("calibration.source") != "builtin":
-            key["calibration_sha256"] = hashlib.sha256(Path(cfg.get("calibration.source")).read_bytes()).hexdigest()
-        s.hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            key["checkpoint"] = checkpoint_fingerprint(Path(cfg.model.checkpoint))
+        if s.name == "quantize" and scheme.kv_granularity and cfg.calibration.source != "builtin":
+            key["calibration_sha256"] = hashlib.sha256(Path(cfg.calibration.source).read_bytes()).hexdigest()
+        s.hash = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return stages
 
 
@@ -341,7 +368,7 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
     t0 = time.perf_counter()
     try:
         with ctx.console.status(f"{stage.name} ..."):
-            stage.info = stage.run(ctx, tmp) or {}
+            stage.info = stage.run(ctx, stage.inputs, tmp) or {}
         stage.seconds = time.perf_counter() - t0
         (tmp / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "hash": stage.hash, "seconds": stage.seconds,
                                                   "info": stage.info}, indent=2) + "\n")
@@ -420,13 +447,12 @@ def _report(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _assemble(ctx: Context, stages: list[Stage], root: Path) -> dict:
+def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path) -> dict:
     """Lay the cached stage outputs out in the build directory; return the manifest (files filled in later)."""
     from glmc.modeling_patches.config import load_config
-    cfg = ctx.cfg
-    place(ctx.outputs["quantize"] / "model", root / "model")
+    place(ctx.outputs["quantize"] / "model", root / MODEL_DIR)
     targets: dict[str, dict] = {}
-    for t in cfg.get("targets"):
+    for t in cfg.targets:
         src = ctx.outputs[f"lower:{t}"]
         for p in src.iterdir():
             if p.name != STAGE_FILE:
@@ -446,45 +472,54 @@ def _assemble(ctx: Context, stages: list[Stage], root: Path) -> dict:
     if "verify" in ctx.outputs:
         place(ctx.outputs["verify"] / "verify.json", root / "verify.json")
         verification = ctx.stages["verify"].info
-    arch = load_config(ctx.checkpoint, family=cfg.get("model.family"))
-    tok = [n for n in TOKENIZER_FILES if (root / "model" / n).is_file()]
+    arch = load_config(cfg.model.checkpoint, family=cfg.model.family)
+    tok = [n for n in TOKENIZER_FILES if (root / MODEL_DIR / n).is_file()]
+    scheme = cfg.scheme
     return {
-        "format": "glmc-build/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "format": BUILD_FORMAT,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": cfg.data, "config_files": cfg.files,
         "packages": package_versions(),
-        "model": {"checkpoint": cfg.get("model.checkpoint"), **arch.to_dict()},
-        "precision": {"tag": cfg.precision_tag, "scheme": ctx.scheme().name, **cfg.data["precision"],
-                      "quantization": ctx.scheme().to_json(),
-                      "weights_location": "model/" if ctx.scheme().to_json() else "the ONNX files"},
-        "tokenizer": {"dir": "model/", "files": tok, "family": arch.family},
+        "model": {"checkpoint": cfg.model.checkpoint, **arch.to_dict()},
+        "precision": {"tag": scheme.tag, "scheme": scheme.name, **cfg.data["precision"],
+                      "quantization": scheme.to_json(),
+                      "weights_location": f"{MODEL_DIR}/" if scheme.to_json() else "the ONNX files"},
+        "tokenizer": {"dir": f"{MODEL_DIR}/", "files": tok, "family": arch.family},
         "targets": targets, "engines": engines, "verification": verification,
         "stages": [{"name": s.name, "hash": s.hash, "status": s.status, "seconds": round(s.seconds, 3)}
                    for s in stages],
     }
 
 
+def run_stages(cfg: CompileConfig, until: str | None = None, force: bool = False,
+               console: Console | None = None) -> tuple[Context, list[Stage]]:
+    """Run (or find cached) the stages of `cfg` up to `until`, outside any build directory: how `glmc quantize` and
+    `glmc eval` get the quantize stage's output, with the compile command's code and defaults."""
+    console = console or Console(stderr=True)
+    stages = plan(cfg, until)
+    ctx = Context(console)
+    ctx.stages = {s.name: s for s in stages}
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(cfg.cache_dir)
+    ctx.outputs["load"] = cfg.cache_dir
+    stages[0].status = "not needed"  # load runs lazily, only inside a stage that needs the float model
+    for stage in stages[1:]:
+        _run_stage(ctx, stage, cfg.cache_dir, force)
+    return ctx, stages
+
+
 def compile_config(cfg: CompileConfig, force: bool = False, console: Console | None = None) -> Path:
     """Run the pipeline for a validated config; returns the build directory."""
     console = console or Console(stderr=True)
-    stages = plan(cfg)
-    ctx = Context(cfg, console)
-    ctx.stages = {s.name: s for s in stages}
-    cache = Path(cfg.get("cache_dir"))
-    out = Path(cfg.get("output"))
+    out = cfg.output
     t0 = time.perf_counter()
-    console.print(f"[bold]glmc compile[/] {cfg.get('model.name')} {cfg.precision_tag} -> {out}")
+    console.print(f"[bold]glmc compile[/] {cfg.name} {cfg.precision_tag} -> {out}")
     with BuildDir(out) as build:
-        cache.mkdir(parents=True, exist_ok=True)
-        remove_dead_temps(cache)
-        ctx.outputs["load"] = cache
-        stages[0].status = "not needed"  # load runs lazily, only inside a stage that needs the float model
-        for stage in stages[1:]:
-            _run_stage(ctx, stage, cache, force)
+        ctx, stages = run_stages(cfg, force=force, console=console)
         with console.status("package ..."):
             t1 = time.perf_counter()
-            manifest = _assemble(ctx, stages, build.tmp)
-            manifest["files"] = file_table(build.tmp, cache / "sha256-memo.json")
+            manifest = _assemble(ctx, cfg, stages, build.tmp)
+            manifest["files"] = file_table(build.tmp, cfg.cache_dir / "sha256-memo.json")
             manifest["stages"].append({"name": "package", "hash": "", "status": "ran",
                                        "seconds": round(time.perf_counter() - t1, 3)})
             build.commit(manifest, _report(manifest))

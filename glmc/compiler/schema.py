@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from glmc.artifact import Limits
 from glmc.errors import ConfigError
+from glmc.quantization.scheme import Scheme
 
 TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt")
 COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
@@ -123,36 +125,103 @@ TOP_KEYS = sorted({k.split(".")[0] for k in FIELDS} | {"extends"})
 
 # ---------------------------------------------------------------------------------------------- loading
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """The checkpoint a build starts from (model.checkpoint, model.family)."""
+
+    checkpoint: str
+    family: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """KV-cache calibration text (the calibration section)."""
+
+    source: str
+    samples: int
+    max_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtLowering:
+    """Options of the onnxruntime lowering (the onnxruntime section, and precision.int8_activations)."""
+
+    padded_batches: bool
+    fold_kv8: bool
+    int8_activations: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTBuild:
+    """The TensorRT engine build (the tensorrt section, defaults resolved from the limits)."""
+
+    compute_capabilities: tuple[str, ...]
+    workspace_mb: int
+    optimization_level: int
+    profiles: tuple[str, ...]
+    opt_batch: int
+    opt_input_length: int
+    opt_past_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """What verification compares and the bounds it may override (the verify section)."""
+
+    enabled: bool
+    prompts: tuple[str | tuple[int, ...], ...]
+    steps: int
+    max_rel_error: float | None
+    min_top1: float | None
+    min_greedy_agreement: float | None
+
+
+def scheme_of(p: dict) -> Scheme:
+    """The precision section, parsed once: the quantization Scheme every stage and the manifest use."""
+    bits = {"float": 0, "int8": 8, "int4": 4}[p["weights"]]
+    return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
+                  p["kv_granularity"] if p["kv_cache"] == "int8" else None)
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileConfig:
-    """A validated, fully resolved compile config and where each value came from."""
+    """A validated, fully resolved compile config: typed sections (what the stages read), the resolved tree as
+    written to the manifest, and where each value came from."""
 
     data: dict  # every field present, defaults filled in, paths absolute
     where: dict  # dotted key -> "file:line" or "--set key=value"
     files: list  # the YAML files read, extends included
+    name: str
+    model: ModelSource
+    scheme: Scheme
+    calibration: Calibration
+    limits: Limits
+    targets: tuple[str, ...]
+    onnxruntime: OrtLowering
+    tensorrt: TensorRTBuild
+    verify: VerifyOptions
+    output: Path
+    cache_dir: Path
 
-    def get(self, key: str) -> Any:
-        node = self.data
-        for part in key.split("."):
-            node = node[part]
-        return node
-
-    def slice(self, *keys: str) -> dict:
-        """The part of the config a stage depends on (for its cache key)."""
-        return {k: copy.deepcopy(self.get(k)) for k in keys}
+    @classmethod
+    def from_tree(cls, data: dict, where: dict, files: list) -> CompileConfig:
+        d = data
+        v = d["verify"]
+        return cls(
+            data, where, files, name=d["model"]["name"],
+            model=ModelSource(d["model"]["checkpoint"], d["model"]["family"]), scheme=scheme_of(d["precision"]),
+            calibration=Calibration(**d["calibration"]), limits=Limits(**d["limits"]), targets=tuple(d["targets"]),
+            onnxruntime=OrtLowering(d["onnxruntime"]["padded_batches"], d["onnxruntime"]["fold_kv8"],
+                                    d["precision"]["int8_activations"]),
+            tensorrt=TensorRTBuild(**{k: tuple(x) if isinstance(x, list) else x for k, x in d["tensorrt"].items()}),
+            verify=VerifyOptions(v["enabled"], tuple(tuple(p) if isinstance(p, list) else p for p in v["prompts"]),
+                                 v["steps"], v["max_rel_error"], v["min_top1"], v["min_greedy_agreement"]),
+            output=Path(d["output"]), cache_dir=Path(d["cache_dir"]))
 
     @property
     def precision_tag(self) -> str:
         """fp16 | int8 | int4-g128 | fp16-kv8 | int8-kv8 ... (used in {precision} and reports)."""
-        p = self.data["precision"]
-        tag = p["dtype"] if p["weights"] == "float" else p["weights"]
-        if p["weights"] != "float" and p["group_size"]:
-            tag += f"-g{p['group_size']}"
-        if p["weights"] != "float" and p["dtype"] != "fp16":
-            tag += f"-{p['dtype']}"
-        if p["kv_cache"] == "int8":
-            tag += "-kv8"
-        return tag
+        return self.scheme.tag
 
     def to_json(self) -> str:
         return json.dumps(self.data, indent=2, sort_keys=True)
@@ -451,9 +520,9 @@ def validate(tree: dict, where: dict, files: list | None = None, check_files: bo
         data["onnxruntime"]["padded_batches"] = lim["max_batch"] > 1
     if check_files:
         _check_checkpoint(data, where)
-    cfg = CompileConfig(data, where, [str(f) for f in files or []])
     try:
-        data["output"] = str(Path(data["output"].format(model=data["model"]["name"], precision=cfg.precision_tag))
+        data["output"] = str(Path(data["output"].format(model=data["model"]["name"],
+                                                        precision=scheme_of(data["precision"]).tag))
                              .expanduser().resolve())
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{where.get('output', 'config')}: output: bad placeholder in '{data['output']}' ({e}); "
@@ -462,7 +531,7 @@ def validate(tree: dict, where: dict, files: list | None = None, check_files: bo
         data["cache_dir"] = str(Path(data["output"]).parent / ".glmc-cache")
     else:
         data["cache_dir"] = str(Path(data["cache_dir"]).expanduser().resolve())
-    return cfg
+    return CompileConfig.from_tree(data, where, [str(f) for f in files or []])
 
 
 def load(paths: list[str | Path] | str | Path, overrides: list[str] = (), check_files: bool = True) -> CompileConfig:

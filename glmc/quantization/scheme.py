@@ -52,6 +52,17 @@ class Scheme:
             parts.append(f"kv8-{self.kv_granularity}")
         return "+".join(parts)
 
+    @property
+    def tag(self) -> str:
+        """The short name builds go by (`{precision}` in a compile config's output): fp16 | int8 | int4-g128 |
+        int8-fp32 (weights quantized, activations not fp16) | fp16-kv8 | int8-kv8 ..."""
+        tag = f"int{self.weight_bits}" if self.weight_bits else self.dtype
+        if self.weight_bits and self.group_size:
+            tag += f"-g{self.group_size}"
+        if self.weight_bits and self.dtype != "fp16":
+            tag += f"-{self.dtype}"
+        return tag + ("-kv8" if self.kv_granularity else "")
+
     def to_json(self) -> dict:
         """The quantization.json dict ({} for a float scheme)."""
         out: dict = {}

@@ -98,10 +98,11 @@ class CudaBackend:
         self.eps = c.rms_eps
         t = model.transformer
         self.embedding = t.embedding.word_embeddings.weight.detach()
+        blocks: list[Any] = list(t.encoder.layers)
         self.layers = [_Layer(blk.input_layernorm.weight.detach(), pack_linear(blk.self_attention.query_key_value),
                               pack_linear(blk.self_attention.dense), blk.post_attention_layernorm.weight.detach(),
                               pack_linear(blk.mlp.dense_h_to_4h), pack_linear(blk.mlp.dense_4h_to_h))
-                       for blk in t.encoder.layers]
+                       for blk in blocks]
         self.final_ln = t.encoder.final_layernorm.weight.detach()
         self.output = pack_linear(t.output_layer)
         self.cos, self.sin = model.cos_cache, model.sin_cache
@@ -292,7 +293,8 @@ class CudaBackend:
 
 def quantization_of(model: GLMForCausalLM) -> dict:
     """The quantization.json scheme of a loaded model (what load_model needs to rebuild its layers)."""
-    qkv = model.transformer.encoder.layers[0].self_attention.query_key_value
+    first: Any = model.transformer.encoder.layers[0]
+    qkv = first.self_attention.query_key_value
     if not isinstance(qkv, QuantLinear):
         return {}
     return {"weights": {"bits": qkv.bits, "group_size": qkv.group_size,

@@ -1,5 +1,8 @@
 """The compile pipeline: load -> quantize/calibrate -> export -> simplify -> lower per target -> engines -> verify -> package.
 
+Engines: `engine:tensorrt` builds from the tensorrt lowering; `engine:cuda` writes the quantized weights as glmc's
+CUDA kernels read them (glmc.runtime.backend_cuda.save_cuda_build; no GPU needed to build it).
+
 Each stage writes its outputs into a cache folder named by a hash of its inputs (the config keys it reads, the
 hashes of the stages it reads from, the checkpoint's fingerprint and the glmc version), so a change reruns
 only the stages downstream of it; `force=True` reruns all. The model is loaded only when a stage that needs it
@@ -26,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 import glmc
-from glmc.artifact import BUILD_FORMAT, MODEL_DIR, TARGETS, TOKENIZER_FILES, Limits
+from glmc.artifact import BUILD_FORMAT, CUDA_DIR, ENGINE_TARGETS, MODEL_DIR, TARGETS, TOKENIZER_FILES, Limits
 from glmc.compiler.builddir import BuildDir, file_table, place, remove_dead_temps
 from glmc.compiler.schema import Calibration, CompileConfig, ModelSource, OrtLowering, TensorRTBuild, VerifyOptions
 from glmc.errors import GlmcError
@@ -45,6 +48,14 @@ PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "numpy", "t
 
 class StageError(GlmcError):
     """A pipeline stage failed; the message names the stage."""
+
+
+class VerificationFailed(StageError):
+    """The verify stage ran and a lowering missed its bound; `report` holds the numbers."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclasses.dataclass
@@ -101,17 +112,27 @@ class EngineInputs:
 
 
 @dataclasses.dataclass(frozen=True)
+class CudaEngineInputs:
+    source: ModelInputs  # the quantized model whose weights the cuda engine holds
+    limits: Limits
+
+
+@dataclasses.dataclass(frozen=True)
 class VerifyInputs:
     source: ModelInputs
     verify: VerifyOptions
     limits: Limits
     onnxruntime: OrtLowering
     targets: tuple[str, ...]  # the lowerings compared (those ONNX Runtime runs)
+    # the cuda engine: None (not a target), "here" (this machine runs it: compared too), else why it cannot run
+    # here (recorded in the report; part of the key, so a GPU machine reruns what a CPU machine could not check)
+    cuda: str | None = None
 
 
 # The code whose changes change what the stages write (runtime backends and CLIs do not).
 CODE = ("artifact.py", "modeling_patches", "quantization", "export", "compiler", "runtime/generate.py",
-        "runtime/verify.py", "runtime/backend_onnxruntime.py", "runtime/backend_torch.py", "errors.py", "__init__.py")
+        "runtime/verify.py", "runtime/backend_onnxruntime.py", "runtime/backend_torch.py", "runtime/backend_cuda.py",
+        "kernels", "errors.py", "__init__.py")
 
 
 def code_fingerprint() -> str:
@@ -250,6 +271,19 @@ def run_engine(ctx: Context, inp: EngineInputs, out: Path) -> dict:
     return info
 
 
+def run_cuda_engine(ctx: Context, inp: CudaEngineInputs, out: Path) -> dict:
+    """The cuda engine: the quantized model's weights as glmc's CUDA kernels read them, with the build's limits
+    (save_cuda_build; runs on any machine, CUDA and triton are needed only to run it)."""
+    from glmc.runtime.backend_cuda import BUILD_FILE, save_cuda_build
+    lim = inp.limits
+    save_cuda_build(ctx.model(inp.source), out, max_batch=lim.max_batch, max_length=lim.max_sequence_length,
+                    max_input_length=lim.max_input_length)
+    meta = json.loads((out / BUILD_FILE).read_text())
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return {"format": meta["format"], "dtype": meta["dtype"], "quantization": meta["quantization"],
+            "needs": meta["needs"], "files": files, "bytes": sum((out / f).stat().st_size for f in files)}
+
+
 def encode_prompts(source: ModelSource, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Verification prompts as token ids: text through the checkpoint's tokenizer, id lists as they are."""
     if all(not isinstance(p, str) for p in prompts):
@@ -286,7 +320,18 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
     if longest > lim.max_sequence_length or max(len(p) for p in prompts) > lim.max_input_length:
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
-    report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch)
+    backends, tolerances = {}, {}
+    if inp.cuda == "here":  # the cuda engine as a user runs it (load_cuda_build), held to its precision's bounds
+        from glmc.runtime.backend_cuda import load_cuda_build
+        engine = ctx.outputs["engine:cuda"]
+        backends["cuda"] = lambda length: load_cuda_build(engine, max_batch=lim.max_batch, max_length=length)
+        tolerances["cuda"] = dataclasses.replace(
+            verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, False),
+            **{k: x for k, x in changes.items() if x is not None})
+    report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch,
+                               backends=backends, tolerances=tolerances)
+    if inp.cuda not in (None, "here"):
+        report["not_run"] = {"cuda": f"not run here: {inp.cuda}"}
     loose = max([tol.rel] + [b for key, b in OPTION_BOUNDS.items() if getattr(inp.onnxruntime, key)])
     if loose > tol.rel and "onnxruntime" in lowered:
         fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v.steps,
@@ -301,16 +346,18 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
                         f"{m['greedy_agree']}/{m['steps']}{' (tie)' if m.get('greedy_diverged_at_tie') else ''}"
                         f"{'' if m['passed'] else ' FAIL'}"
                         for t, m in report["targets"].items())
+    summary += "".join(f", {t}: {why}" for t, why in report.get("not_run", {}).items())
     report["summary"] = summary
     if not report["passed"]:
         failed = {t: m.get("tolerance", report["tolerance"]) for t, m in report["targets"].items() if not m["passed"]}
-        raise StageError(f"verification failed against torch ({summary}; bounds of the failing targets: {failed})")
+        raise VerificationFailed(f"verification failed against torch ({summary}; bounds of the failing targets: "
+                                 f"{failed})", report)
     return report
 
 
 def lowered_targets(cfg: CompileConfig) -> list[str]:
     """The config's targets, plus `reference` when verification needs something ONNX Runtime can run."""
-    lowered = list(cfg.targets)
+    lowered = [t for t in cfg.targets if t not in ENGINE_TARGETS]
     if cfg.verify.enabled and not any(TARGETS[t].onnxruntime for t in lowered):
         lowered.append("reference")
     return lowered
@@ -333,10 +380,16 @@ def plan(cfg: CompileConfig, until: str | None = None) -> list[Stage]:
     if "tensorrt" in cfg.targets:
         stages.append(Stage("engine:tensorrt", EngineInputs(cfg.limits, cfg.tensorrt), ("lower:tensorrt",),
                             run_engine))
+    cuda = None
+    if "cuda" in cfg.targets:
+        stages.append(Stage("engine:cuda", CudaEngineInputs(source, cfg.limits), ("quantize",), run_cuda_engine))
+        from glmc.runtime.backend_cuda import runnable
+        cuda = runnable() or "here"
     if cfg.verify.enabled:
         verified = tuple(t for t in lowered if TARGETS[t].onnxruntime)
-        stages.append(Stage("verify", VerifyInputs(source, cfg.verify, cfg.limits, cfg.onnxruntime, verified),
-                            ("quantize", *(f"lower:{t}" for t in verified)), run_verify))
+        stages.append(Stage("verify", VerifyInputs(source, cfg.verify, cfg.limits, cfg.onnxruntime, verified, cuda),
+                            ("quantize", *(f"lower:{t}" for t in verified), *(("engine:cuda",) if cuda else ())),
+                            run_verify))
     if until is not None:
         stages = stages[:[s.name for s in stages].index(until) + 1]
     by_name = {s.name: s for s in stages}
@@ -431,6 +484,10 @@ def _report(manifest: dict) -> str:
     for t, d in manifest["targets"].items():
         lines.append(f"- `{t}`: `{d['onnx']}`")
     for t, e in manifest["engines"].items():
+        if t == "cuda":
+            lines.append(f"- `cuda` engine: `{e['path']}` ({len(e['files'])} files, {e['bytes']} bytes; needs "
+                         f"{e['needs']['compute_capability']}, {', '.join(e['needs']['python'])})")
+            continue
         lines.append(f"- `{t}` engine: `{e['path']}` ({e['library']} {e['version']}, {e['engine_bytes']} bytes, "
                      f"{', '.join(e['compute_capabilities']) or 'this GPU'}, {e['engine_layer_count']} layers, "
                      f"built in {e['build_seconds']:.1f}s)")
@@ -452,7 +509,7 @@ def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path)
     from glmc.modeling_patches.config import load_config
     place(ctx.outputs["quantize"] / "model", root / MODEL_DIR)
     targets: dict[str, dict] = {}
-    for t in cfg.targets:
+    for t in (t for t in cfg.targets if t not in ENGINE_TARGETS):
         src = ctx.outputs[f"lower:{t}"]
         for p in src.iterdir():
             if p.name != STAGE_FILE:
@@ -468,6 +525,12 @@ def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path)
         info = ctx.stages["engine:tensorrt"].info
         engines["tensorrt"] = {**info, "path": "tensorrt/model.engine", "layers": "tensorrt/layers.json",
                                "build_log": "tensorrt/build.log"}
+    if "engine:cuda" in ctx.outputs:
+        src = ctx.outputs["engine:cuda"]
+        for p in src.iterdir():
+            if p.name != STAGE_FILE:
+                place(p, root / CUDA_DIR / p.name)
+        engines["cuda"] = {**ctx.stages["engine:cuda"].info, "path": f"{CUDA_DIR}/"}
     verification = None
     if "verify" in ctx.outputs:
         place(ctx.outputs["verify"] / "verify.json", root / "verify.json")

@@ -24,7 +24,7 @@ from glmc.artifact import Limits
 from glmc.errors import ConfigError
 from glmc.quantization.scheme import Scheme
 
-TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt")
+TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt", "cuda")  # the lowerings (artifact.TARGETS) + engines
 COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 TRT_PROFILES = ("full", "prefill", "decode")
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
@@ -76,7 +76,9 @@ FIELDS: dict[str, Field] = {
                                         min=2, max=1 << 21),
     "targets": Field("list[choice]", ["onnx", "onnxruntime"], "lowerings to produce: onnx (glmc:: custom ops "
                                                                "kept), reference (standard ONNX), onnxruntime "
-                                                               "(com.microsoft fast ops), tensorrt (+ engine)",
+                                                               "(com.microsoft fast ops), tensorrt (+ engine), "
+                                                               "cuda (glmc's own CUDA kernels: fp16/bf16, "
+                                                               "float KV cache; needs .[cuda] to run)",
                      choices=TARGETS),
     "onnxruntime.padded_batches": Field("bool", None, "onnxruntime target: rows of one batch may differ in length "
                                                       "(left padding, an attention bias in every GroupQueryAttention)."
@@ -181,6 +183,14 @@ def scheme_of(p: dict) -> Scheme:
     bits = {"float": 0, "int8": 8, "int4": 4}[p["weights"]]
     return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
                   p["kv_granularity"] if p["kv_cache"] == "int8" else None)
+
+
+def precision_section(scheme: Scheme) -> dict:
+    """The precision section that `scheme_of` parses back into `scheme` (for configs built from a precision name)."""
+    return {"dtype": scheme.dtype, "weights": f"int{scheme.weight_bits}" if scheme.weight_bits else "float",
+            "group_size": scheme.group_size, "quantize_output_layer": scheme.include_output,
+            "kv_cache": "int8" if scheme.kv_granularity else "float",
+            "kv_granularity": scheme.kv_granularity or FIELDS["precision.kv_granularity"].default}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,12 +471,26 @@ def _cross_checks(data: dict, where: dict) -> None:
         raise ConfigError(f"{at('targets')}: targets: 'tensorrt' needs TensorRT, and neither `tensorrt` nor "
                           "TensorRT for RTX (`tensorrt_rtx_bindings`) is importable; install one "
                           "(pip install 'glmc[full]') or drop the target")
+    if "cuda" in data["targets"]:
+        _check_cuda(data, where, None)
     if prec["kv_cache"] == "int8" and data["calibration"]["source"] != "builtin":
         src = Path(data["calibration"]["source"])
         if not src.is_file():
             raise ConfigError(f"{at('calibration.source')}: calibration.source: {src} does not exist")
         if src.suffix not in (".txt", ".jsonl"):
             raise ConfigError(f"{at('calibration.source')}: calibration.source: {src} is not a .txt or .jsonl file")
+
+
+def _check_cuda(data: dict, where: dict, arch: Any) -> None:
+    """The cuda target: what its backend refuses (glmc.runtime.backend_cuda.unsupported), named by key."""
+    from glmc.runtime.backend_cuda import unsupported
+    prec = data["precision"]
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec["dtype"]]
+    why = unsupported(arch, dtype, prec["kv_cache"] == "int8")
+    if why is not None:
+        key, reason = why
+        raise ConfigError(f"{where.get(key, where.get('targets', 'config'))}: {key}: the cuda target cannot run "
+                          f"this build: {reason}; or drop 'cuda' from targets ({where.get('targets', 'config')})")
 
 
 def _check_checkpoint(data: dict, where: dict) -> None:
@@ -481,6 +505,8 @@ def _check_checkpoint(data: dict, where: dict) -> None:
     cfg = load_config(ckpt, family=data["model"]["family"])
     if data["model"]["family"] is None:
         data["model"]["family"] = cfg.family
+    if "cuda" in data["targets"]:
+        _check_cuda(data, where, cfg)
     seq = data["limits"]["max_sequence_length"]
     if seq > cfg.seq_length:
         raise ConfigError(f"{where.get('limits.max_sequence_length', 'config')}: limits.max_sequence_length "
@@ -532,6 +558,27 @@ def validate(tree: dict, where: dict, files: list | None = None, check_files: bo
     else:
         data["cache_dir"] = str(Path(data["cache_dir"]).expanduser().resolve())
     return CompileConfig.from_tree(data, where, [str(f) for f in files or []])
+
+
+def from_options(tree: dict, command: str) -> CompileConfig:
+    """A config built by a command from its flags (glmc verify / quantize / eval), validated like a YAML one, with
+    the compile defaults for every key not given; errors name the command's option."""
+    where: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            where[prefix + k] = command
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+    walk(tree, "")
+    tree = copy.deepcopy(tree)
+    limits = tree.setdefault("limits", {})
+    if "max_sequence_length" not in limits:  # the default, within the model's own context
+        from glmc.modeling_patches.config import load_config
+        seq = load_config(tree["model"]["checkpoint"], family=tree["model"].get("family")).seq_length
+        limits["max_sequence_length"] = min(FIELDS["limits.max_sequence_length"].default, seq)
+        limits.setdefault("max_input_length", min(FIELDS["limits.max_input_length"].default, seq))
+    return validate(tree, where, [])
 
 
 def load(paths: list[str | Path] | str | Path, overrides: list[str] = (), check_files: bool = True) -> CompileConfig:

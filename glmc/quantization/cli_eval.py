@@ -25,8 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for every prediction, as generation does")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sample (default: 256)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration samples (default: calibration.samples of a compile config, 16)")
+    p.add_argument("--calibration-length", type=int, default=None,
+                   help="tokens per calibration sample (default: calibration.max_length of a compile config, 256)")
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep the pipeline's stage cache here (quantized models are reused by later runs)")
     p.add_argument("--device", default="cpu", help="torch device for every precision (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: one-token forwards of small models lose more to thread "
@@ -36,15 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     import torch
 
     from glmc.assets import model_dir
+    from glmc.compiler import schema
+    from glmc.compiler.pipeline import run_stages
     from glmc.errors import GlmcError
     from glmc.modeling_patches.checkpoint import load_model
-    from glmc.quantization.evaluate import evaluate, heldout_windows, print_table, table_rows
-    from glmc.quantization.kv_calibration import calibration_samples
-    from glmc.quantization.scheme import parse_precision
     from glmc.modeling_patches.tokenizer import load_tokenizer
+    from glmc.quantization.cli_quantize import calibration_section
+    from glmc.quantization.evaluate import evaluate, heldout_windows, print_table, table_rows
+    from glmc.quantization.scheme import Scheme, parse_precision
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -56,21 +65,34 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(d, family=args.family)
     model = load_model(d, dtype=torch.float32, family=args.family, device=args.device)
     windows = heldout_windows(tokenizer.encode, args.text, args.max_length, args.max_tokens)
-    calibration = None
-    if any(s.kv_granularity for s in schemes):
-        calibration = calibration_samples(tokenizer.encode, args.calibration, args.num_samples,
-                                          args.calibration_length)
     n = sum(w.shape[1] - 1 for w in windows)
     print(f"glmc eval: {d} on {n} predicted tokens in {len(windows)} windows of <= {args.max_length}, "
           f"chunk {args.chunk}", file=sys.stderr)
-    results = evaluate(model, precisions, windows, calibration, chunk=args.chunk,
-                       progress=lambda name, i, k: print(f"  {name}: window {i}/{k}   ", file=sys.stderr, end="\r"))
+    with tempfile.TemporaryDirectory(prefix="glmc-eval-") as tmp:
+        cache = Path(args.cache_dir or tmp).resolve()
+
+        def quantized(scheme: Scheme):
+            """The precision's model as `glmc compile` makes it: the pipeline's quantize stage, loaded back."""
+            cfg = schema.from_options({"model": {"checkpoint": str(d.resolve()), "family": args.family},
+                                       "precision": schema.precision_section(scheme),
+                                       "calibration": calibration_section(args), "targets": ["onnx"],
+                                       "output": str(cache / "build"), "cache_dir": str(cache)}, "glmc eval")
+            ctx, _ = run_stages(cfg, until="quantize")
+            weights = ctx.outputs["quantize"] / "model"
+            src = weights if scheme.to_json() else d
+            return load_model(src, dtype=scheme.dtype, family=args.family, device=args.device)
+
+        results = evaluate(model, precisions, windows, chunk=args.chunk, make=quantized,
+                           progress=lambda name, i, k: print(f"  {name}: window {i}/{k}   ", file=sys.stderr,
+                                                             end="\r"))
     print(file=sys.stderr)
+    assert len(results) == len(schemes)
     print_table(results, title=f"glmc eval: {d.name}", markdown=args.markdown)
     if args.json:
         header, rows = table_rows(results)
         with open(args.json, "w") as f:
-            json.dump([dict(zip(header, row)) | {"perplexity_raw": r.perplexity, "rel_error_raw": r.rel_error,
-                                                  "top1_raw": r.top1_agreement} for row, r in zip(rows, results)],
-                      f, indent=2)
+            json.dump([dict(zip(header, row, strict=True)) | {"perplexity_raw": r.perplexity,
+                                                              "rel_error_raw": r.rel_error,
+                                                              "top1_raw": r.top1_agreement}
+                       for row, r in zip(rows, results, strict=True)], f, indent=2)
     return 0

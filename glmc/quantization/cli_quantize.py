@@ -1,39 +1,55 @@
-"""`glmc quantize`: write a weight-only int8/int4 (and optionally int8-KV-cache) checkpoint of a float model."""
+"""`glmc quantize`: write a weight-only int8/int4 (and optionally int8-KV-cache) checkpoint of a float model.
+
+It runs the compile pipeline's quantize stage (the same code and defaults as `glmc compile`; cached in
+--cache-dir when given) and copies the quantized checkpoint it writes to --out.
+"""
 
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-# Files of a checkpoint directory that are not weights and travel unchanged to the quantized one.
-COPIED = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
-          "generation_config.json")
+# Files of a checkpoint directory that are not weights and travel unchanged to the quantized one (the quantize
+# stage copies config.json and the tokenizer files itself).
+COPIED = ("generation_config.json",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None, help="float checkpoint directory (default: shipped model)")
     p.add_argument("--family", choices=("chatglm2", "chatglm3", "glm4"), default=None)
-    p.add_argument("--out", metavar="DIR", required=True, help="directory for the quantized checkpoint")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="directory for the quantized checkpoint (new, or empty; --force replaces it)")
+    p.add_argument("--force", action="store_true", help="replace --out even when it already holds files")
     p.add_argument("--precision", default="int4-g128",
                    help="a precision name such as int8, int4, int4-g128, int8+kv8, fp16+int4-g64+kv8-head "
                         "(default: int4-g128; the float dtype defaults to fp16)")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sample (default: 256)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration samples (default: calibration.samples of a compile config, 16)")
+    p.add_argument("--calibration-length", type=int, default=None,
+                   help="tokens per calibration sample (default: calibration.max_length of a compile config, 256)")
     p.add_argument("--layout", default="safetensors", choices=("safetensors", "sharded-safetensors"))
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep the pipeline's stage cache here (a later glmc compile with it reuses the stage)")
+
+
+def calibration_section(args: argparse.Namespace) -> dict:
+    """The calibration section from the --calibration / --num-samples / --calibration-length flags given."""
+    out = {"source": str(Path(args.calibration).resolve()) if args.calibration else None,
+           "samples": args.num_samples, "max_length": args.calibration_length}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from glmc.assets import model_dir
+    from glmc.compiler import schema
+    from glmc.compiler.pipeline import run_stages
     from glmc.errors import GlmcError
-    from glmc.modeling_patches.checkpoint import load_model
-    from glmc.quantization.kv_calibration import calibration_samples
-    from glmc.quantization.scheme import apply_scheme, parse_precision, save_quantized
+    from glmc.quantization.scheme import parse_precision
 
     scheme = parse_precision(args.precision)
     if not scheme.weight_bits and not scheme.kv_granularity:
@@ -41,18 +57,37 @@ def run(args: argparse.Namespace) -> int:
     src, out = model_dir(args.model), Path(args.out)
     if out.resolve() == src.resolve():
         raise GlmcError(f"--out {out}: must differ from the model directory")
-    calibration = None
-    # KV calibration runs the float model, so it is loaded in float32; weights alone load in the target dtype.
-    model = load_model(src, dtype=torch.float32 if scheme.kv_granularity else scheme.torch_dtype,
-                       family=args.family)
-    if scheme.kv_granularity:
-        from glmc.modeling_patches.tokenizer import load_tokenizer
-        encode = load_tokenizer(src, family=args.family).encode
-        calibration = calibration_samples(encode, args.calibration, args.num_samples, args.calibration_length)
-    apply_scheme(model, scheme, calibration)
-    save_quantized(model, out, scheme, layout=args.layout)
-    for name in COPIED:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise GlmcError(f"--out {out}: already exists and is not empty; choose a new directory, or pass --force to "
+                        "replace its checkpoint files")
+    with tempfile.TemporaryDirectory(prefix="glmc-quantize-") as tmp:
+        cache = Path(args.cache_dir or tmp).resolve()
+        cfg = schema.from_options({"model": {"checkpoint": str(src.resolve()), "family": args.family},
+                                   "precision": schema.precision_section(scheme),
+                                   "calibration": calibration_section(args), "targets": ["onnx"],
+                                   "output": str(cache / "build"), "cache_dir": str(cache)}, "glmc quantize")
+        ctx, _ = run_stages(cfg, until="quantize")
+        quantized = ctx.outputs["quantize"] / "model"
+        tmp_out = out.parent / f".{out.name}.tmp-glmc"
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        try:
+            if args.layout == "safetensors":
+                shutil.copytree(quantized, tmp_out)
+            else:  # the stage writes one file; re-save sharded
+                from glmc.modeling_patches.checkpoint import load_model
+                from glmc.quantization.scheme import save_quantized
+                save_quantized(load_model(quantized, scheme.dtype, family=args.family), tmp_out, scheme,
+                               layout=args.layout)
+                for p in quantized.iterdir():
+                    if not (tmp_out / p.name).exists() and p.suffix not in (".safetensors", ".bin"):
+                        shutil.copy2(p, tmp_out / p.name)
+            for name in COPIED:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp_out / name)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp_out.rename(out)
+        finally:
+            shutil.rmtree(tmp_out, ignore_errors=True)
     print(f"glmc quantize: wrote {out} ({scheme.name})", file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
-from glmc.quantization.scheme import apply_scheme, parse_precision
+from glmc.quantization.scheme import Scheme, apply_scheme, parse_precision
 
 DEFAULT_HELDOUT = Path(__file__).with_name("heldout.txt")
 
@@ -92,11 +92,14 @@ def window_logits(model: GLMForCausalLM, ids: torch.Tensor, chunk: int) -> torch
 @torch.no_grad()
 def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[torch.Tensor],
              calibration: list[torch.Tensor] | None = None, chunk: int = 1,
-             progress: Callable[[str, int, int], None] | None = None) -> list[Result]:
+             progress: Callable[[str, int, int], None] | None = None,
+             make: Callable[[Scheme], GLMForCausalLM] | None = None) -> list[Result]:
     """Metrics of each precision (names as in scheme.parse_precision) against `base` (a float32 model).
 
-    One precision at a time: the float32 reference logits are kept, each converted copy is freed after its run,
-    so memory is the float model, one converted copy and the reference logits (tokens x vocabulary floats).
+    Each precision's model comes from `make(scheme)` (`glmc eval` passes the compile pipeline's quantize stage),
+    else from apply_scheme on a copy of `base` with `calibration`. One precision at a time: the float32 reference
+    logits are kept, each converted model is freed after its run, so memory is the float model, one converted copy
+    and the reference logits (tokens x vocabulary floats).
     """
     if chunk < 1:
         raise GlmcError(f"eval: chunk {chunk} must be >= 1")
@@ -107,7 +110,7 @@ def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[
     refs = [window_logits(base, ids, ids.shape[1])[:-1] for ids in windows]  # position t predicts token t + 1
     results = []
     for name, scheme in zip(precisions, schemes):
-        model = apply_scheme(copy.deepcopy(base), scheme, calibration).eval()
+        model = (make(scheme) if make else apply_scheme(copy.deepcopy(base), scheme, calibration)).eval()
         res = Result(name)
         for i, (ids, ref) in enumerate(zip(windows, refs)):
             target = ids[0, 1:]

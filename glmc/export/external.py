@@ -13,34 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from glmc.modeling_patches.ops.onnx_defs import load_external
 
 
 def locations(model: onnx.ModelProto) -> set[str]:
     """The external data files a model's initializers point at (relative to the model's directory)."""
     return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-
-
-def load_external(tensor: onnx.TensorProto, base_dir: str | Path) -> None:
-    """Read an external initializer's bytes into it, in place: it becomes an ordinary in-memory tensor."""
-    info = {e.key: e.value for e in tensor.external_data}
-    with open(Path(base_dir) / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        tensor.raw_data = f.read(int(info["length"])) if "length" in info else f.read()
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
-
-
-def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path) -> np.ndarray:
-    """An initializer's value, reading external data directly (never mutating `tensor`)."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    ref = onnx.TensorProto()
-    ref.CopyFrom(tensor)
-    load_external(ref, base_dir)
-    return numpy_helper.to_array(ref)
 
 
 # A data file a graph uses less than this fraction of is not shared: the used tensors are read in and written to the

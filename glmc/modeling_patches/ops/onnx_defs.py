@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,6 +72,27 @@ def attribute(ctx, name: str, default=None):
 
 # ---------------------------------------------------------------------------------------------- lowering
 
+def load_external(tensor: onnx.TensorProto, base_dir: str | Path) -> None:
+    """Read an external initializer's bytes into it, in place: it becomes an ordinary in-memory tensor."""
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(Path(base_dir) / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        tensor.raw_data = f.read(int(info["length"])) if "length" in info else f.read()
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path) -> np.ndarray:
+    """An initializer's value, reading external data directly (never mutating `tensor`)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    ref = onnx.TensorProto()
+    ref.CopyFrom(tensor)
+    load_external(ref, base_dir)
+    return numpy_helper.to_array(ref)
+
+
+
 class GraphView:
     """Read access to the graph being lowered: initializers (external data loaded on demand), fresh names,
     sub-graphs built once per graph (e.g. the attention bias every layer shares), and the lowering's options."""
@@ -120,7 +142,6 @@ class GraphView:
         t = self.initializers.get(name)
         if t is None:
             return None
-        from glmc.export.external import read_tensor
         return read_tensor(t, self.base_dir or "")
 
 
@@ -164,7 +185,7 @@ class Builder:
         self.view.initializers[tensor.name] = tensor
         return tensor.name
 
-    def shared(self, key: str, build: Callable[["Builder"], object]):
+    def shared(self, key: str, build: Callable[[Builder], object]):
         """Build a sub-graph once per graph (its nodes go with the first node that asks for it)."""
         if key not in self.view._shared:
             self.view._shared[key] = build(self)

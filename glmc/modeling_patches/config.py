@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def detect_family(cfg: dict, checkpoint_dir: Path | None = None) -> str:
         tok = (checkpoint_dir / "tokenizer_config.json").read_text(errors="replace")
         if "<|user|>" in tok or "ChatGLM3" in tok or "chatglm3" in tok.lower():
             return "chatglm3"
-    if float(cfg.get("rope_ratio", 1.0)) != 1.0:
+    if float(cfg.get("rope_ratio") or 1.0) != 1.0:
         raise ConfigError(
             "config.json: 'rope_ratio' means different things in chatglm2-6b-32k (positions divided) and "
             "chatglm3-6b-32k (base multiplied), and nothing in the checkpoint says which this is; "
@@ -154,14 +155,115 @@ def detect_family(cfg: dict, checkpoint_dir: Path | None = None) -> str:
     return "chatglm3"
 
 
+# ---------------------------------------------------------------------------------------------- checked values
+
+# Upper bounds on config.json sizes: far above every released model, low enough that a typo or a hostile file fails
+# at once with the key named instead of hanging or allocating gigabytes. (Largest released ChatGLM-architecture model:
+# GLM-4-9B, 40 layers x 4096 hidden x 13696 ffn, vocabulary 151552, seq_length 1048576 for -chat-1m.)
+MAX_LAYERS = 1024  # deepest released decoders have ~126 layers (Llama-3.1-405B)
+MAX_HIDDEN = 1 << 16  # hidden size 65536: 2.5x the widest released decoders (~25600)
+MAX_FFN = 1 << 18  # ffn 262144: ~5x the widest released MLPs
+MAX_HEADS = 1024  # attention heads (and KV groups)
+MAX_HEAD_DIM = 1024  # kv_channels; released models use 64-256
+MAX_VOCAB = 1 << 22  # 4194304 ids: 16x the largest released vocabularies (~256k)
+# Rotary tables hold positions as float32 (ops.rotary_tables), exact integers only up to 2^24: past that two
+# positions share one angle row. The tables (cos and sin, float32, head_dim / 4 angles per position) are also
+# allocated whole at load, so their size is capped too.
+MAX_SEQ_LENGTH = 1 << 24
+MAX_ROTARY_TABLE_BYTES = 4 << 30  # glm-4-9b-chat-1m: 2^20 positions x 32 angles x 2 x 4 bytes = 256 MiB
+MAX_PARAMETERS = 10**12  # 2 TB in fp16: no host loads it; ~100x the largest ChatGLM-architecture release
+_REQUIRED = object()
+
+
+def _int(cfg: dict, key: str, where: str, default: Any = _REQUIRED, limit: int | None = None,
+         why: str = "") -> int:
+    """An integer size from config.json: an int (not a bool, not a float), at least 1, at most `limit`."""
+    if key not in cfg or cfg[key] is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where}: missing key '{key}'")
+        return int(default)
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {v!r}")
+    if v < 1:
+        raise ConfigError(f"{where}: '{key}' is {v}; a model needs at least 1")
+    if limit is not None and v > limit:
+        raise ConfigError(f"{where}: '{key}' is {v}, over glmc's limit of {limit}{why}; is the config.json damaged?")
+    return v
+
+
+def _float(cfg: dict, key: str, where: str, default: float, positive: bool = True) -> float:
+    """A finite number from config.json (int or float, not a bool or string), > 0 when `positive`."""
+    if key not in cfg or cfg[key] is None:
+        return default
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConfigError(f"{where}: '{key}' must be a number, got {v!r}")
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ConfigError(f"{where}: '{key}' is {v}; it must be a finite number above 0")
+    return float(v)
+
+
+def _bool(cfg: dict, key: str, where: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {v!r}")
+    return v
+
+
+def _check_model(c: GLMConfig, keys: dict[str, str], where: str) -> None:
+    """Checks across keys, on the normalised config; `keys` names each field's config.json key for the message."""
+    if c.num_heads % c.num_kv_heads:
+        raise ConfigError(f"{where}: '{keys['num_heads']}' {c.num_heads} is not a multiple of "
+                          f"'{keys['num_kv_heads']}' {c.num_kv_heads} (each KV group serves a whole number of heads)")
+    if c.head_dim % 4:
+        raise ConfigError(f"{where}: '{keys['head_dim']}' {c.head_dim} is not a multiple of 4 (ChatGLM rotates the "
+                          "first head_dim / 2 dims as adjacent pairs)")
+    if not 0 < c.rms_eps < 1:
+        raise ConfigError(f"{where}: '{keys['rms_eps']}' {c.rms_eps} is outside (0, 1): RMSNorm adds it to mean(x^2) "
+                          "(released models: 1e-5, 1.5625e-7)")
+    table = c.seq_length * (c.rotary_dim // 2) * 2 * 4
+    if table > MAX_ROTARY_TABLE_BYTES:
+        raise ConfigError(f"{where}: '{keys['seq_length']}' {c.seq_length} with '{keys['head_dim']}' {c.head_dim} "
+                          f"needs rotary tables of {table / 2**30:.1f} GiB, over glmc's limit of "
+                          f"{MAX_ROTARY_TABLE_BYTES >> 30} GiB")
+    n = c.num_parameters
+    if n > MAX_PARAMETERS:
+        sizes = ", ".join(f"'{keys[f]}' {getattr(c, f)}" for f in
+                          ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size"))
+        raise ConfigError(f"{where}: the model would have {n:.3g} parameters ({sizes}), over glmc's limit of "
+                          f"{MAX_PARAMETERS:.0e}; is the config.json damaged?")
+
+
+_CHATGLM_KEYS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+                 "num_heads": "num_attention_heads", "num_kv_heads": "multi_query_group_num",
+                 "head_dim": "kv_channels", "vocab_size": "padded_vocab_size", "seq_length": "seq_length",
+                 "rms_eps": "layernorm_epsilon"}
+_GLM_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "vocab_size": "vocab_size", "seq_length": "max_position_embeddings", "rms_eps": "rms_norm_eps"}
+
+
+def config_keys(config: GLMConfig) -> dict[str, str]:
+    """GLMConfig field -> the config.json key it came from (for messages that name the key)."""
+    return _GLM_KEYS if config.source_format == "glm" else _CHATGLM_KEYS
+
+
 def from_hf(cfg: dict, checkpoint_dir: Path | None = None, family: str | None = None,
             where: str = "config.json") -> GLMConfig:
-    """Normalise a config.json dict (ChatGLM remote code or transformers GLM) into a GLMConfig."""
+    """Normalise a config.json dict (ChatGLM remote code or transformers GLM) into a GLMConfig.
+
+    Every value is type- and range-checked before anything is derived from it: the error names the key.
+    """
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"{where}: 'architectures' must be a list, got {archs!r}")
     if model_type == "glm" or "GlmForCausalLM" in archs:
         return _from_transformers_glm(cfg, family, where)
-    if model_type != "chatglm" and not any("ChatGLM" in a for a in archs):
+    if model_type != "chatglm" and not any("ChatGLM" in str(a) for a in archs):
         raise ConfigError(f"{where}: model_type '{model_type}' is not a ChatGLM2/ChatGLM3/GLM-4 checkpoint "
                           "(expected model_type 'chatglm' or 'glm')")
     if "num_layers" not in cfg and "num_hidden_layers" not in cfg and "inner_hidden_size" in cfg:
@@ -172,86 +274,101 @@ def from_hf(cfg: dict, checkpoint_dir: Path | None = None, family: str | None = 
                           "architecture; glmc supports ChatGLM2, ChatGLM3 and GLM-4")
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"family '{family}' is not one of {', '.join(FAMILIES)}")
-    fam = family or detect_family(cfg, checkpoint_dir)
-    if not cfg.get("rmsnorm", True):
+    if not _bool(cfg, "rmsnorm", where, True):
         raise ConfigError(f"{where}: rmsnorm=false (LayerNorm) is not a ChatGLM2/3/GLM-4 configuration")
-    if cfg.get("add_bias_linear", False):
+    if _bool(cfg, "add_bias_linear", where, False):
         raise ConfigError(f"{where}: add_bias_linear=true is not supported (no ChatGLM2/3/GLM-4 release uses it)")
-    if not cfg.get("post_layer_norm", True):
+    if not _bool(cfg, "post_layer_norm", where, True):
         raise ConfigError(f"{where}: post_layer_norm=false is not supported")
-    heads = int(_require(cfg, "num_attention_heads", where))
-    hidden = int(_require(cfg, "hidden_size", where))
-    head_dim = int(cfg.get("kv_channels", hidden // heads))
-    kv_heads = int(cfg.get("multi_query_group_num", heads)) if cfg.get("multi_query_attention", False) else heads
-    if heads % kv_heads:
-        raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of multi_query_group_num {kv_heads}")
-    ratio = float(cfg.get("rope_ratio", 1.0) or 1.0)
+    heads = _int(cfg, "num_attention_heads", where, limit=MAX_HEADS)
+    hidden = _int(cfg, "hidden_size", where, limit=MAX_HIDDEN)
+    head_dim = _int(cfg, "kv_channels", where, default=max(hidden // heads, 1), limit=MAX_HEAD_DIM)
+    mqa = _bool(cfg, "multi_query_attention", where, False)
+    # Without multi-query attention the original code ignores multi_query_group_num: every head has its own K/V.
+    kv_heads = _int(cfg, "multi_query_group_num", where, default=1, limit=MAX_HEADS) if mqa else heads
+    vocab_key = "padded_vocab_size" if "padded_vocab_size" in cfg or "vocab_size" not in cfg else "vocab_size"
+    vocab = _int(cfg, vocab_key, where, limit=MAX_VOCAB)
+    layers = _int(cfg, "num_layers", where, limit=MAX_LAYERS)
+    ffn = _int(cfg, "ffn_hidden_size", where, limit=MAX_FFN)
+    seq = _int(cfg, "seq_length", where, default=2048, limit=MAX_SEQ_LENGTH,
+               why=" (rotary positions are float32, exact integers up to 2^24)")
+    eps = _float(cfg, "layernorm_epsilon", where, 1e-5)
+    ratio = _float(cfg, "rope_ratio", where, 1.0)
+    qbit = cfg.get("quantization_bit", 0) or 0
+    if isinstance(qbit, bool) or not isinstance(qbit, int) or qbit not in (0, 4, 8):
+        raise ConfigError(f"{where}: quantization_bit {qbit!r} is not 4 or 8")
+    fam = family or detect_family(cfg, checkpoint_dir)
     base, scale = 10000.0, 1.0
     if ratio != 1.0:
         if fam == "chatglm2":
             scale = ratio
         else:
             base = 10000.0 * ratio
-    vocab = int(cfg.get("padded_vocab_size", cfg.get("vocab_size", 0)) or 0)
-    if vocab <= 0:
-        raise ConfigError(f"{where}: missing key 'padded_vocab_size'")
-    qbit = int(cfg.get("quantization_bit", 0) or 0)
-    if qbit not in (0, 4, 8):
-        raise ConfigError(f"{where}: quantization_bit {qbit} is not 4 or 8")
-    return GLMConfig(
+    config = GLMConfig(
         family=fam,
-        num_layers=int(_require(cfg, "num_layers", where)),
+        num_layers=layers,
         hidden_size=hidden,
-        ffn_hidden_size=int(_require(cfg, "ffn_hidden_size", where)),
+        ffn_hidden_size=ffn,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=vocab,
-        seq_length=int(cfg.get("seq_length", 2048)),
-        rms_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        seq_length=seq,
+        rms_eps=eps,
         rope_base=base,
         rope_position_divisor=scale,
-        qkv_bias=bool(cfg.get("add_qkv_bias", True)),
-        residual_post_layernorm=bool(cfg.get("apply_residual_connection_post_layernorm", False)),
+        qkv_bias=_bool(cfg, "add_qkv_bias", where, True),
+        residual_post_layernorm=_bool(cfg, "apply_residual_connection_post_layernorm", where, False),
         torch_dtype=_dtype(cfg.get("torch_dtype"), where),
-        quantization_bit=qbit,
+        quantization_bit=int(qbit),
         source_format="chatglm",
     )
+    _check_model(config, {**_CHATGLM_KEYS, "vocab_size": vocab_key}, where)
+    return config
 
 
 def _from_transformers_glm(cfg: dict, family: str | None, where: str) -> GLMConfig:
-    heads = int(_require(cfg, "num_attention_heads", where))
-    hidden = int(_require(cfg, "hidden_size", where))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    heads = _int(cfg, "num_attention_heads", where, limit=MAX_HEADS)
+    hidden = _int(cfg, "hidden_size", where, limit=MAX_HIDDEN)
+    head_dim = _int(cfg, "head_dim", where, default=max(hidden // heads, 1), limit=MAX_HEAD_DIM)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: 'rope_parameters' must be an object, got {rope!r}")
+    partial = _float(rope, "partial_rotary_factor", where, _float(cfg, "partial_rotary_factor", where, 0.5))
     if partial != 0.5:
         raise ConfigError(f"{where}: partial_rotary_factor {partial} is not ChatGLM's 0.5")
-    base = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    base = _float(rope, "rope_theta", where, _float(cfg, "rope_theta", where, 10000.0))
     scale = 1.0
     if rope.get("rope_type", "default") == "linear":
-        scale = float(rope["factor"])
+        if "factor" not in rope:
+            raise ConfigError(f"{where}: missing key 'factor' in linear rope scaling")
+        scale = _float(rope, "factor", where, 1.0)
     elif rope.get("rope_type", "default") not in ("default", None):
         raise ConfigError(f"{where}: rope type '{rope.get('rope_type')}' is not supported")
-    vocab = int(_require(cfg, "vocab_size", where))
+    vocab = _int(cfg, "vocab_size", where, limit=MAX_VOCAB)
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"family '{family}' is not one of {', '.join(FAMILIES)}")
     fam = family or ("glm4" if vocab >= 150000 else ("chatglm2" if scale != 1.0 else "chatglm3"))
-    return GLMConfig(
+    config = GLMConfig(
         family=fam,
-        num_layers=int(_require(cfg, "num_hidden_layers", where)),
+        num_layers=_int(cfg, "num_hidden_layers", where, limit=MAX_LAYERS),
         hidden_size=hidden,
-        ffn_hidden_size=int(_require(cfg, "intermediate_size", where)),
+        ffn_hidden_size=_int(cfg, "intermediate_size", where, limit=MAX_FFN),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+        num_kv_heads=_int(cfg, "num_key_value_heads", where, default=heads, limit=MAX_HEADS),
         head_dim=head_dim,
         vocab_size=vocab,
-        seq_length=int(cfg.get("max_position_embeddings", 2048)),
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        seq_length=_int(cfg, "max_position_embeddings", where, default=2048, limit=MAX_SEQ_LENGTH,
+                        why=" (rotary positions are float32, exact integers up to 2^24)"),
+        rms_eps=_float(cfg, "rms_norm_eps", where, 1e-5),
         rope_base=base,
         rope_position_divisor=scale,
-        qkv_bias=bool(cfg.get("attention_bias", True)),
+        qkv_bias=_bool(cfg, "attention_bias", where, True),
         torch_dtype=_dtype(cfg.get("torch_dtype") or cfg.get("dtype"), where),
         source_format="glm",
     )
+    _check_model(config, _GLM_KEYS, where)
+    return config
 
 
 # How a ChatGLM checkpoint orders the rows of each fused `query_key_value` weight/bias/scale (a checkpoint fact

@@ -54,8 +54,8 @@ def main() -> None:
         print(f"| {s['name']} | {s['seconds']:.1f} |")
     sizes: dict[str, int] = {}
     for name, f in m["files"].items():
-        sizes[name.split("/")[0] + ("/" + name.split("/")[1] if name.startswith("onnx/") else "")] = \
-            sizes.get(name.split("/")[0] + ("/" + name.split("/")[1] if name.startswith("onnx/") else ""), 0) + f["bytes"]
+        part = name.split("/")[0] + ("/" + name.split("/")[1] if name.startswith("onnx/") else "")
+        sizes[part] = sizes.get(part, 0) + f["bytes"]
     print("| part | MiB |\n| --- | --- |")
     for k, v in sorted(sizes.items()):
         print(f"| {k} | {v / 2**20:.1f} |")

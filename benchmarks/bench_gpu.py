@@ -95,7 +95,8 @@ def compile_one(args, prec: str, ckpt: Path) -> Path:
     out = args.work / f"build-{args.shape}-{prec}"
     if (out / "manifest.json").is_file():
         return out
-    cfg = schema.load([ROOT / "compile_configs/models/chatglm3-6b.yaml", ROOT / f"compile_configs/precisions/{prec}.yaml"],
+    cfg = schema.load([ROOT / "compile_configs/models/chatglm3-6b.yaml",
+                       ROOT / f"compile_configs/precisions/{prec}.yaml"],
                       overrides=[f"model.checkpoint={ckpt}", "targets=[onnxruntime]", f"output={out}",
                                  f"limits.max_batch={BIG_BATCH}", f"limits.max_input_length={PREFILL}",
                                  f"limits.max_sequence_length={MAX_SEQ}", "verify.enabled=false",
@@ -333,7 +334,7 @@ def bench_one(args) -> None:
         backend = make_backend(build, "onnxruntime", args.device)
     try:
         r = measure(backend, args.device)
-    except Exception as e:  # noqa: BLE001 - a graph replay that fails: measure without graphs, and say why
+    except Exception as e:
         if not getattr(backend, "cuda_graph", False):
             raise
         import traceback
@@ -481,10 +482,10 @@ def check(args) -> None:
     logits of CUDA fed CPU's tokens (relative error, against verify's bound for the precision)."""
     from rich.console import Console
 
-    from glmc.compiler import pipeline, schema
-    from glmc.runtime.verify import tolerance_for
     from glmc.artifact import open_build
+    from glmc.compiler import pipeline, schema
     from glmc.runtime.loader import make_backend
+    from glmc.runtime.verify import tolerance_for
 
     prompts = {True: [[64790, 64792, 30, 31, 32, 33], [64790, 64792, 40, 41]],
                False: [[64790, 64792, 30, 31, 32, 33], [64790, 64792, 40, 41, 42, 43]]}

@@ -89,7 +89,7 @@ def main() -> None:
         del model
 
         t, c = time.perf_counter(), cpu_seconds()
-        model = load_model(dst, dtype="float16")
+        load_model(dst, dtype="float16")
         rows.append(("reload int4 (same process)", time.perf_counter() - t, cpu_seconds() - c, rss_now(), rss_peak()))
     finally:
         if not args.keep:

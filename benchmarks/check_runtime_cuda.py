@@ -84,7 +84,8 @@ def main() -> None:
                         r["equal_torch"] = r["tokens"] == expected
                     if key != "cpu":
                         r["equal_cpu"] = r["tokens"] == cpu
-                        r["agree_cpu"] = float(np.mean([a == b for x, y in zip(r["tokens"], cpu) for a, b in zip(x, y)]))
+                        r["agree_cpu"] = float(np.mean([a == b for x, y in zip(r["tokens"], cpu, strict=False)
+                                                        for a, b in zip(x, y, strict=False)]))
                         ok &= r["equal_cpu"] and r["only_allocated_buffers_bound"]
                 for r in res.values():
                     r.pop("tokens")

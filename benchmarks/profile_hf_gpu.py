@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from glmc.modeling_patches import variant  # noqa: E402
-from glmc.modeling_patches.hf_glm import TransformersBackend, transformers_config  # noqa: E402
-from glmc.runtime.generate import SamplingConfig, stream  # noqa: E402
+from glmc.modeling_patches import variant
+from glmc.modeling_patches.hf_glm import TransformersBackend, transformers_config
+from glmc.runtime.generate import SamplingConfig, stream
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--layers", type=int, default=4)
@@ -46,7 +46,7 @@ with torch.inference_mode():
     out = hf(input_ids=ids, use_cache=True)
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     times = []
-    for i in range(32):
+    for _i in range(32):
         torch.cuda.synchronize()
         t = time.perf_counter()
         out = hf(input_ids=tok, past_key_values=cache, use_cache=True)
@@ -56,6 +56,7 @@ with torch.inference_mode():
 times.sort()
 print(f"bare forward (no mask/positions passed): median {1e3 * times[16]:.2f} ms")
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in stream(backend, prompt, SamplingConfig(max_new_tokens=4)):
         pass

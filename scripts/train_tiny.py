@@ -359,7 +359,7 @@ def main() -> None:
     docs = corpus["documents"]
     n_train = sum(d["split"] == "train" for d in docs)
     chars = {s: sum(len(d["text"]) for d in docs if d["split"] == s) for s in ("train", "val")}
-    print(f"corpus: Python {corpus['python']} stdlib {corpus['stdlib']}: {corpus['files']} files, {len(docs)} documents "
+    print(f"corpus: Python {corpus['python']} stdlib {corpus['stdlib']}: {corpus['files']} files, {len(docs)} docs "
           f"({n_train} train / {len(docs) - n_train} val), {chars['train']} / {chars['val']} chars, "
           f"sha256 {corpus['sha256'][:16]}", flush=True)
 
@@ -384,7 +384,7 @@ def main() -> None:
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             times = []
-            for i in range(8 if not autocast else 4):  # bf16 is ~40x slower on this AVX2-only CPU: keep it short
+            for _i in range(8 if not autocast else 4):  # bf16 is ~40x slower on this AVX2-only CPU: keep it short
                 x = sample_batch(train, args.seq, args.batch, gen)
                 t = time.time()
                 loss = batch_loss(m, x, autocast)
@@ -402,7 +402,7 @@ def main() -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     tokens_per_step = args.batch * args.seq
-    print(f"training: {args.steps} steps x {tokens_per_step} tokens = {args.steps * tokens_per_step / 1e6:.1f} M tokens "
+    print(f"training: {args.steps} steps x {tokens_per_step} tokens = {args.steps * tokens_per_step / 1e6:.1f} M tok "
           f"({args.steps * tokens_per_step / len(train):.1f} epochs), bf16 autocast {args.bf16}", flush=True)
 
     def snapshot(step: int, val_ppl: float, train_secs: float) -> None:
@@ -449,7 +449,8 @@ def main() -> None:
 
     model.eval()
     for prompt in ("json.dumps", "Return the", "The with statement"):
-        print(f"--- greedy: {prompt!r}\n{prompt}{greedy(model, tok, tok.prefix() + tok.encode(prompt), 60)}", flush=True)
+        text = greedy(model, tok, tok.prefix() + tok.encode(prompt), 60)
+        print(f"--- greedy: {prompt!r}\n{prompt}{text}", flush=True)
     for q in ("What does os.path.join do?", "What is the json module?"):
         print(f"--- chat: {q!r}\n{greedy(model, tok, tok.chat(q), 60, stop=(EOS_ID, tok.special['<|user|>']))}",
               flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from test_tokenizer import build_glm4_size_tiktoken, build_sentencepiece, build_tiktoken, pad_sentencepiece
 
 from glmc.errors import GlmcError
-from glmc.runtime.chat_format import ReplyParser, chat_prompt, raw_prompt, stop_ids
 from glmc.modeling_patches.tokenizer import load_tokenizer
+from glmc.runtime.chat_format import ReplyParser, chat_prompt, raw_prompt, stop_ids
 
 TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"city": {"type": "string"}}}]
 MESSAGES = [
@@ -110,7 +111,7 @@ def test_streamed_reply_equals_whole_reply(dirs, text, cuts, family):
     t = load_tokenizer(dirs[family])
     parser = ReplyParser(t)
     bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
-    shown = "".join(parser.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + parser.finish()
+    shown = "".join(parser.feed(text[a:b]) for a, b in itertools.pairwise(bounds)) + parser.finish()
     metadata, content = _parse_whole(t.family != "chatglm2", text)
     assert (parser.metadata, parser.content, shown) == (metadata, content, content)
     assert parser.message == {"role": "assistant", "metadata": metadata, "content": content}

@@ -83,7 +83,7 @@ def fp32_build(tmp_path_factory):
 
 
 def test_graph_contract(fp32_build, tmp_path):
-    model, paths = fp32_build
+    _model, paths = fp32_build
     sim = onnx.load(paths["reference"].replace(".reference.onnx", ".sim.onnx"))
     assert sim.ir_version == IR_VERSION <= 13
     assert dict(glmc_nodes(sim)) == {"GroupQueryAttention": 2}
@@ -97,7 +97,7 @@ def test_graph_contract(fp32_build, tmp_path):
     inferred = check(paths["reference"].replace(".reference.onnx", ".sim.onnx"))  # shape inference via the schemas
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in inferred.graph.value_info}
-    attn = [n for n in inferred.graph.node if n.op_type == "GroupQueryAttention"][0]
+    attn = next(n for n in inferred.graph.node if n.op_type == "GroupQueryAttention")
     assert shapes[attn.output[0]] == ["batch", "sequence", 128]
     sim_path = paths["reference"].replace(".reference.onnx", ".sim.onnx")
     kept = lower_file(sim_path, "onnx", tmp_path / "model.onnx")  # for vendor compilers: the glmc ops stay
@@ -138,7 +138,7 @@ def test_quantized_lowerings_match_torch(precision, tmp_path):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_prefill_then_decode_equals_one_long_prefill(fp32_build, target):
-    model, paths = fp32_build
+    _model, paths = fp32_build
     step, empty = ort_step(paths[target])
     prompts = [p + [1, 2, 3] for p in PROMPTS]
     long = step_trace(step, empty, prompts, torch.zeros(2, 0, dtype=torch.int64))[0]
@@ -161,7 +161,7 @@ def test_onnxruntime_kv8_cache_is_int8_and_matches_torch_cache(tmp_path):
     assert all(c.dtype == np.int8 for c in cache)
     real = mask.bool()[:, None, :, None].expand(presents[0][0].shape)  # padding rows hold don't-care values
     flips = [(torch.from_numpy(c).int() - t.int()).abs()[real].max() for c, t in zip(cache, (t for kv in presents
-                                                                                           for t in kv))]
+                                                                                           for t in kv), strict=False)]
     assert max(flips) <= 1  # at most a rounding-boundary flip
     assert json.loads(config_path(paths["onnxruntime"]).read_text())["kv_cache"]["dtype"] == "int8"
 
@@ -184,7 +184,7 @@ def test_onnxruntime_folded_int8_cache(tmp_path):
     with torch.no_grad():
         want, presents = model(ids, positions, mask, model.empty_cache(2))
     real = mask.bool()[:, None, :, None].expand(presents[0][0].shape)
-    first_layer = [torch.from_numpy(c).int() - t.int() for c, t in zip(cache[:2], presents[0])]
+    first_layer = [torch.from_numpy(c).int() - t.int() for c, t in zip(cache[:2], presents[0], strict=False)]
     assert max(int(d.abs()[real].max()) for d in first_layer) <= 1  # layer 0 sees the same inputs
     assert torch.isfinite(logits).all()
     assert float((logits - want).abs()[mask.bool()].max() / want.abs().max()) < 0.3  # quantize-then-attend

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from glmc.errors import GlmcError
 from glmc.runtime.backend_torch import TorchBackend
 from glmc.runtime.generate import SamplingConfig, generate, sample, stream
@@ -47,7 +47,7 @@ def test_stop_token_ends_each_row(backend):
     greedy = generate(backend, PROMPTS, SamplingConfig(max_new_tokens=16))
     stop = greedy[0][3]
     out = generate(backend, PROMPTS, SamplingConfig(max_new_tokens=16, stop_token_ids=[stop]), include_stop=True)
-    for row, ref in zip(out, greedy):
+    for row, ref in zip(out, greedy, strict=False):
         cut = ref.index(stop) + 1 if stop in ref else len(ref)
         assert row == ref[:cut]
 

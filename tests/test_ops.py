@@ -13,8 +13,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from glmc.export.lower import TARGETS, lower_model
 from glmc.artifact import TARGETS as ARTIFACT_TARGETS
+from glmc.export.lower import TARGETS, lower_model
 from glmc.modeling_patches import ops
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, unpack_int4
 
@@ -199,7 +199,7 @@ def inferred_shapes(model: onnx.ModelProto) -> list[list]:
 
 
 def linear_node(batch=(2, 3), k=67, n=9, bits=4, group=32, bias=True):
-    q, stored, scales = random_quantized(n, k, bits, group)
+    _q, stored, scales = random_quantized(n, k, bits, group)
     x = torch.randn(*batch, k)
     b = torch.randn(n) if bias else None
     return [x, stored, scales, b], dict(bits=bits, group_size=group, in_features=k)
@@ -239,7 +239,7 @@ def test_schema_rejects_wrong_types():
     inputs[2] = inputs[2].to(torch.int64)  # scales must be float
     model = one_node_model("QuantizedLinear", inputs, attrs, 1)
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("out0", TensorProto.FLOAT, [2, 3, 9]))
-    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError), match="Scales|T"):
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError), match=r"Scales|T"):
         onnx.checker.check_model(model, full_check=True)
 
 
@@ -308,8 +308,8 @@ def test_matmul_nbits_accuracy_level_4(bits, group):
     want = ops.quantized_linear(*inputs, bits, group, 256)
     model = lower_model(one_node_model("QuantizedLinear", inputs, attrs, 1, constants=(1, 2, 3)), "onnxruntime",
                         accuracy_level=4)
-    node = [n for n in model.graph.node if n.op_type == "MatMulNBits"][0]
-    assert helper.get_attribute_value([a for a in node.attribute if a.name == "accuracy_level"][0]) == 4
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "accuracy_level")) == 4
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"in0": inputs[0].numpy()})[0]
     err = rel_err(torch.from_numpy(got), want)

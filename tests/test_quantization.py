@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 quantization, KV-cache int8 calibration, quantized checkpoints and the eval table, on tiny models."""
+"""Weight-only int8/int4 quantization, KV-cache int8 calibration, quantized checkpoints and the eval table (tiny
+models)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from safetensors.torch import save_file
 
-from conftest import tiny_config, tiny_model
 from glmc.errors import GlmcError
 from glmc.modeling_patches.checkpoint import load_model, random_model
 from glmc.modeling_patches.modeling_chatglm import QuantLinear
@@ -225,7 +226,7 @@ def test_calibration_files(tmp_path):
     assert [x.shape[1] for x in s] == [11, 20]  # the 1-token sample is dropped
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(GlmcError, match="bad.jsonl:2"):
+    with pytest.raises(GlmcError, match=r"bad\.jsonl:2"):
         calibration_samples(encode_bytes(300), bad)
     with pytest.raises(GlmcError, match="does not exist"):
         calibration_samples(encode_bytes(300), tmp_path / "none.txt")
@@ -289,10 +290,11 @@ def test_evaluate_table_numbers():
 
 def test_quantize_and_eval_commands(tmp_path, capsys):
     """`glmc quantize` then `glmc eval` on a checkpoint directory with a real SentencePiece tokenizer."""
+    from test_tokenizer import build_sentencepiece
+
     from glmc.cli import main
     from glmc.modeling_patches.checkpoint import save_checkpoint
     from glmc.modeling_patches.tokenizer import load_tokenizer
-    from test_tokenizer import build_sentencepiece
 
     src = build_sentencepiece(tmp_path / "float")
     save_checkpoint(random_model(tiny_config(vocab_size=512), std=0.05), src)

@@ -14,8 +14,13 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tiktoken._educational import bpe_train
 
 from glmc.errors import GlmcError
-from glmc.modeling_patches.tokenizer import (GLM4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer,
-                                    write_tiktoken_ranks)
+from glmc.modeling_patches.tokenizer import (
+    GLM4_PATTERN,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    load_tokenizer,
+    write_tiktoken_ranks,
+)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -140,7 +145,7 @@ def test_loading_errors_name_the_file(tmp_path, sp_dir, tk_dir):
     with pytest.raises(GlmcError, match="family 'chatglm3'"):
         load_tokenizer(tk_dir, family="chatglm3")
     (tmp_path / "tokenizer.model").write_text("aGVsbG8= 0\naGVsbG8= 1\n")
-    with pytest.raises(GlmcError, match="tokenizer.model:2: token b'hello' appears twice"):
+    with pytest.raises(GlmcError, match=r"tokenizer\.model:2: token b'hello' appears twice"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x05junk")
     with pytest.raises(GlmcError, match="not a valid SentencePiece model"):

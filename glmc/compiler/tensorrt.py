@@ -45,7 +45,7 @@ def import_tensorrt() -> tuple[Any, str]:
     for name in ("tensorrt", "tensorrt_rtx_bindings"):
         try:
             return importlib.import_module(name), name
-        except ImportError as e:  # noqa: PERF203 - two tries
+        except ImportError as e:
             errors.append(f"{name}: {e}")
     raise GlmcError("the tensorrt target needs TensorRT, and neither `tensorrt` nor TensorRT for RTX "
                     "(`tensorrt_rtx_bindings`) is importable (" + "; ".join(errors) + "); install one "
@@ -125,7 +125,7 @@ def profile_shapes(inputs: list[tuple[str, list]], limits: dict, kind: str, opt:
     for name, dims in inputs:
         roles = _roles(name, len(dims))
         lo, mid, hi = [], [], []
-        for i, (d, role) in enumerate(zip(dims, roles)):
+        for i, (d, role) in enumerate(zip(dims, roles, strict=False)):
             if isinstance(d, int) and d > 0:
                 lo.append(d), mid.append(d), hi.append(d)
             elif role is None:

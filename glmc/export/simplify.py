@@ -10,8 +10,8 @@ import onnx
 
 from glmc.errors import GlmcError
 from glmc.export.external import locations, share
-from glmc.modeling_patches.ops.onnx_defs import DOMAIN
 from glmc.export.onnx_export import IR_VERSION
+from glmc.modeling_patches.ops.onnx_defs import DOMAIN
 
 SKELETON_BYTES = 1024  # initializers this large are kept out of onnxsim
 
@@ -22,8 +22,8 @@ def glmc_nodes(model: onnx.ModelProto) -> Counter:
 
 def check(path: str | Path) -> onnx.ModelProto:
     """onnx checker (full: type and shape inference through the glmc schemas) on a file's graph, its external
-    weights standing in as graph inputs (onnx refuses hard-linked data files); returns the inferred model. Raises GlmcError naming the
-    file and the problem."""
+    weights standing in as graph inputs (onnx refuses hard-linked data files); returns the inferred model. Raises
+    GlmcError naming the file and the problem."""
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)

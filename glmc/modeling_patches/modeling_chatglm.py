@@ -42,7 +42,8 @@ class QuantLinear(nn.Module):
         groups = (in_features + group_size - 1) // group_size if group_size else 0
         wdtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("weight", torch.zeros(out_features, cols, dtype=wdtype))
-        self.register_buffer("weight_scale", torch.ones((out_features, groups) if groups else (out_features,), dtype=dtype))
+        self.register_buffer("weight_scale", torch.ones((out_features, groups) if groups else (out_features,),
+                                                        dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +177,7 @@ class GLMForCausalLM(nn.Module):
         """input_ids/position_ids [B, S] int64, attention_mask [B, T] int64 -> logits [B, S, V], present (T long)."""
         x = self.transformer.embedding.word_embeddings(input_ids)  # [B, S, H]
         presents: KVCache = []
-        for layer, (past_key, past_value) in zip(self.transformer.encoder.layers, past_key_values):
+        for layer, (past_key, past_value) in zip(self.transformer.encoder.layers, past_key_values, strict=False):
             x, k, v = layer(x, position_ids, attention_mask, self.cos_cache, self.sin_cache, past_key, past_value)
             presents.append((k, v))
         x = self.transformer.encoder.final_layernorm(x)
@@ -200,6 +201,6 @@ def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, inclu
 
 def enable_kv_int8(model: GLMForCausalLM, k_scales: list[torch.Tensor], v_scales: list[torch.Tensor]) -> None:
     """Give every layer its K/V scales ([1], [Hkv] or [Hkv, D]); the cache becomes int8."""
-    for layer, ks, vs in zip(model.transformer.encoder.layers, k_scales, v_scales):
+    for layer, ks, vs in zip(model.transformer.encoder.layers, k_scales, v_scales, strict=False):
         layer.self_attention.k_scale = ks.to(model.dtype)
         layer.self_attention.v_scale = vs.to(model.dtype)

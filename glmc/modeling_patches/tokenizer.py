@@ -117,7 +117,7 @@ class Tokenizer:
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return Batch(*left_pad(ids, self.pad_id))
 
-    def stream_decoder(self, skip_special: bool = True) -> "StreamDecoder":
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
 
 

@@ -109,10 +109,10 @@ def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[
     base = base.float().eval()
     refs = [window_logits(base, ids, ids.shape[1])[:-1] for ids in windows]  # position t predicts token t + 1
     results = []
-    for name, scheme in zip(precisions, schemes):
+    for name, scheme in zip(precisions, schemes, strict=False):
         model = (make(scheme) if make else apply_scheme(copy.deepcopy(base), scheme, calibration)).eval()
         res = Result(name)
-        for i, (ids, ref) in enumerate(zip(windows, refs)):
+        for i, (ids, ref) in enumerate(zip(windows, refs, strict=False)):
             target = ids[0, 1:]
             t = time.perf_counter()
             logits = window_logits(model, ids, chunk if scheme.kv_granularity else ids.shape[1])[:-1]

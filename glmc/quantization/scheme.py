@@ -1,4 +1,4 @@
-"""Quantization schemes: parse precision names ("int4-g128+kv8"), the quantization.json dict, save/load quantized models.
+"""Quantization schemes: parse precision names ("int4-g128+kv8"), the quantization.json dict, save quantized models.
 
 A precision name is '+'-joined parts, each one of:
   fp32 | fp16 | bf16                      the floating-point dtype (default: fp16 once anything is quantized, else fp32)
@@ -74,7 +74,7 @@ class Scheme:
         return out
 
     @classmethod
-    def from_json(cls, d: dict, dtype: str = "fp16", where: str = "quantization.json") -> "Scheme":
+    def from_json(cls, d: dict, dtype: str = "fp16", where: str = "quantization.json") -> Scheme:
         w, kv = d.get("weights") or {}, d.get("kv_cache") or {}
         try:
             bits, group = int(w.get("bits", 0)), int(w.get("group_size", 0))

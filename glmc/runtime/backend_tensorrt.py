@@ -112,7 +112,7 @@ class TensorRTBackend:
             ok = True
             for name, shape in shapes.items():
                 lo, _, hi = e.get_tensor_profile_shape(name, p)
-                if any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
+                if any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi, strict=False)):
                     ok = False
                     break
             if ok:
@@ -138,7 +138,7 @@ class TensorRTBackend:
                 self.context.set_input_shape(name, shape)
             for name, t in small.items():
                 self.context.set_tensor_address(name, t.data_ptr())
-            for past, present, bufs in zip(self.past_names, self.present_names, self._buffers):
+            for past, present, bufs in zip(self.past_names, self.present_names, self._buffers, strict=False):
                 self.context.set_tensor_address(past, bufs[cache.parity].data_ptr())
                 self.context.set_tensor_address(present, bufs[1 - cache.parity].data_ptr())
             self.context.set_tensor_address("logits", self._logits.data_ptr())

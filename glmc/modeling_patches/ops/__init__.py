@@ -5,9 +5,18 @@ Importing this package registers every op with torch (`torch.ops.glmc.*`) and ON
 
 from glmc.modeling_patches.ops.attention import gqa_reference, group_query_attention, rotary_tables
 from glmc.modeling_patches.ops.kv_cache import kv_cache_dequantize, kv_cache_quantize
+from glmc.modeling_patches.ops.onnx_defs import DOMAIN, OPSET_VERSION
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, quantized_linear, unpack_int4
 
-from glmc.modeling_patches.ops.onnx_defs import DOMAIN, OPSET_VERSION
-
-__all__ = ["DOMAIN", "OPSET_VERSION", "gqa_reference", "group_query_attention", "rotary_tables", "kv_cache_quantize",
-           "kv_cache_dequantize", "quantized_linear", "pack_int4", "unpack_int4"]
+__all__ = [
+           "DOMAIN",
+           "OPSET_VERSION",
+           "gqa_reference",
+           "group_query_attention",
+           "kv_cache_dequantize",
+           "kv_cache_quantize",
+           "pack_int4",
+           "quantized_linear",
+           "rotary_tables",
+           "unpack_int4",
+]

@@ -22,12 +22,23 @@ import torch
 from onnx import TensorProto
 from onnx.defs import OpSchema
 
-from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, MASK_VALUE, MS_DOMAIN, Builder, attribute, input_dims,
-                                                 input_elem_type, onnxscript_opset, register, set_output)
+from glmc.modeling_patches.ops.onnx_defs import (
+    FLOAT_TYPES,
+    MASK_VALUE,
+    MS_DOMAIN,
+    Builder,
+    attribute,
+    input_dims,
+    input_elem_type,
+    onnxscript_opset,
+    register,
+    set_output,
+)
 
 
 def rotary_tables(rotary_dim: int, max_positions: int, base: float, position_divisor: float = 1.0):
-    """cos/sin tables [max_positions, rotary_dim/2]: angle = (p / divisor) * base^(-2i/R), in float32 as the original."""
+    """cos/sin tables [max_positions, rotary_dim/2]: angle = (p / divisor) * base^(-2i/R), in float32 as the
+    original."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim))
     pos = torch.arange(max_positions, dtype=torch.float32, device="cpu")
     if position_divisor != 1.0:
@@ -73,7 +84,8 @@ def gqa_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, present_value.to(q.dtype))  # [B, Hkv, G*S, D]
-    out = out.view(b, kv_num_heads, group, s, d).reshape(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)
+    out = out.view(b, kv_num_heads, group, s, d).reshape(b, num_heads, s, d)
+    out = out.transpose(1, 2).reshape(b, s, num_heads * d)
     return out, present_key, present_value
 
 

@@ -11,8 +11,15 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, Builder, input_dims, input_elem_type,
-                                                 onnxscript_opset, register, set_output)
+from glmc.modeling_patches.ops.onnx_defs import (
+    FLOAT_TYPES,
+    Builder,
+    input_dims,
+    input_elem_type,
+    onnxscript_opset,
+    register,
+    set_output,
+)
 
 
 def _broadcast(scale: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from glmc.errors import ConfigError
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 
-# How a checkpoint's `rope_ratio` is applied (DESIGN.md, "ChatGLM facts").
+# How a checkpoint's `rope_ratio` is applied (docs/design.md, "ChatGLM facts").
 ROPE_POSITIONS_DIVIDED = "positions_divided"  # chatglm2-6b-32k: t / rope_ratio
 ROPE_BASE_MULTIPLIED = "base_multiplied"  # chatglm3-6b-32k, GLM-4: base * rope_ratio
 
@@ -422,7 +422,8 @@ def load_config(checkpoint_dir: str | Path, family: str | None = None) -> GLMCon
     return from_hf(read_config_json(checkpoint_dir), Path(checkpoint_dir), family=family, where=str(path))
 
 
-# Variants of DESIGN.md's table, as small dicts; tests and benchmarks shrink them with `tiny()`.
+# Variants of the table in docs/design.md ("ChatGLM facts"), as small dicts; tests and benchmarks shrink them
+# with `tiny()`.
 VARIANTS: dict[str, dict[str, Any]] = {
     "chatglm2-6b": dict(family="chatglm2", num_layers=28, num_kv_heads=2, vocab_size=65024, seq_length=32768),
     "chatglm2-6b-32k": dict(family="chatglm2", num_layers=28, num_kv_heads=2, vocab_size=65024, seq_length=32768,
@@ -438,7 +439,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def variant(name: str, **overrides: Any) -> GLMConfig:
-    """A full-size config of a named variant (DESIGN.md table), with optional overrides (e.g. to shrink it)."""
+    """A full-size config of a named variant (docs/design.md, "ChatGLM facts"), with optional overrides (e.g. to
+    shrink it)."""
     if name not in VARIANTS:
         raise ConfigError(f"unknown variant '{name}'; known: {', '.join(VARIANTS)}")
     base: dict[str, Any] = dict(hidden_size=4096, ffn_hidden_size=13696, num_heads=32, head_dim=128, rms_eps=1e-5)

@@ -1,7 +1,7 @@
 """ChatGLM2/3 (SentencePiece) and GLM-4 (tiktoken-style) tokenizers behind one interface, with batching and streaming.
 
 Both keep their special tokens after the base vocabulary, in the order of the original tokenizers
-(DESIGN.md, "ChatGLM facts"): ids = base vocabulary size + index in SPECIAL_TOKENS[family]. Plain-text
+(docs/design.md, "ChatGLM facts"): ids = base vocabulary size + index in SPECIAL_TOKENS[family]. Plain-text
 `encode` never turns text such as "<|user|>" into a special token; chat formats insert those by id.
 """
 

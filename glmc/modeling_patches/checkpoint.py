@@ -24,11 +24,10 @@ from glmc.modeling_patches.config import (
     from_hf,
     qkv_layout,
     read_config_json,
+    torch_dtype,
 )
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, enable_kv_int8, replace_linears
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANT_FILE = "quantization.json"  # written next to glmc-quantized weights: the scheme they were made with
 
 # transformers GlmForCausalLM name -> (our name, which part of a fused tensor along dim 0)
@@ -267,7 +266,7 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
     raw = read_config_json(d)
     config = from_hf(raw, d, family=family, where=str(d / "config.json"))
     per_head = qkv_layout(raw, str(d / "config.json")) == QKV_PER_HEAD  # num_kv_heads == num_heads then
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype, "load_model") if isinstance(dtype, str) else dtype
     quant = read_quantization(d, config)
     model = build_model(config, dtype, quant, max_positions)
     official_int4 = quant.get("weights", {}).get("format") == "chatglm" and quant["weights"]["bits"] == 4

@@ -20,8 +20,25 @@ FAMILIES = ("chatglm2", "chatglm3", "glm4")
 ROPE_POSITIONS_DIVIDED = "positions_divided"  # chatglm2-6b-32k: t / rope_ratio
 ROPE_BASE_MULTIPLIED = "base_multiplied"  # chatglm3-6b-32k, GLM-4: base * rope_ratio
 
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
-           "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+# The one table of float type names: config.json's torch_dtype names, the short names of compile configs and
+# precision names (fp32 | fp16 | bf16) and common aliases -> the canonical name (a torch dtype's name).
+DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
+               "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+
+
+def dtype_name(value: Any, where: str = "dtype") -> str:
+    """A float type given by any of its names (or a torch dtype) -> its canonical name (float32 | float16 |
+    bfloat16)."""
+    name = str(value).replace("torch.", "")
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"{where}: '{value}' is not one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return DTYPE_NAMES[name]
+
+
+def torch_dtype(value: Any, where: str = "dtype") -> Any:
+    """The torch dtype of a float type name (imports torch; this module otherwise does not)."""
+    import torch
+    return getattr(torch, dtype_name(value, where))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +134,7 @@ def _require(cfg: dict, key: str, where: str) -> Any:
 
 
 def _dtype(value: Any, where: str) -> str:
-    if value is None:
-        return "float16"
-    name = str(value).replace("torch.", "")
-    if name not in _DTYPES:
-        raise ConfigError(f"{where}: torch_dtype '{value}' is not one of float32, float16, bfloat16")
-    return _DTYPES[name]
+    return "float16" if value is None else dtype_name(value, f"{where}: torch_dtype")
 
 
 def detect_family(cfg: dict, checkpoint_dir: Path | None = None) -> str:

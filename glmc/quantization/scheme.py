@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from glmc.errors import GlmcError
+from glmc.modeling_patches.config import torch_dtype
 from glmc.quantization.weight_only import check_scheme
 
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")  # the float names of the precision grammar (config.DTYPE_NAMES maps them)
 KV_GRANULARITIES = ("tensor", "head", "channel")
 DEFAULT_KV_GRANULARITY = "channel"  # see docs/quantization.md: K after rotary has outlier channels
 
@@ -40,7 +41,7 @@ class Scheme:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return FLOAT_DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def name(self) -> str:

@@ -290,8 +290,8 @@ def one_torch_thread():
 
 @pytest.mark.parametrize("backend, length", [("onnxruntime", 48), ("torch", 48)])
 def test_rows_join_leave_and_compact_like_alone(serve_build, backend, length, one_torch_thread):
-    """Rows at different lengths, joining mid-way, one leaving early from the middle of the batch, past the end of
-    the buffer (compaction): each row's greedy tokens equal its generation alone."""
+    """Rows at different lengths, joining mid-way (two at once, in one prefill), one leaving early from the middle of
+    the batch, past the end of the buffer (compaction): each row's greedy tokens equal its generation alone."""
     m = glmc.load(serve_build, max_length=length) if backend == "onnxruntime" else glmc.load(max_length=length)
     prompts = [m.prompt_ids(p) for p in ["The", "def main(): return a", "x", "import json"]]
     scale = length / 48
@@ -299,15 +299,14 @@ def test_rows_join_leave_and_compact_like_alone(serve_build, backend, length, on
     alone = [generate(m.backend, [p], SamplingConfig(max_new_tokens=n))[0] for p, n in zip(prompts, news, strict=True)]
     rows = make_rows(m.backend, 4)
     assert isinstance(rows, OrtRows if backend == "onnxruntime" else TorchRows) and rows.note is None
-    starts, leave = [int(s * scale) for s in (0, 12, 14, 20)], int(25 * scale)
+    starts, leave = [int(s * scale) for s in (0, 12, 12, 20)], int(25 * scale)
     out: dict[int, list[int]] = {}
     active: dict[int, int] = {}  # slot -> prompt
     step = 0
     while len(out) < len(prompts) or active:
-        for i, s in enumerate(starts):
-            if s == step:
-                slot, logits = rows.add(prompts[i])
-                out[i], active[slot] = [int(logits.argmax())], i
+        joining = [i for i, s in enumerate(starts) if s == step]  # together: one left-padded prefill
+        for i, (slot, logits) in zip(joining, rows.add_many([prompts[i] for i in joining]), strict=True):
+            out[i], active[slot] = [int(logits.argmax())], i
         if step == leave:  # prompt 2 leaves early, from the middle of the batch
             slot = next(s for s, i in active.items() if i == 2)
             rows.remove(slot)

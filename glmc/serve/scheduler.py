@@ -143,11 +143,9 @@ class Scheduler:
                     admit.append(self._pending.popleft())
             t0 = time.perf_counter()
             try:
-                for req in admit:
-                    if req.cancelled:
-                        self._end(req, "cancelled")
-                    else:
-                        self._prefill(req)
+                for req in [r for r in admit if r.cancelled]:
+                    self._end(req, "cancelled")
+                self._prefill([r for r in admit if not r.cancelled])
                 for req in [r for r in self._active.values() if r.cancelled]:
                     self._end(req, "cancelled")
                 if self._active:
@@ -162,17 +160,23 @@ class Scheduler:
             req.error = "the server is shutting down"
             self._end(req, "error")
 
-    def _prefill(self, req: Request) -> None:
-        if req.cfg.seed is not None:
-            req.generator = torch.Generator().manual_seed(req.cfg.seed)
-        elif req.cfg.temperature > 0:
-            req.generator = torch.Generator()
-            req.generator.seed()
-        slot, logits = self.rows.add(req.ids)
-        req.slot = slot
-        self._active[slot] = req
-        self.metrics.prefill()
-        self._take(req, logits)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """The admitted prompts into free rows (one forward where the rows allow it), each request's first token."""
+        if not reqs:
+            return
+        for req in reqs:
+            if req.cfg.seed is not None:
+                req.generator = torch.Generator().manual_seed(req.cfg.seed)
+            elif req.cfg.temperature > 0:
+                req.generator = torch.Generator()
+                req.generator.seed()
+        added = self.rows.add_many([req.ids for req in reqs])
+        for req, (slot, _) in zip(reqs, added, strict=True):
+            req.slot = slot
+            self._active[slot] = req
+            self.metrics.prefill()
+        for req, (_, logits) in zip(reqs, added, strict=True):
+            self._take(req, logits)
 
     def _decode(self) -> None:
         tokens = {slot: req.last for slot, req in self._active.items()}

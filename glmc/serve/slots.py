@@ -33,6 +33,8 @@ class Rows(Protocol):
 
     def add(self, ids: list[int]) -> tuple[int, torch.Tensor]: ...
 
+    def add_many(self, prompts: list[list[int]]) -> list[tuple[int, torch.Tensor]]: ...
+
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]: ...
 
     def remove(self, slot: int) -> None: ...
@@ -114,6 +116,29 @@ class OrtRows:
             self.mask[row, :n] = 1
             self.edge = max(self.edge, n)
         return slot, logits[0]
+
+    def add_many(self, prompts: list[list[int]]) -> list[tuple[int, torch.Tensor]]:
+        """Several prompts in one forward (the padded form: left-padded into consecutive new rows, so each row's
+        prompt ends at the batch's width W and its padding is a masked hole [0, W - n)); the unpadded form takes
+        one forward per prompt."""
+        if not self.padded or len(prompts) <= 1:
+            return [self.add(p) for p in prompts]
+        from glmc.runtime.generate import left_pad
+        ids, mask, positions = left_pad(prompts)
+        width = ids.shape[1]
+        added = [self.table.new(len(p)) for p in prompts]
+        first = added[0][1]
+        try:
+            logits = self.backend.step_rows(ids, positions, mask, first_row=first)
+        except BaseException:
+            for _ in added:
+                self.table.drop(self.table.rows - 1)
+            raise
+        for (_, row), p in zip(added, prompts, strict=True):
+            self.mask[row] = 0
+            self.mask[row, width - len(p):width] = 1
+        self.edge = max(self.edge, width)
+        return [(slot, logits[i]) for i, (slot, _) in enumerate(added)]
 
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
         ordered = self.table.order(tokens)
@@ -200,6 +225,9 @@ class TorchRows:
             self.mask = torch.cat([self._widen(self.mask, w), self._widen(torch.ones(1, n, dtype=torch.int64), w)])
         return slot, logits[0]
 
+    def add_many(self, prompts: list[list[int]]) -> list[tuple[int, torch.Tensor]]:
+        return [self.add(p) for p in prompts]
+
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
         ordered = self.table.order(tokens)
         if self.mask.shape[1] >= self.max_length:
@@ -262,6 +290,9 @@ class OneRow:
         self.cache, self.length = cache, len(ids)
         self.slot += 1
         return self.slot, logits[0]
+
+    def add_many(self, prompts: list[list[int]]) -> list[tuple[int, torch.Tensor]]:
+        return [self.add(p) for p in prompts]
 
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
         if set(tokens) != {self.slot} or self.cache is None:

@@ -124,13 +124,17 @@ def check_tokenizer(where: Path, tokenizer: Tokenizer, family: str | None, vocab
 
 def load(path: str | Path | None = None, family: str | None = None, dtype: str | None = None, device: str = "cpu",
          max_length: int | None = None, backend: str = "auto", target: str | None = None,
-         max_batch: int | None = None, threads: int = 0, **options) -> Model:
+         max_batch: int | None = None, threads: int = 0, tensor_parallel: int | None = None, **options) -> Model:
     """The one place that turns a path into a runnable model: a build directory (manifest.json), one lowered ONNX
     model (`.../onnx/<target>/model.onnx` or its folder: that graph, or a refusal), or a checkpoint directory
     (default: the shipped model). `backend`: auto | torch | onnxruntime | tensorrt (glmc.runtime.loader.pick);
-    `dtype` (torch backend): the checkpoint's own by default for builds on CUDA, else float32."""
+    `dtype` (torch backend): the checkpoint's own by default for builds on CUDA, else float32. `tensor_parallel` N > 1
+    (default: the build's parallel.tensor) runs the torch backend split over N processes (glmc.parallel)."""
     build = open_build(model_dir(path) if path is None or not str(path).endswith(".onnx") else path)
-    be = make_backend(build, backend, device, target, max_length, max_batch, threads, dtype, **options)
+    from glmc.parallel.backend import start_build
+    be = start_build(build, tensor_parallel, backend, device, max_length, max_batch, dtype, threads)
+    if be is None:
+        be = make_backend(build, backend, device, target, max_length, max_batch, threads, dtype, **options)
     tokenizer = load_tokenizer(build.tokenizer_dir, family or build.family)
     model = getattr(be, "model", None)
     arch = getattr(model, "config", None)

@@ -20,6 +20,7 @@ LEVELS = {
     "glmc.export": 4, "glmc.export.lower": 5,  # export, lower
     "glmc.compiler": 6,  # build: the compile YAML schema, build directories, the TensorRT builder
     "glmc.kernels": 7, "glmc.runtime": 7,  # run: kernels, backends, generation, verification through the backends
+    "glmc.parallel": 7,  # run: tensor parallelism (shards the model, starts the ranks, the rank-0 backend)
     "glmc.compiler.pipeline": 8,  # the orchestrator: every stage, verification included
     "glmc.api": 9, "glmc.serve": 10, "glmc.cli": 11, "glmc": 11,
 }

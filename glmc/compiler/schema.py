@@ -116,6 +116,10 @@ FIELDS: dict[str, Field] = {
     "verify.min_greedy_agreement": Field("float", None, "fraction of greedy steps that must agree with torch in "
                                                         "every row (default: per precision)", min=0.0, max=1.0,
                                          nullable=True),
+    "parallel.tensor": Field("int", 1, "tensor-parallel ranks (one process per GPU, NCCL; gloo on CPU) that `glmc "
+                                       "run/bench/chat/serve` start for this build: the torch backend, weights "
+                                       "sharded at load (docs/parallel.md); must divide the attention heads",
+                             min=1, max=64),
     "output": Field("str", "build/{model}-{precision}", "build directory (relative to the current directory); "
                                                         "{model} and {precision} are filled in"),
     "cache_dir": Field("str", None, "stage cache (default: .glmc-cache beside the build directory)",
@@ -212,6 +216,7 @@ class CompileConfig:
     verify: VerifyOptions
     output: Path
     cache_dir: Path
+    tensor_parallel: int = 1  # parallel.tensor
 
     @classmethod
     def from_tree(cls, data: dict, where: dict, files: list) -> CompileConfig:
@@ -226,7 +231,7 @@ class CompileConfig:
             tensorrt=TensorRTBuild(**{k: tuple(x) if isinstance(x, list) else x for k, x in d["tensorrt"].items()}),
             verify=VerifyOptions(v["enabled"], tuple(tuple(p) if isinstance(p, list) else p for p in v["prompts"]),
                                  v["steps"], v["max_rel_error"], v["min_top1"], v["min_greedy_agreement"]),
-            output=Path(d["output"]), cache_dir=Path(d["cache_dir"]))
+            output=Path(d["output"]), cache_dir=Path(d["cache_dir"]), tensor_parallel=d["parallel"]["tensor"])
 
     @property
     def precision_tag(self) -> str:
@@ -493,6 +498,24 @@ def _check_cuda(data: dict, where: dict, arch: Any) -> None:
                           f"this build: {reason}; or drop 'cuda' from targets ({where.get('targets', 'config')})")
 
 
+def _check_parallel(data: dict, where: dict, arch: Any) -> None:
+    """parallel.tensor against the model: it divides the heads, is a multiple or divisor of the KV groups, and the
+    per-rank attention columns hold whole scale groups (glmc.parallel.shard checks the same at load)."""
+    n = data["parallel"]["tensor"]
+    if n == 1:
+        return
+    here, prec = where.get("parallel.tensor", "config"), data["precision"]
+    if arch.num_heads % n:
+        raise ConfigError(f"{here}: parallel.tensor: {n} does not divide the model's {arch.num_heads} attention heads")
+    if n % arch.num_kv_heads and arch.num_kv_heads % n:
+        raise ConfigError(f"{here}: parallel.tensor: {n} is neither a multiple nor a divisor of the model's "
+                          f"{arch.num_kv_heads} KV groups")
+    cols = arch.num_heads // n * arch.head_dim
+    if prec["weights"] != "float" and prec["group_size"] and cols % prec["group_size"]:
+        raise ConfigError(f"{here}: parallel.tensor: {n} gives each rank {cols} attention columns, which cut the "
+                          f"groups of precision.group_size {prec['group_size']}")
+
+
 def _check_checkpoint(data: dict, where: dict) -> None:
     here = where.get("model.checkpoint", "config")
     ckpt = Path(data["model"]["checkpoint"])
@@ -507,6 +530,7 @@ def _check_checkpoint(data: dict, where: dict) -> None:
         data["model"]["family"] = cfg.family
     if "cuda" in data["targets"]:
         _check_cuda(data, where, cfg)
+    _check_parallel(data, where, cfg)
     seq = data["limits"]["max_sequence_length"]
     if seq > cfg.seq_length:
         raise ConfigError(f"{where.get('limits.max_sequence_length', 'config')}: limits.max_sequence_length "

@@ -21,12 +21,16 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                                                   "else reference)")
     p.add_argument("--max-length", type=int, default=None, help="cap on prompt + generation (<= the build's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime (0: its default)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split the model over N processes (torch backend; one GPU each with NCCL, gloo on CPU; "
+                        "default: the build's parallel.tensor, else 1); docs/parallel.md")
 
 
 def load_build(args: argparse.Namespace, max_batch: int | None = None):
     from glmc.api import load
     return load(args.build, backend=args.backend, device=args.device, target=args.target,
-                max_length=args.max_length, max_batch=max_batch, threads=args.threads)
+                max_length=args.max_length, max_batch=max_batch, threads=args.threads,
+                tensor_parallel=args.tensor_parallel)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,217 @@
+"""Tensor parallelism on the CPU: real rank processes over gloo, against the one-process torch backend.
+
+Every test that starts ranks starts real `python -m glmc.parallel` processes; GLMC_TEST_TAG (a fresh value per test,
+inherited by every process the test starts) finds any that outlive their launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from glmc.assets import model_dir
+from glmc.compiler import schema
+from glmc.errors import ConfigError, GlmcError
+from glmc.modeling_patches.checkpoint import load_model
+from glmc.parallel import start
+from glmc.parallel.ranks import FAULT_ENV
+from glmc.parallel.shard import balanced_split, plan
+from glmc.quantization.scheme import apply_scheme, parse_precision, save_quantized
+from glmc.quantization.weight_only import quantize_model
+from glmc.runtime.backend_torch import TorchBackend
+from glmc.runtime.generate import SamplingConfig, generate
+
+SHIPPED = model_dir(None)
+PROMPTS = [[5, 300, 301, 302, 17, 2000, 45, 9], [8, 900, 33]]  # two lengths: left padding
+STEPS = 6
+FP32_BOUND = 1e-4  # the verifier's fp32 bound: max |error| / max |torch logits|
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes that carry GLMC_TEST_TAG=tag in their environment (ours: readable)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                env = (d / "environ").read_bytes()
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if f"GLMC_TEST_TAG={tag}".encode() in env.split(b"\0") and state != "Z":
+                found.append(int(d.name))
+    return found
+
+
+@pytest.fixture
+def tag(monkeypatch):
+    value = uuid.uuid4().hex
+    monkeypatch.setenv("GLMC_TEST_TAG", value)
+    yield value
+    deadline = time.monotonic() + 10  # a killed process may take a moment to go
+    while tagged(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tagged(value) == [], "a rank process outlived its launcher"
+
+
+def trace(backend, prompts=PROMPTS, steps=STEPS) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Greedy decode by hand: the last-position logits of the prefill and of each step, and the tokens."""
+    from glmc.modeling_patches.tokenizer import left_pad
+    ids, mask, pos = left_pad(prompts, 0)
+    cache = backend.new_cache(len(prompts))
+    logits, cache = backend.forward(ids, pos, mask, cache)
+    out, tokens = [logits], []
+    pos = pos[:, -1:]
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        tokens.append(tok.tolist())
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.int64)], 1)
+        pos = pos + 1
+        logits, cache = backend.forward(tok[:, None], pos, mask, cache)
+        out.append(logits)
+    return out, tokens
+
+
+def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The shipped model in fp32, and its int8 and int4-g32 (weight-only, float32 activations) checkpoints."""
+    out = {"fp32": SHIPPED}
+    for name in ("fp32+int8", "fp32+int4-g32"):
+        d = tmp_path_factory.mktemp(name.replace("+", "-"))
+        scheme = parse_precision(name)
+        save_quantized(apply_scheme(load_model(SHIPPED, dtype="fp32"), scheme), d, scheme)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32+int8", "fp32+int4-g32"])
+def test_tp2_same_tokens_and_logits_as_tp1(precision, checkpoints, tag):
+    """Two gloo ranks: the same greedy tokens as one process, logits within the fp32 verify bound."""
+    ckpt = checkpoints[precision]
+    ref_logits, ref_tokens = trace(TorchBackend(load_model(ckpt, dtype="fp32")))
+    with start(ckpt, 2) as tp:
+        assert tp.vocab_size == 4160 and tp.name == "torch-tp2"
+        logits, tokens = trace(tp)
+        # and through the generation loop, twice (caches freed and made again on every rank)
+        cfg = SamplingConfig(max_new_tokens=10)
+        assert generate(tp, PROMPTS, cfg) == generate(tp, PROMPTS, cfg)
+        assert generate(tp, PROMPTS[1:], cfg) == generate(TorchBackend(load_model(ckpt, dtype="fp32")),
+                                                          PROMPTS[1:], cfg)
+        procs = list(tp.procs)
+    assert tokens == ref_tokens
+    err = rel(logits, ref_logits)
+    assert err < FP32_BOUND, err
+    assert [p.returncode for p in procs] == [0]  # STOP: a clean exit
+
+
+def test_tp4_holds_one_kv_group_per_rank(tag):
+    """N = 4 > 2 KV groups: each rank holds the group its one query head reads (a copy on two ranks)."""
+    model = load_model(SHIPPED, dtype="fp32")
+    plans = [plan(model, 4, r) for r in range(4)]
+    assert [p.heads for p in plans] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [p.kv_groups for p in plans] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    ref_logits, ref_tokens = trace(TorchBackend(model), steps=3)
+    with start(SHIPPED, 4) as tp:
+        logits, tokens = trace(tp, steps=3)
+    assert tokens == ref_tokens and rel(logits, ref_logits) < FP32_BOUND
+
+
+def test_invalid_sizes_are_refused_by_name(tmp_path):
+    base = [f"output={tmp_path}/b", "limits.max_sequence_length=1024"]
+    with pytest.raises(GlmcError, match=r"tensor_parallel: tensor-parallel size 3 does not divide the model's 4 "
+                                        r"attention heads.*1, 2, 4"):
+        start(SHIPPED, 3)
+    with pytest.raises(ConfigError, match=r"--set parallel.tensor=3: parallel.tensor: 3 does not divide the "
+                                          r"model's 4 attention heads"):
+        schema.load([], ["parallel.tensor=3", *base])
+    with pytest.raises(ConfigError, match=r"parallel.tensor: 0 is below the minimum 1"):
+        schema.load([], ["parallel.tensor=0", *base])
+    with pytest.raises(ConfigError, match=r"parallel.tensor: 4 gives each rank 64 attention columns, which cut the "
+                                          r"groups of precision.group_size 128"):
+        schema.load([], ["parallel.tensor=4", "precision.weights=int4", "precision.group_size=128",
+                         *base])
+    cfg = schema.load([], ["parallel.tensor=2", *base])
+    assert cfg.tensor_parallel == 2 and cfg.data["parallel"] == {"tensor": 2}
+    assert schema.load([], [*base]).tensor_parallel == 1
+
+
+def test_quantized_splits_fall_on_group_boundaries():
+    """Row-parallel int4/int8 layers split on whole groups: the FFN unevenly when the groups do not share out
+    evenly (ChatGLM3's 13696 = 107 groups of 128 -> 54 + 53), the attention refused when a rank's heads cut one."""
+    assert balanced_split(13696, 2, 128) == [0, 6912, 13696]
+    assert balanced_split(13696, 4, 128) == [0, 3456, 6912, 10368, 13696]  # 27 + 27 + 27 + 26 groups
+    assert balanced_split(512, 2, 1) == [0, 256, 512]
+    model = tiny_model(ffn_hidden_size=384, head_dim=64)  # 4 heads of 64 (2 per rank: 128 columns), 2 KV groups
+    quantize_model(model, 4, 128)
+    assert [plan(model, 2, r).ffn for r in range(2)] == [(0, 256), (256, 384)]
+    model = tiny_model()  # 4 heads of 32: 2 per rank = 64 columns, half a group of 128
+    quantize_model(model, 4, 128)
+    with pytest.raises(GlmcError, match=r"parallel.tensor: tensor-parallel size 2 gives each rank 2 heads = 64 input "
+                                        r"columns of self_attention.dense, which holds int4 weights in groups of 128"):
+        plan(model, 2, 0)
+    model = tiny_model()
+    quantize_model(model, 4, 32)
+    assert [plan(model, 4, r).kv_groups for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+
+
+def test_a_killed_rank_is_reported_and_nothing_is_left(tag):
+    with start(SHIPPED, 2) as tp:
+        trace(tp, steps=1)
+        tp.procs[0].send_signal(signal.SIGKILL)
+        tp.procs[0].wait()
+        t0 = time.monotonic()
+        with pytest.raises(GlmcError, match=r"tensor parallel \(2 ranks\): a collective failed.*rank 1 \(killed by "
+                                            r"SIGKILL\)"):
+            trace(tp, steps=1)
+        assert time.monotonic() - t0 < 30  # a dead peer fails the collective; nobody waits for the timeout
+        with pytest.raises(GlmcError, match="the ranks have stopped"):
+            trace(tp, steps=1)
+
+
+def test_a_rank_that_fails_to_load_is_reported(tag, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "1:load")
+    with pytest.raises(GlmcError, match=r"rank 1 exited before joining: rank 1 \(exit code 1\): RuntimeError: "
+                                        r"injected fault"):
+        start(SHIPPED, 2)
+
+
+def _glmc(*args: str, env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from glmc.cli import cli; cli()", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_rank_failure_mid_run_exits_with_the_error(tag):
+    env = dict(os.environ, **{FAULT_ENV: "1:step:3"})
+    p = _glmc("run", "--tensor-parallel", "2", "--raw", "--max-new-tokens", "20", str(SHIPPED), "def main(", env=env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, (out, err)
+    assert "glmc run: error: tensor parallel (2 ranks): a collective failed" in err
+    assert "rank 1 (exit code 1): RuntimeError: injected fault (GLMC_TP_FAULT=1:step:3)" in err
+    assert "Traceback" not in err
+
+
+def test_cli_ctrl_c_stops_every_rank(tag):
+    """Ctrl-C in a terminal signals the whole foreground process group: rank 0 and the workers."""
+    p = _glmc("run", "--tensor-parallel", "2", "--raw", "--max-new-tokens", "900", "--max-length", "1000",
+              str(SHIPPED), "import", env=dict(os.environ), start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(tagged(tag)) < 2 and time.monotonic() < deadline:  # rank 0 and its worker are up
+        time.sleep(0.2)
+    time.sleep(3)  # loading or generating: either way Ctrl-C must stop both
+    assert p.poll() is None, p.communicate()
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err

@@ -59,13 +59,13 @@ def start_server(build: str, max_batch: int | None, threads: int) -> tuple[subpr
             time.sleep(0.2)
 
 
-def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+def one_request(http: httpx2.Client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
-    with httpx2.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read()!r:.200}")
         for line in r.iter_lines():
@@ -94,9 +94,10 @@ def run_load(url: str, model: str, clients: int, requests: int, think: float, se
 
     def client(i: int) -> None:
         r = random.Random(seed * 1000 + i)
+        http = httpx2.Client()  # one keep-alive connection per client, as an SDK client holds
         for prompt, max_tokens in per_client[i]:
             time.sleep(r.expovariate(1 / think) if think > 0 else 0)
-            res = one_request(url, model, prompt, max_tokens)
+            res = one_request(http, url, model, prompt, max_tokens)
             with lock:
                 results.append(res)
 
@@ -138,6 +139,7 @@ def soak(url: str, model: str, pid: int, total: int, clients: int, seed: int) ->
     rss: list[float] = []
 
     def client() -> None:
+        http = httpx2.Client()
         while True:
             with lock:
                 if state["next"] >= total:
@@ -147,7 +149,7 @@ def soak(url: str, model: str, pid: int, total: int, clients: int, seed: int) ->
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8,
                     "stream": True}
             try:
-                with httpx2.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+                with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}")
                     for n, _ in enumerate(r.iter_lines()):
@@ -230,7 +232,7 @@ def main() -> int:
         try:
             model = httpx2.get(url + "/v1/models").json()["data"][0]["id"]
             health = httpx2.get(url + "/health").json()
-            one_request(url, model, "warm up", 8)
+            one_request(httpx2.Client(), url, model, "warm up", 8)
             for clients in args.clients:
                 row = run_load(url, model, clients, max(args.requests, clients), args.think, args.seed)
                 row.update(mode=mode, batching=health["batching"])

@@ -127,7 +127,7 @@ def load(path: str | Path | None = None, family: str | None = None, dtype: str |
          max_batch: int | None = None, threads: int = 0, tensor_parallel: int | None = None, **options) -> Model:
     """The one place that turns a path into a runnable model: a build directory (manifest.json), one lowered ONNX
     model (`.../onnx/<target>/model.onnx` or its folder: that graph, or a refusal), or a checkpoint directory
-    (default: the shipped model). `backend`: auto | torch | onnxruntime | tensorrt (glmc.runtime.loader.pick);
+    (default: the shipped model). `backend`: auto | torch | onnxruntime | tensorrt | cuda (glmc.runtime.loader.pick);
     `dtype` (torch backend): the checkpoint's own by default for builds on CUDA, else float32. `tensor_parallel` N > 1
     (default: the build's parallel.tensor) runs the torch backend split over N processes (glmc.parallel)."""
     build = open_build(model_dir(path) if path is None or not str(path).endswith(".onnx") else path)

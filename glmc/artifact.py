@@ -9,6 +9,10 @@ A build directory (written by glmc.compiler.builddir, read by glmc.runtime.loade
     onnx/<target>/model.json     (RUNTIME CONFIG) I/O names, KV-cache convention, limits, and the ONNX Runtime
                                  session it must run in (TARGETS below: whether ORT runs it, optimizers to disable)
     tensorrt/model.engine        the TensorRT engine, when the tensorrt target was built
+    cuda/                        the cuda engine, when the cuda target was built (CUDA_DIR; written by
+                                 glmc.runtime.backend_cuda.save_cuda_build, read by load_cuda_build): cuda.json
+                                 (format, dtype, limits), config.json, quantization.json, model.safetensors (the
+                                 weights as glmc's kernels read them); manifest["engines"]["cuda"] says what it needs
     verify.json                  the verification report
 
 One writer and one reader per file: glmc.export.lower writes the runtime config (`write_runtime_config`), the ONNX
@@ -27,6 +31,7 @@ MANIFEST = "manifest.json"
 REPORT = "REPORT.md"
 BUILD_FORMAT = "glmc-build/1"
 MODEL_DIR = "model"
+CUDA_DIR = "cuda"  # the cuda target's engine folder in a build
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
@@ -54,6 +59,9 @@ TARGETS: dict[str, Target] = {
     "tensorrt": Target("tensorrt", True, _NO_QDQ_FUSION),
 }
 ORT_PREFERENCE = ("onnxruntime", "reference", "tensorrt")  # what `auto` runs on ONNX Runtime, fastest first
+# Build targets that are engines only (no ONNX lowering of their own): the compile YAML's `targets` accepts them
+# beside TARGETS; the pipeline builds them from the quantized weights.
+ENGINE_TARGETS = ("cuda",)
 
 
 def target(name: str, where: object = "target") -> Target:
@@ -145,6 +153,8 @@ class Build:
     limits: Limits | None  # None outside a build (an ONNX model or a checkpoint on its own)
     manifest: dict
     named: str | None = None  # the target the path named (…/onnx/<target>/model.onnx): run that one or refuse
+    cuda: Path | None = None  # the cuda engine's folder (CUDA_DIR), when the build has one
+    cuda_info: dict = dataclasses.field(default_factory=dict)  # manifest["engines"]["cuda"]
 
     @property
     def dtype(self) -> str:
@@ -185,14 +195,18 @@ def open_build(path: str | Path) -> Build:
         original = m.get("model", {}).get("checkpoint")
         if ckpt is None and original and Path(original).is_dir() and _has_weights(Path(original)):
             ckpt = Path(original)
-        return Build(p, onnx, engine, eng or {}, ckpt, tok, m.get("model", {}).get("family"), _limits(m), m)
+        cu = m.get("engines", {}).get("cuda")
+        cuda = p / cu["path"] if cu and (p / cu["path"]).is_dir() else None
+        return Build(p, onnx, engine, eng or {}, ckpt, tok, m.get("model", {}).get("family"),
+                     _limits(m), m,
+                     cuda=cuda, cuda_info=cu or {})
     if (p / "model.onnx").is_file():  # one lowered model; inside a build when ../../manifest.json exists
         config = read_runtime_config(p / "model.onnx")
         name = config.get("model", {}).get("target") or p.name
         up = p.parent.parent
         if (up / MANIFEST).is_file():
             b = open_build(up)
-            return dataclasses.replace(b, onnx={name: p / "model.onnx"}, engine=None, named=name)
+            return dataclasses.replace(b, onnx={name: p / "model.onnx"}, engine=None, named=name, cuda=None)
         tok = p if (p / "tokenizer.model").is_file() else p.parent
         return Build(p, {name: p / "model.onnx"}, None, {}, None, tok, None, None, {}, named=name)
     if (p / "config.json").is_file():

@@ -5,6 +5,7 @@ the cuda build's save/load round trip, the kernels' config rules)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -261,3 +262,116 @@ def test_cuda_backend_greedy_equals_torch(precision):
     ids, mask, _ = left_pad(prompts)
     dev = CudaBackend(m, max_batch=4, max_length=512).generate_greedy(ids, mask, 32)
     assert dev.tolist() == ref
+
+
+# ---------------------------------------------------------------------------------------------- the cuda target
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "compile_configs"
+
+
+@pytest.fixture(scope="module")
+def cuda_build(tmp_path_factory):
+    """The shipped model compiled at fp16 for [onnxruntime, cuda] (on whatever machine runs the tests)."""
+    from rich.console import Console
+
+    from glmc.artifact import read_manifest
+    from glmc.compiler import pipeline, schema
+
+    root = tmp_path_factory.mktemp("cuda-target")
+    cfg = schema.load(CONFIGS / "glmc-tiny-fp32.yaml", ["precision.dtype=fp16", "targets=[onnxruntime,cuda]",
+                                                        f"output={root}/build", f"cache_dir={root}/cache"])
+    out = pipeline.compile_config(cfg, console=Console(stderr=True, quiet=True))
+    return out, read_manifest(out)
+
+
+def test_cuda_target_builds_without_a_gpu(cuda_build):
+    """The cuda target builds anywhere: cuda/ holds the weights, cuda.json and config.json, every file is in the
+    manifest's file table, the engine entry says what running it needs; verification checks the ONNX Runtime
+    lowering and either checks the cuda engine too (this machine runs it) or says why it did not."""
+    import json
+
+    from glmc.runtime.backend_cuda import BUILD_FILE, runnable
+    out, m = cuda_build
+    assert set(m["targets"]) == {"onnxruntime"} and not (out / "onnx" / "cuda").exists()
+    e = m["engines"]["cuda"]
+    assert e["path"] == "cuda/" and e["dtype"] == "float16" and e["needs"]["compute_capability"] == ">= sm80"
+    assert set(e["files"]) == {"config.json", BUILD_FILE, "model.safetensors"}
+    files = m["files"] if isinstance(m["files"], (list, dict)) else []
+    for name in e["files"]:
+        assert f"cuda/{name}" in files
+        assert (out / "cuda" / name).is_file()
+    meta = json.loads((out / "cuda" / BUILD_FILE).read_text())
+    assert (meta["max_batch"], meta["max_length"], meta["max_input_length"]) == (2, 256, 64)
+    v = m["verification"]
+    assert v["passed"] and v["targets"]["onnxruntime"]["passed"]
+    why = runnable()
+    if why is None:
+        assert v["targets"]["cuda"]["passed"] and "not_run" not in v
+    else:
+        assert "cuda" not in v["targets"] and v["not_run"] == {"cuda": f"not run here: {why}"}
+        assert f"cuda: not run here: {why}" in v["summary"]
+
+
+@pytest.mark.skipif(WHY is None, reason="this machine runs the cuda engine (the GPU test covers it)")
+def test_cuda_engine_refused_with_the_reason_where_it_cannot_run(cuda_build):
+    import glmc
+    out, _ = cuda_build
+    with pytest.raises(GlmcError, match=re.escape(f"cannot run the cuda engine: {WHY}")):
+        glmc.load(out, backend="cuda")
+    assert glmc.load(out).backend.name == "onnxruntime"  # auto: what this machine runs
+
+
+def test_cuda_target_refusals_name_the_key(tmp_path):
+    """What the cuda backend cannot run is refused when the config is read, at the key's file:line."""
+    from glmc.compiler import schema
+    from glmc.errors import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("extends: [%s]\nprecision:\n  dtype: fp32\ntargets: [onnxruntime, cuda]\n"
+                   % (CONFIGS / "models" / "glmc-tiny.yaml"))
+    with pytest.raises(ConfigError, match=rf"{cfg}:3: precision\.dtype: the cuda target .*float16 or bfloat16 "
+                                          rf".*not float32 \(use fp16 or bf16\).*\({cfg}:4\)"):
+        schema.load(cfg, check_files=False)
+    with pytest.raises(ConfigError, match=r"precision\.kv_cache: .*int8 KV cache is not supported"):
+        schema.load(CONFIGS / "glmc-tiny-kv8.yaml", ["precision.dtype=fp16", "targets=[onnxruntime,cuda]"],
+                    check_files=False)
+    ok = schema.load(CONFIGS / "glmc-tiny-int4.yaml", ["precision.dtype=bf16", "targets=[onnxruntime,cuda]"],
+                     check_files=False)
+    assert ok.targets == ("onnxruntime", "cuda")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*-6b*.yaml")) +
+                         sorted(p.name for p in CONFIGS.glob("glm-4*.yaml")))
+def test_large_model_configs_take_the_cuda_target(name):
+    """--set 'targets=[onnxruntime,cuda]' works with every shipped 6B/9B config; the int8-KV-cache ones are refused
+    naming precision.kv_cache."""
+    from glmc.compiler import schema
+    from glmc.errors import ConfigError
+    sets = ["model.checkpoint=/x", "targets=[onnxruntime,cuda]"]
+    if "kv8" in name:
+        with pytest.raises(ConfigError, match=r"precision\.kv_cache"):
+            schema.load(CONFIGS / name, sets, check_files=False)
+    else:
+        assert "cuda" in schema.load(CONFIGS / name, sets, check_files=False).targets
+
+
+@gpu
+@needs_gpu
+def test_cuda_target_runs_and_verifies_on_the_gpu(cuda_build):
+    """On a GPU: the build's verify report holds a passing cuda row; glmc.load(build, backend="cuda") (and auto on
+    CUDA) runs the engine, and its 32 greedy tokens equal the torch backend's on the same device."""
+    import glmc
+    from glmc.runtime.generate import SamplingConfig, generate
+
+    out, m = cuda_build
+    row = m["verification"]["targets"]["cuda"]
+    assert row["passed"] and row["tolerance"]["rel"] == 1e-2
+    cuda = glmc.load(out, backend="cuda")
+    assert cuda.backend.name == "cuda" and glmc.load(out, device="cuda").backend.name == "cuda"
+    assert (cuda.backend.max_batch, cuda.backend.max_length, cuda.backend.max_input_length) == (2, 256, 64)
+    torch_model = glmc.load(out, backend="torch", device="cuda")
+    prompts = [cuda.prompt_ids("def read_file(path):"), cuda.prompt_ids("Return the sum of a and b.")]
+    cfg = SamplingConfig(max_new_tokens=32)
+    ref = generate(torch_model.backend, prompts, cfg)
+    assert generate(cuda.backend, prompts, cfg) == ref and len(ref[0]) == 32

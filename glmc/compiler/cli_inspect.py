@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"target     {name}: {d['onnx']}{note}\n           in:  {_io_line(d['inputs'])}\n"
                   f"           out: {_io_line(d['outputs'])}")
     for name, e in m["engines"].items():
+        if name == "cuda":  # glmc's own kernels: the weights as they read them, no engine file
+            con.print(f"engine     cuda: {e['path']} ({len(e['files'])} files, {e['bytes']:,} bytes, {e['dtype']}), "
+                      f"needs {e['needs']['compute_capability']} and {', '.join(e['needs']['python'])}", markup=False)
+            continue
         con.print(f"engine     {name}: {e['path']} ({e['engine_bytes']:,} bytes), {e['library']} {e['version']}, "
                   f"compute capabilities {', '.join(e['compute_capabilities']) or 'of the build GPU'}, "
                   f"profiles {', '.join(e['profiles'])}, {e['engine_layer_count']} engine layers from "
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             vt.add_row(name, f"{r['prefill_rel']:.2g}", f"{r['decode_rel']:.2g}", f"{r['top1']:.1%}", greedy,
                        "pass" if r["passed"] else "FAIL")
         con.print(vt)
+        for name, why in v.get("not_run", {}).items():
+            con.print(f"           {name}: {why}", markup=False)
         if "tensorrt" in v.get("targets", {}):
             con.print("           (tensorrt: the ONNX graph the engine was built from, run in ONNX Runtime; the engine "
                       "itself runs only on a GPU it was built for)")

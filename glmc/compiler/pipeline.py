@@ -320,7 +320,8 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
     if longest > lim.max_sequence_length or max(len(p) for p in prompts) > lim.max_input_length:
         raise StageError(f"verify.prompts: the longest prompt plus verify.steps ({longest} tokens) does not fit the "
                          "limits (limits.max_input_length / max_sequence_length)")
-    backends, tolerances = {}, {}
+    backends: dict[str, Callable[[int], Any]] = {}
+    tolerances: dict[str, verify_mod.Tolerance] = {}
     if inp.cuda == "here":  # the cuda engine as a user runs it (load_cuda_build), held to its precision's bounds
         from glmc.runtime.backend_cuda import load_cuda_build
         engine = ctx.outputs["engine:cuda"]

@@ -68,19 +68,30 @@ class _Graph:
     next_ids: torch.Tensor  # [B] int64 (greedy)
 
 
+def unsupported(config: Any, dtype: str, kv8: bool) -> tuple[str, str] | None:
+    """What this backend cannot run, as (the compile-config key at fault, why), else None: the one list of refusals
+    that the backend, `save_cuda_build` and the compile config's cross-checks share. `config` (the model's
+    architecture) may be None when only the precision is known."""
+    if dtype.replace("torch.", "") not in ("float16", "bfloat16", "fp16", "bf16"):
+        return "precision.dtype", (f"it runs float16 or bfloat16 models, not {dtype.replace('torch.', '')} (use "
+                                   "fp16 or bf16)")
+    if kv8:
+        return "precision.kv_cache", "an int8 KV cache is not supported yet (use a float KV cache)"
+    if config is None:
+        return None
+    if config.residual_post_layernorm:
+        return "model.checkpoint", "apply_residual_connection_post_layernorm=true models are not supported"
+    if config.num_heads % config.num_kv_heads:
+        return "model.checkpoint", f"{config.num_heads} query heads do not split into {config.num_kv_heads} KV groups"
+    if config.head_dim & (config.head_dim - 1) or config.head_dim < 16:
+        return "model.checkpoint", f"head dim {config.head_dim} must be a power of two >= 16"
+    return None
+
+
 def _check_model(model: GLMForCausalLM) -> None:
-    c = model.config
-    if model.dtype not in (torch.float16, torch.bfloat16):
-        raise GlmcError(f"cuda backend: the model is {model.dtype}; it runs float16 or bfloat16 models "
-                        "(load_model(..., dtype='float16'))")
-    if c.residual_post_layernorm:
-        raise GlmcError("cuda backend: apply_residual_connection_post_layernorm=true is not supported")
-    if model.kv_dtype == torch.int8:
-        raise GlmcError("cuda backend: an int8 KV cache is not supported yet (build without kv_cache quantization)")
-    if c.num_heads % c.num_kv_heads:
-        raise GlmcError(f"cuda backend: {c.num_heads} query heads do not split into {c.num_kv_heads} KV groups")
-    if c.head_dim & (c.head_dim - 1) or c.head_dim < 16:
-        raise GlmcError(f"cuda backend: head dim {c.head_dim} must be a power of two >= 16")
+    why = unsupported(model.config, str(model.dtype), model.kv_dtype == torch.int8)
+    if why is not None:
+        raise GlmcError(f"cuda backend: {why[1]}")
 
 
 class CudaBackend:
@@ -90,7 +101,7 @@ class CudaBackend:
 
     @torch.no_grad()
     def __init__(self, model: GLMForCausalLM, max_batch: int = 16, max_length: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, max_input_length: int | None = None):
         _check_model(model)
         c = self.config = model.config
         self.device = model.cos_cache.device
@@ -107,7 +118,9 @@ class CudaBackend:
         self.output = pack_linear(t.output_layer)
         self.cos, self.sin = model.cos_cache, model.sin_cache
         self.max_length = min(max_length or model.max_positions, model.max_positions)
+        self.max_input_length = min(max_input_length or self.max_length, self.max_length)
         self.max_batch = max_batch
+        self.vocab_size = c.vocab_size
         self.scale = 1.0 / math.sqrt(c.head_dim)
         shape = (c.num_layers, max_batch, c.num_kv_heads, self.max_length, c.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -123,6 +136,11 @@ class CudaBackend:
         """Bytes one decode step reads from the weights (every linear with its scales and bias, the output layer)."""
         lins = [lin for lay in self.layers for lin in (lay.qkv, lay.dense, lay.up, lay.down)] + [self.output]
         return sum(lin.nbytes for lin in lins)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the static KV cache (K and V, every layer, max_batch rows, max_length tokens)."""
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # ------------------------------------------------------------------------------------------ Backend Protocol
 
@@ -152,7 +170,7 @@ class CudaBackend:
         if p != cache.past:
             raise GlmcError(f"cuda backend: attention mask of {t} tokens for {s} new ones, but the cache holds "
                             f"{cache.past}")
-        check_step(t, s, p, self.max_length, self.max_length, "cuda backend")
+        check_step(t, s, p, self.max_length, self.max_input_length, "cuda backend")
         mask = attention_mask.detach().cpu()
         if p == 0:
             ones = mask.sum(1)
@@ -301,25 +319,49 @@ def quantization_of(model: GLMForCausalLM) -> dict:
                         "include_output": isinstance(model.transformer.output_layer, QuantLinear)}}
 
 
+# What a cuda build needs to run (manifest["engines"]["cuda"]): the kernels are Triton's, compiled on first use
+# for the GPU at hand; tensor-core dots on fp16/bf16 need compute capability 8.0 (Ampere) or newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+NEEDS = {"compute_capability": f">= sm{MIN_COMPUTE_CAPABILITY[0]}{MIN_COMPUTE_CAPABILITY[1]}",
+         "python": ["triton>=3.4", "torch with CUDA"], "install": "pip install -e '.[cuda]'"}
+
+
 def save_cuda_build(model: GLMForCausalLM, out_dir: str | Path, max_batch: int = 16,
-                    max_length: int | None = None) -> Path:
+                    max_length: int | None = None, max_input_length: int | None = None) -> Path:
     """Write a cuda build's weights into `out_dir`: the model's tensors in the op's layout (safetensors, the
-    kernels read them as they are), quantization.json, and cuda.json (format, dtype, limits)."""
+    kernels read them as they are), quantization.json, and cuda.json (format, dtype, limits). Needs neither CUDA
+    nor triton (the compile pipeline runs it on CPU machines)."""
     from glmc.modeling_patches.checkpoint import save_checkpoint
 
     _check_model(model)
     out = Path(out_dir)
     save_checkpoint(model, out, layout="safetensors", quantization=quantization_of(model) or None)
+    length = min(max_length or model.max_positions, model.max_positions)
     meta = {"format": FORMAT, "dtype": str(model.dtype).replace("torch.", ""), "max_batch": max_batch,
-            "max_length": min(max_length or model.max_positions, model.max_positions),
-            "family": model.config.family}
+            "max_length": length, "max_input_length": min(max_input_length or length, length),
+            "family": model.config.family, "quantization": quantization_of(model), "needs": NEEDS}
     (out / BUILD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
+def runnable(device: str = "cuda") -> str | None:
+    """None when this machine can run a cuda build, else why not (no triton, no CUDA GPU, too old a GPU)."""
+    from glmc.kernels import available
+    why = available()
+    if why is not None:
+        return why
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_COMPUTE_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(device)} is sm{cap[0]}{cap[1]}; the cuda engine needs "
+                f"{NEEDS['compute_capability']}")
+    return None
+
+
 def load_cuda_build(build_dir: str | Path, device: str = "cuda", max_batch: int | None = None,
-                    max_length: int | None = None, cuda_graphs: bool = True) -> CudaBackend:
-    """A CudaBackend from a directory save_cuda_build wrote (limits default to the build's)."""
+                    max_length: int | None = None, cuda_graphs: bool = True,
+                    max_input_length: int | None = None) -> CudaBackend:
+    """A CudaBackend from a directory save_cuda_build wrote (limits default to the build's; larger ones are
+    refused)."""
     from glmc.modeling_patches.checkpoint import load_model
 
     d = Path(build_dir)
@@ -329,6 +371,11 @@ def load_cuda_build(build_dir: str | Path, device: str = "cuda", max_batch: int 
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise GlmcError(f"{meta_file}: format {meta.get('format')} is not {FORMAT} (rebuild the cuda target)")
-    length = min(max_length or meta["max_length"], meta["max_length"])
+    for name, asked, limit in (("max_batch", max_batch, meta["max_batch"]), ("max_length", max_length,
+                                                                             meta["max_length"])):
+        if asked is not None and asked > limit:
+            raise GlmcError(f"{d}: {name} {asked} exceeds the cuda build's {limit}")
+    length = max_length or meta["max_length"]
     model = load_model(d, dtype=meta["dtype"], device=device, family=meta.get("family"), max_positions=length)
-    return CudaBackend(model, max_batch=max_batch or meta["max_batch"], max_length=length, cuda_graphs=cuda_graphs)
+    return CudaBackend(model, max_batch=max_batch or meta["max_batch"], max_length=length, cuda_graphs=cuda_graphs,
+                       max_input_length=max_input_length or meta.get("max_input_length"))

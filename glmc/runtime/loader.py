@@ -1,8 +1,9 @@
 """Pick the backend and device for what a path holds (glmc.artifact.open_build describes it) and construct it.
 
     from glmc.artifact import open_build
-    backend = make_backend(open_build("build/glmc-tiny-int8"), backend="auto")  # TensorRT on a GPU that runs the
-    # engine, else ONNX Runtime (onnxruntime, else reference, else tensorrt lowering), else torch
+    backend = make_backend(open_build("build/glmc-tiny-int8"), backend="auto")  # on a CUDA device: the cuda engine
+    # (glmc's kernels) when the build has one and the machine runs it, else TensorRT on a GPU that runs the engine;
+    # then ONNX Runtime (onnxruntime, else reference, else tensorrt lowering), else torch
 
 `glmc.load` (glmc/api.py) wraps this with the tokenizer. A build directory (manifest.json) carries its limits
 (max_batch, max_input_length, max_sequence_length): every backend enforces them. A path that names one lowering
@@ -18,7 +19,7 @@ from typing import Any
 from glmc.artifact import ORT_PREFERENCE, Build, describe_target
 from glmc.errors import GlmcError
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "cuda")
 DEFAULT_MAX_LENGTH = 2048  # a lowered model outside a build, with no --max-length
 
 
@@ -51,6 +52,14 @@ def tensorrt_runnable(build: Build) -> str | None:
     return None
 
 
+def cuda_runnable(build: Build) -> str | None:
+    """None when this machine can run the build's cuda engine, else the reason it cannot."""
+    if build.cuda is None:
+        return f"{build.root} has no cuda engine (compile with the cuda target: targets: [..., cuda])"
+    from glmc.runtime.backend_cuda import runnable
+    return runnable()
+
+
 def pick(build: Build, backend: str, device: str, target: str | None) -> tuple[str, str, str | None]:
     """(backend, device, ONNX target) for a request; `auto` resolves to the fastest the machine runs."""
     if backend not in BACKENDS:
@@ -66,7 +75,9 @@ def pick(build: Build, backend: str, device: str, target: str | None) -> tuple[s
         return "onnxruntime", device, build.named
     if backend == "auto":
         runnable = [t for t in ((target,) if target else ORT_PREFERENCE) if t in build.onnx]
-        if build.engine is not None and device.startswith("cuda") and tensorrt_runnable(build) is None:
+        if build.cuda is not None and device.startswith("cuda") and target is None and cuda_runnable(build) is None:
+            backend = "cuda"
+        elif build.engine is not None and device.startswith("cuda") and tensorrt_runnable(build) is None:
             backend = "tensorrt"
         elif runnable:
             backend = "onnxruntime"
@@ -86,6 +97,11 @@ def pick(build: Build, backend: str, device: str, target: str | None) -> tuple[s
         why = tensorrt_runnable(build)
         if why:
             raise GlmcError(f"{build.root}: cannot run the TensorRT engine: {why}")
+        device = device if device.startswith("cuda") else "cuda"
+    if backend == "cuda":
+        why = cuda_runnable(build)
+        if why:
+            raise GlmcError(f"{build.root}: cannot run the cuda engine: {why}")
         device = device if device.startswith("cuda") else "cuda"
     if backend == "torch" and build.checkpoint is None:
         raise GlmcError(f"{build.root}: the torch backend needs weights, and this build has none outside its "
@@ -113,6 +129,11 @@ def make_backend(build: Build, backend: str = "auto", device: str = "cpu", targe
         return OnnxRuntimeBackend(build.onnx[str(target)], max_length=length, max_batch=batch, device=device,
                                   max_input_length=lim.max_input_length if lim else None, threads=threads,
                                   **options)
+    if backend == "cuda":
+        from glmc.runtime.backend_cuda import load_cuda_build
+        assert build.cuda is not None  # pick() checked
+        return load_cuda_build(build.cuda, device=device, max_batch=batch, max_length=length,
+                               max_input_length=lim.max_input_length if lim else None)
     if backend == "tensorrt":
         from glmc.runtime.backend_tensorrt import TensorRTBackend
         assert lim is not None and build.engine is not None  # pick() checked: an engine comes with a build

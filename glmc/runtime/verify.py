@@ -1,19 +1,20 @@
-"""Check lowered ONNX graphs against the torch model, through the backends users run: logits error, top-1, greedy.
+"""Check lowered ONNX graphs (and other engines) against the torch model, through the backends users run.
 
-`verify(model, {target: onnx_path}, prompts, steps)` is the library entry point (the compile pipeline's verify
-stage calls it; `glmc verify` runs that pipeline). Every lowering runs in `OnnxRuntimeBackend`, the class `glmc run`
-and `glmc.load` use, so the session (its options from the runtime config beside the model), the device-resident
-cache and the graph form (padded, or unpadded rows run one at a time, as a user must) are the ones that ship; the
-torch model runs in `TorchBackend`. Both return each step's last-position logits. Decode logits are compared
-teacher-forced (every backend is fed the torch model's greedy tokens, so errors do not compound through different
-histories); greedy agreement is measured free-running (each backend feeds itself).
+`verify(model, {target: onnx_path}, prompts, steps, backends={name: make})` is the library entry point (the
+compile pipeline's verify stage calls it; `glmc verify` runs that pipeline). Every lowering runs in
+`OnnxRuntimeBackend`, the class `glmc run` and `glmc.load` use, so the session (its options from the runtime config
+beside the model), the device-resident cache and the graph form (padded, or unpadded rows run one at a time, as a
+user must) are the ones that ship; the torch model runs in `TorchBackend`; `backends` adds engines that are not
+ONNX graphs (the cuda engine, as `load_cuda_build` makes it). All return each step's last-position logits. Decode
+logits are compared teacher-forced (every backend is fed the torch model's greedy tokens, so errors do not compound
+through different histories); greedy agreement is measured free-running (each backend feeds itself).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -141,9 +142,10 @@ def fp32_oracle(model):
     return oracle
 
 
-def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[int]], steps: int = 16,
+def verify(model, onnx_paths: Mapping[str, str | Path], prompts: Sequence[Sequence[int]], steps: int = 16,
            tolerance: Tolerance | None = None, threads: int = 0, oracle: bool = True,
-           max_batch: int | None = None) -> dict:
+           max_batch: int | None = None, backends: Mapping[str, Callable[[int], Backend]] | None = None,
+           tolerances: Mapping[str, Tolerance] | None = None) -> dict:
     """Run the torch model and each lowered graph on `prompts`; return {"tolerance": ..., "targets": {target:
     metrics + "passed"}, "passed": all passed}.
 
@@ -151,7 +153,10 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
     With `oracle` (default), a float32 copy of the model (same codes and scales; twice the memory of a half model)
     also runs, and a target whose logits error against it is at most 1.5x the torch model's own passes the
     logits criterion even past `tolerance.rel` (measured: a 4-layer 1024-wide random fp16 model's ORT logits were
-    2.2% off torch fp16, yet 1.5% off fp32 where torch fp16 was 2.1% off)."""
+    2.2% off torch fp16, yet 1.5% off fp32 where torch fp16 was 2.1% off).
+
+    `backends`: more engines to check, each made by a function of the longest sequence it must hold; `tolerances`:
+    a target's own bounds (recorded in its row) instead of `tolerance`."""
     if tolerance is None:
         kv8 = model.kv_dtype == torch.int8
         layers = model.transformer.encoder.layers
@@ -163,19 +168,26 @@ def verify(model, onnx_paths: dict[str, str | Path], prompts: Sequence[Sequence[
     if oracle and model.dtype != torch.float32:
         exact = greedy_trace(TorchBackend(fp32_oracle(model)), prompts, steps, forced=ref.tokens)
     results = {}
-    for target, path in onnx_paths.items():
-        backend = OnnxRuntimeBackend(path, max_length=longest, max_batch=max_batch or len(prompts), threads=threads)
+    def ort(path: str | Path) -> Callable[[int], Backend]:
+        return lambda length: OnnxRuntimeBackend(path, max_length=length, max_batch=max_batch or len(prompts),
+                                                 threads=threads)
+    makers = {t: ort(path) for t, path in onnx_paths.items()} | dict(backends or {})
+    for target, make in makers.items():
+        tol = (tolerances or {}).get(target, tolerance)
+        backend = make(longest)
         forced = greedy_trace(backend, prompts, steps, forced=ref.tokens)
         free = greedy_trace(backend, prompts, steps)
         del backend  # one session alive at a time: a large model's session holds its weights
         m = compare(ref, forced, free, tie_rel=0.0 if model.dtype == torch.float32 else
                     2 * torch.finfo(model.dtype).eps)
-        close = max(m["prefill_rel"], m["decode_rel"]) <= tolerance.rel
+        close = max(m["prefill_rel"], m["decode_rel"]) <= tol.rel
         if exact is not None:
             m["torch_vs_fp32_rel"], m["target_vs_fp32_rel"] = _max_rel(ref, exact), _max_rel(forced, exact)
             close = close or m["target_vs_fp32_rel"] <= 1.5 * m["torch_vs_fp32_rel"]
-        m["passed"] = bool(close and m["top1_or_tie"] >= tolerance.top1
-                           and (m["greedy_agree"] >= tolerance.greedy_fraction * steps or m["greedy_diverged_at_tie"]))
+        m["passed"] = bool(close and m["top1_or_tie"] >= tol.top1
+                           and (m["greedy_agree"] >= tol.greedy_fraction * steps or m["greedy_diverged_at_tie"]))
+        if tol is not tolerance:
+            m["tolerance"] = dataclasses.asdict(tol)
         results[target] = m
     return {"tolerance": dataclasses.asdict(tolerance), "targets": results,
             "passed": all(m["passed"] for m in results.values())}

@@ -121,6 +121,25 @@ def test_chat_and_completions_equal_glmc_load(server, model):
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_page_health_and_metrics(server):
+    url, _ = server
+    page = httpx2.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text and "<script src" not in page.text and "https://" not in page.text
+    health = httpx2.get(url + "/health").json()
+    assert health == {"status": "ok", "model": "glmc-tiny-int8", "backend": "onnxruntime",
+                      "batching": "inflight (up to 4 rows)", "running": 0, "queued": 0, "max_input_length": 64,
+                      "max_sequence_length": 256}
+    before = metric(url, "glmc_time_to_first_token_seconds_count")
+    r = client(url).completions.create(model="glmc-tiny-int8", prompt="def", temperature=0, max_tokens=5)
+    text = httpx2.get(url + "/metrics").text
+    assert "# TYPE glmc_time_to_first_token_seconds histogram" in text and "# TYPE glmc_requests_total counter" in text
+    assert metric(url, "glmc_time_to_first_token_seconds_count") == before + 1
+    assert metric(url, 'glmc_time_to_first_token_seconds_bucket{le="+Inf"}') == before + 1
+    assert metric(url, "glmc_generation_tokens_total") >= r.usage.completion_tokens
+    assert metric(url, "glmc_requests_running") == 0 and metric(url, "glmc_requests_queued") == 0
+
+
 def test_stop_strings_end_the_text_and_never_leak(server, model):
     url, _ = server
     c = client(url)
@@ -224,7 +243,7 @@ def test_disconnect_frees_the_row_at_once(server):
         assert scheduler.running == 1
         t0 = time.perf_counter()
     wait_for(lambda: scheduler.running == 0, 5)
-    assert time.perf_counter() - t0 < 1.0  # freed within a few decode steps, not after 250 tokens
+    assert time.perf_counter() - t0 < 2.0  # freed within a few decode steps (the counter below: before its end)
     assert metric(url, "glmc_requests_running") == 0
     assert metric(url, 'glmc_requests_total{outcome="cancelled"}') == before + 1
     # the row is usable again
@@ -335,9 +354,11 @@ def test_torch_backend_serves_in_flight(one_torch_thread):
         assert r.choices[0].message.content == shipped.chat(CHAT, max_new_tokens=12)
 
 
-def test_glmc_serve_command(serve_build):
-    help_text = subprocess.run([sys.executable, "-m", "glmc.cli", "serve", "--help"], capture_output=True,
-                               text=True, check=True).stdout
+def test_glmc_serve_command(serve_build, capsys):
+    from glmc.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = capsys.readouterr().out
     assert "in flight" in help_text and "--max-queue" in help_text and "curl" in help_text
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glmc.cli", "serve", str(serve_build), "--port", str(port),

@@ -285,9 +285,9 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
         raise GlmcError(f"{where}: tensor-parallel size {n!r} must be an integer >= 1")
     if n == 1:
         return None
+    if not explicit and (backend not in ("auto", "torch") or build.named is not None):
+        return None  # the manifest's N is a default: an engine chosen by name runs on one device
     if backend not in ("auto", "torch"):
-        if not explicit:
-            return None
         raise GlmcError(f"{where} {n}: tensor parallelism runs on the torch backend (ONNX Runtime, TensorRT and "
                         f"cuda engines run on one device); drop --backend {backend} or use --tensor-parallel 1")
     if build.named is not None:
@@ -295,7 +295,8 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
                         "the build directory")
     if build.checkpoint is None:
         raise GlmcError(f"{where} {n}: the torch backend needs weights, and {build.root} has none outside its ONNX "
-                        f"files and its checkpoint {build.manifest.get('model', {}).get('checkpoint')} is not here")
+                        f"files and its checkpoint {build.manifest.get('model', {}).get('checkpoint')} is not here"
+                        + ("" if explicit else "; run it on one device with --tensor-parallel 1"))
     lim = build.limits
     for key, asked, limit in (("max_sequence_length", max_length, lim and lim.max_sequence_length),
                               ("max_batch", max_batch, lim and lim.max_batch)):

@@ -38,6 +38,19 @@ def serve_build(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def unpadded_build(serve_build):
+    """The same model lowered without padding support (GQA takes each row's length from its mask; the fast form
+    on CUDA); the stages before the lowering come from serve_build's cache."""
+    from glmc.cli import main
+    out = serve_build.parent / "glmc-tiny-int8-unpadded"
+    rc = main(["compile", "compile_configs/glmc-tiny-int8.yaml", "--set", f"output={out}",
+               "--set", f"cache_dir={serve_build.parent / 'cache'}", "--set", "targets=[onnxruntime]",
+               "--set", "limits.max_batch=4", "--set", "onnxruntime.padded_batches=false"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def model(serve_build):
     return glmc.load(serve_build)
 
@@ -307,17 +320,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("backend, length", [("onnxruntime", 48), ("torch", 48)])
-def test_rows_join_leave_and_compact_like_alone(serve_build, backend, length, one_torch_thread):
+@pytest.mark.parametrize("backend, length", [("onnxruntime", 48), ("onnxruntime-unpadded", 48), ("torch", 48)])
+def test_rows_join_leave_and_compact_like_alone(request, backend, length, one_torch_thread):
     """Rows at different lengths, joining mid-way (two at once, in one prefill), one leaving early from the middle of
     the batch, past the end of the buffer (compaction): each row's greedy tokens equal its generation alone."""
-    m = glmc.load(serve_build, max_length=length) if backend == "onnxruntime" else glmc.load(max_length=length)
+    if backend == "torch":
+        m = glmc.load(max_length=length)
+    else:
+        build = request.getfixturevalue("unpadded_build" if backend.endswith("unpadded") else "serve_build")
+        m = glmc.load(build, max_length=length)
+        assert m.backend.padded == (backend == "onnxruntime")
     prompts = [m.prompt_ids(p) for p in ["The", "def main(): return a", "x", "import json"]]
     scale = length / 48
     news = [min(int(n * scale), length - len(p)) for n, p in zip([40, 34, 20, 30], prompts, strict=True)]
     alone = [generate(m.backend, [p], SamplingConfig(max_new_tokens=n))[0] for p, n in zip(prompts, news, strict=True)]
     rows = make_rows(m.backend, 4)
-    assert isinstance(rows, OrtRows if backend == "onnxruntime" else TorchRows) and rows.note is None
+    assert isinstance(rows, TorchRows if backend == "torch" else OrtRows) and rows.note is None
     starts, leave = [int(s * scale) for s in (0, 12, 12, 20)], int(25 * scale)
     out: dict[int, list[int]] = {}
     active: dict[int, int] = {}  # slot -> prompt

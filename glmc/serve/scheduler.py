@@ -207,7 +207,10 @@ class Scheduler:
     def _end(self, req: Request, reason: str) -> None:
         if req.slot is not None and req.slot in self._active:
             del self._active[req.slot]
-            self.rows.remove(req.slot)
+            try:
+                self.rows.remove(req.slot)
+            except Exception:  # after a failed step the rows may be inconsistent: the request still ends
+                log.exception("freeing slot %s failed", req.slot)
         if reason in ("stop", "length"):
             tail = req.text.finish()
             if tail:

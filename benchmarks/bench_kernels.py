@@ -2,6 +2,8 @@
 the GEMV config sweep whose winners become glmc/kernels/tuned_h200.json.
 
     python3 benchmarks/bench_kernels.py --out OUTDIR            # on a CUDA machine with triton
+    python3 benchmarks/bench_kernels.py --out OUTDIR --precisions int8 int4-g128   # sweep those; keep the rest of
+                                                                 # the shipped table (--base-tuned)
 
 Prints one table (kernel, shape, us, GB/s, % of copy bandwidth) and writes OUTDIR/kernels.json and
 OUTDIR/tuned_h200.json. Shapes: ChatGLM3-6B's (hidden 4096, ffn 13696, 32 heads / 2 KV groups, head dim 128,
@@ -75,7 +77,7 @@ def bench(fn, rotate: int = 1) -> float:
 
 
 def make_linear(n: int, k: int, bits: int, group: int):
-    from glmc.kernels.quantized_linear import PackedLinear
+    from glmc.kernels.quantized_linear import PackedLinear, int4_words, words_ok
     from glmc.modeling_patches.ops.quantized_linear import pack_int4
     from glmc.quantization.weight_only import quantize_weight
 
@@ -83,13 +85,44 @@ def make_linear(n: int, k: int, bits: int, group: int):
     if bits == 16:
         return PackedLinear(w, None, None, 16, 0, n, k)
     q, s = quantize_weight(w, bits, group, scale_dtype=torch.float16)
-    return PackedLinear(q if bits == 8 else pack_int4(q), s, None, bits, group, n, k)
+    lin = PackedLinear(q if bits == 8 else pack_int4(q), s, None, bits, group, n, k)
+    if bits == 4 and words_ok(4, k):
+        int4_words(lin)  # as pack_linear does: the interleaved words exist before any graph capture
+    return lin
 
 
-def candidates(m: int, bits: int, group: int, n: int, k: int) -> list:
-    from glmc.kernels.quantized_linear import GemvConfig, default_config
+def word_candidates(m: int, bits: int, group: int, n: int) -> set:
+    """The `wo` (M = 1) and `wodot` (int4, M = 16) configs tried."""
+    from glmc.kernels.quantized_linear import GemvConfig
+    out = set()
+    def auto(bn: int) -> int:
+        return max(1, min(8, 2 * 132 // -(-n // bn)))
+    if m == 1:
+        for bn in (64, 128, 256):
+            for bk in ([256, 512] if bits == 8 and bn < 256 else [256] if bits == 8 else [128]):
+                out.add(GemvConfig("wo", bn, min(bk, group or bk), auto(bn), 4, 3))
+        if bits == 4:
+            out.add(GemvConfig("wo", 128, min(128, group or 128), 1, 4, 3))
+    elif bits == 4 and group in (0, 128):
+        out |= {GemvConfig("wodot", 64, 128, auto(64), 4, 3), GemvConfig("wodot", 128, 128, auto(128), 4, 3),
+                GemvConfig("wodot", 64, 128, 1, 4, 3)}
+    return out
+
+
+def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool = False,
+               base_tuned: dict | None = None) -> list:
+    """Configs to time: the old variants' grid (or, with words_only, only the base table's winner) plus the word
+    variants for int8/int4."""
+    from glmc.kernels.quantized_linear import GemvConfig, config_key, default_config
     base = default_config(m, n, k, bits, group)
     out = {base}
+    if bits != 16:
+        out |= word_candidates(m, bits, group, n)
+    hit = (base_tuned or {}).get(config_key(m, n, k, bits, group))
+    if hit:
+        out.add(GemvConfig(*hit))
+    if words_only:
+        return sorted(out, key=lambda c: (c.variant, c.block_n, c.block_k, c.split))
     bks = [64, 128] if bits == 16 else ([128, 256] if not group else [min(128, group)])
     for bk in bks:
         for bn, variant in ([(16, "fma"), (32, "fma"), (64, "fma"), (32, "dot"), (64, "dot")] if m == 1
@@ -105,9 +138,12 @@ def candidates(m: int, bits: int, group: int, n: int, k: int) -> list:
     return sorted(out, key=lambda c: (c.variant, c.block_n, c.block_k, c.split))
 
 
-def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool) -> None:
-    from glmc.kernels.quantized_linear import config_key, gemv_partials
+def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list[str], words_only: bool = False,
+               base_tuned: dict | None = None, save=None) -> None:
+    from glmc.kernels.quantized_linear import config_key, dequantize, gemv_partials
     for prec, (bits, group) in PRECISIONS.items():
+        if prec not in precisions:
+            continue
         for name, (n, k) in LINEARS.items():
             if name == "output" and bits != 16:
                 continue
@@ -116,22 +152,31 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool) -> None:
             copies = [lin0] + [make_linear(n, k, bits, group) for _ in range(max(0, 4 * L2_BYTES // nbytes))]
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                ref = x.float() @ dequantize(lin0).float().T
                 best = None
-                cands = candidates(m, bits, group, n, k)
+                cands = candidates(m, bits, group, n, k, words_only, base_tuned)
                 if quick:
                     cands = cands[:1]
                 for cfg in cands:
                     try:
+                        got = gemv_partials(x, lin0, cfg).sum(0)
+                        err = float((got - ref).norm() / ref.norm())
+                        if not err < 5e-3:  # a wrong kernel is never a winner
+                            print("WRONG", name, prec, m, cfg, f"rel {err:.3g}", flush=True)
+                            continue
                         t = bench(lambda i, cfg=cfg: gemv_partials(x, copies[i], cfg), len(copies))
                     except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
                         print("skip", name, prec, m, cfg, type(e).__name__, str(e)[:100], flush=True)
                         continue
+                    print(f"  {name} {prec} M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 assert best is not None
                 t, cfg = best
                 tuned[config_key(m, n, k, bits, group)] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split,
                                                            cfg.num_warps, cfg.num_stages, cfg.magic]
+                if save is not None:
+                    save()  # after every winner: a sweep cut short still leaves its table
                 moved = nbytes + m * k * 2 + cfg.split * m * n * 4
                 rows.append(dict(kernel=f"gemv {prec} M={m}", shape=f"{name} {n}x{k}", us=t * 1e6,
                                  gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
@@ -184,16 +229,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("kernels-out"))
     ap.add_argument("--quick", action="store_true", help="one config per GEMV (no sweep)")
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                    help="GEMV precisions to sweep (the others keep --base-tuned's entries)")
+    ap.add_argument("--words-only", action="store_true", help="time the word variants beside the base table's "
+                                                               "winner instead of the whole grid of the old ones")
+    ap.add_argument("--base-tuned", type=Path, help="table to start from (default: the shipped tuned_h200.json)")
+    ap.add_argument("--no-small", action="store_true", help="skip the small kernels' micro-benchmarks")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})", flush=True)
     rows: list = []
-    tuned: dict = {}
-    sweep_gemv(bw, rows, tuned, args.quick)
-    (args.out / "tuned_h200.json").write_text(json.dumps(tuned, indent=1) + "\n")
-    small_kernels(bw, rows)
+    from glmc.kernels.quantized_linear import TUNED_FILE
+    base = json.loads((args.base_tuned or TUNED_FILE).read_text())
+    tuned: dict = dict(base)
+    def save() -> None:
+        (args.out / "tuned_h200.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        (args.out / "kernels.json").write_text(json.dumps({"rows": rows, "partial": True}, indent=1) + "\n")
+    sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save)
+    save()
+    if not args.no_small:
+        small_kernels(bw, rows)
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
               "command": " ".join(sys.argv), "rows": rows, "seconds": time.time() - t0}
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# One device visit for issue 12: GPU tests of glmc.kernels + the cuda backend, the kernel micro-benchmarks and GEMV
-# sweep (-> $OUT/tuned_h200.json), then the cuda backend's decode tok/s at ChatGLM3-6B shape with the tuned table.
-# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [SWEEP: full|quick]
+# One device visit for issue 12: GPU tests of glmc.kernels + the cuda backend + the cuda build target, the kernel
+# micro-benchmarks and GEMV sweep (-> $OUT/tuned_h200.json), then the cuda backend's decode tok/s at ChatGLM3-6B
+# shape with the tuned table.
+# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [SWEEP: full|quick|words]
+#   words: sweep only int8/int4's word-variant GEMVs beside the shipped table's winners (no small kernels), and run
+#   only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch, the cuda target)
+# Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 LAYERS=${1:-28}
 SWEEP=${2:-full}
 OUT=${OUT:-/tmp/visit-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/visit.log"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
-timeout 230 python3 benchmarks/bench_kernels.py --out "$OUT" $([ "$SWEEP" = quick ] && echo --quick) 2>&1 \
-  | tee "$OUT/kernels.log" | grep -v "^{" | tail -45
-timeout 180 python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" 2>&1 \
+if [ "$SWEEP" = words ]; then
+  TESTS=(-k "quantized_linear_kernel or cuda_backend_greedy or words or configs")
+  KARGS=(--precisions int8 int4-g128 --words-only --no-small)
+else
+  TESTS=(-k "not cuda_target")
+  KARGS=($([ "$SWEEP" = quick ] && echo --quick))
+fi
+timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py "${TESTS[@]}" -rs 2>&1 \
+  | tee "$OUT/tests.log" | grep -v PASSED | tail -20
+timeout 80 python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py -k cuda_target -rs 2>&1 \
+  | tee -a "$OUT/tests.log" | tail -8
+timeout 160 python3 benchmarks/bench_kernels.py --out "$OUT" "${KARGS[@]}" 2>&1 \
+  | tee "$OUT/kernels.log" | grep -v "^{\|^  " | tail -45
+timeout 130 python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" 2>&1 \
   | tee "$OUT/cuda.log" | tail -14

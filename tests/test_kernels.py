@@ -85,6 +85,36 @@ def test_pack_linear_reads_the_ops_layout(bits, group):
     assert rel(y, x.float() @ ref.float().T + ql.bias.float()) < TOL
 
 
+def test_int4_words_decode_as_the_ptx_does():
+    """interleave_int4's words, decoded with the PTX's own bit operations and fp16 constants (emulated in numpy,
+    constants read from the asm text), give the op's codes in k order; int8 bytes through the float32 magic too."""
+    import re as re_
+
+    import numpy as np
+
+    from glmc.kernels import quantized_linear as ql
+    consts = dict(re_.findall(r"mov\.b32 (\w+), (0x[0-9A-F]+);", ql._I4_DECODE))
+    half = {name: np.array([int(v, 16) & 0xFFFF], dtype=np.uint16).view(np.float16)[0] for name, v in consts.items()}
+    assert (half["c1032"], half["c16"], half["cm72"]) == (1032.0, 1 / 16, -72.0)
+    torch.manual_seed(0)
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    w = ql.interleave_int4(pack_int4(q), 64).numpy().view(np.uint32)
+
+    def pair(v: np.ndarray) -> np.ndarray:  # uint32 -> its two fp16 halves, low half first
+        return v.astype(np.uint32).view(np.float16).reshape(*v.shape, 2).astype(np.float32)
+    w8 = w >> 8
+    t0 = pair((w & 0x000F000F) | 0x64006400) - half["c1032"]
+    t1 = pair((w & 0x00F000F0) | 0x64006400) * half["c16"] + half["cm72"]
+    t2 = pair((w8 & 0x000F000F) | 0x64006400) - half["c1032"]
+    t3 = pair((w8 & 0x00F000F0) | 0x64006400) * half["c16"] + half["cm72"]
+    codes = np.concatenate([t0, t1, t2, t3], axis=-1).reshape(5, 64)
+    assert np.array_equal(codes, q.numpy().astype(np.float32))
+    b = torch.randint(-128, 128, (7, 16), dtype=torch.int8)
+    u = (b.numpy().view(np.uint8) ^ 0x80).astype(np.uint32)
+    f = (u | 0x4B000000).view(np.float32) - np.float32(8388736.0)
+    assert np.array_equal(f, b.numpy().astype(np.float32))
+
+
 def test_gemv_configs_respect_groups():
     for n, k, bits, group in [(4608, 4096, 4, 128), (4096, 13696, 8, 0), (27392, 4096, 4, 32), (65024, 4096, 16, 0)]:
         for m in (1, 16):
@@ -95,6 +125,13 @@ def test_gemv_configs_respect_groups():
     with pytest.raises(GlmcError, match="divide the group"):
         from glmc.kernels.quantized_linear import GemvConfig
         check_config(GemvConfig("dot", 64, 256, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 128, 64, 512))
+    with pytest.raises(GlmcError, match="multiple of 8"):
+        check_config(GemvConfig("wo", 64, 128, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 0, 64, 100))
+    with pytest.raises(GlmcError, match="block_k >= 128"):
+        check_config(GemvConfig("wodot", 64, 64, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 64, 64, 512))
+    assert default_config(1, 4608, 4096, 4, 128).variant == "wo"
+    assert default_config(16, 4608, 4096, 4, 128).variant == "wodot"
+    assert default_config(16, 4608, 4096, 8, 0).variant == "dot" and default_config(1, 64, 100, 4, 0).variant == "fma"
 
 
 def test_cuda_build_round_trip(tmp_path):
@@ -149,7 +186,7 @@ def test_cuda_backend_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_quantized_linear_kernel(bits, group, m):
     from glmc.kernels.quantized_linear import GemvConfig, dequantize, linear
-    for n, k in [(4608, 4096), (300, 1000)]:
+    for shape, (n, k) in enumerate([(4608, 4096), (300, 1000)]):
         lin, w = _linear(n, k, bits, group, True, "cuda")
         x = torch.randn(m, k, device="cuda").to(DT)
         ref = quantized_linear(x, lin.weight, lin.scale, lin.bias, bits, group, k) if bits != 16 else \
@@ -160,6 +197,11 @@ def test_quantized_linear_kernel(bits, group, m):
             cfgs += [GemvConfig("dot", 32, bk, 3, 4, 2, magic) for magic in (False, True)]
             if m == 1:
                 cfgs += [GemvConfig("fma", 64, bk, 2, 4, 2, magic) for magic in (False, True)]
+            if bits != 16:  # the word variants (PTX decode); the second shape's tiles do not divide N or K
+                bkw = min(group or 512, 128 if bits == 4 else 256)
+                cfgs.append(GemvConfig("wo", *((64, bkw, 1) if shape == 0 else (128, bkw, 3)), 4, 3))
+                if bits == 4 and group in (0, 128):
+                    cfgs.append(GemvConfig("wodot", *((64, 128, 1) if shape == 0 else (32, 128, 3)), 4, 3))
         for cfg in cfgs:
             y = linear(x, lin, cfg)
             assert rel(y, ref) < TOL, (n, k, cfg)

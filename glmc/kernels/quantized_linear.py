@@ -16,6 +16,17 @@ Decode (M <= 16): one kernel reads each weight byte once. `fma` variant (M = 1):
 low and high nibbles separately (no interleave). Grouped scales: a tile never straddles a group (BLOCK_K divides the
 group), so the scale multiplies the tile's partial sum, not every weight. Per-channel scales multiply at the end.
 Prefill (M > 16): the weight is dequantized to the activation dtype by a kernel and multiplied by cuBLAS.
+
+`wo` variants (weight-only, fp16 activations; the decode path of int8/int4 builds): the weights are read as 32-bit
+words and decoded with a few bit operations and packed fp16x2 math in inline PTX instead of an int->float conversion
+per weight (FasterTransformer's trick). int8 words are the op's bytes, 4 codes; each byte is permuted into the
+mantissa of 2^23 (`prmt`), so a code becomes a float32 with one subtraction, then float32 multiply-adds. int4 words
+hold 8 codes in an interleaved order made once when the layer is loaded (`interleave_int4`: nibbles k0 k2 k4 k6 k1
+k3 k5 k7, offset by 8), so that `(w & 0x000F000F) | 0x6400_6400` is the fp16 pair (1024 + u0, 1024 + u1) in the
+activations' own pair order; 4 pairs per word, fp16x2 multiply-adds over the word's 8 products (at most 4 per lane,
+|q| <= 8), then float32. `wo` (fma, any M, one row of X per program) and `wodot` (int4, M up to 16: the 8 decoded
+codes of each word meet the matching columns of X in 8 tensor-core dots) are config choices like the others; the
+kernels' pure-Triton twin (ASM=False) decodes the same words without PTX (the CPU interpreter runs it).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from glmc.errors import GlmcError
 from glmc.kernels._jit import cdiv, jit, tl
 
 DECODE_MAX_M = 16
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter runs no inline PTX
 
 
 @dataclasses.dataclass
@@ -44,15 +56,17 @@ class PackedLinear:
     group_size: int  # 0 = per channel
     n: int
     k: int
+    words: torch.Tensor | None = None  # int4: int32 [N, K/8] in the interleaved order (interleave_int4)
 
     @property
     def nbytes(self) -> int:
+        """Bytes one decode step reads (the int4 layer's weight once, in whichever layout its kernel reads)."""
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    variant: str  # "fma" (M = 1) or "dot"
+    variant: str  # "fma" (M = 1), "dot", "wo" (int8/int4 words, PTX decode) or "wodot" (int4, M <= 16)
     block_n: int
     block_k: int
     split: int
@@ -207,6 +221,214 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn
     tl.store(out_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
+# ---- weight-only words (the `wo` variants)
+# int4 word: nibble i holds k = 8j + ORDER[i], ORDER = (0, 2, 4, 6, 1, 3, 5, 7), each code offset by 8 (u = q + 8).
+# (w & 0x000F000F) | 0x64006400 = fp16 pair (1024 + u[k0], 1024 + u[k1]): minus 1032 = (q0, q1).
+# (w & 0x00F000F0) | 0x64006400 = (1024 + 16 u[k2], 1024 + 16 u[k3]): times 1/16 minus 72 = (q2, q3).
+# The same on w >> 8 gives (q4, q5) and (q6, q7). X is read as int32 words of fp16 pairs (x0 x1) (x2 x3) ...
+INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+_I4_DECODE = """
+        .reg .b32 w8, t0, t1, t2, t3, c1032, c16, cm72;
+        mov.b32 c1032, 0x64086408;
+        mov.b32 c16, 0x2C002C00;
+        mov.b32 cm72, 0xD480D480;
+        shr.u32 w8, $W, 8;
+        lop3.b32 t0, $W, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 t1, $W, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+        sub.f16x2 t0, t0, c1032;
+        fma.rn.f16x2 t1, t1, c16, cm72;
+        sub.f16x2 t2, t2, c1032;
+        fma.rn.f16x2 t3, t3, c16, cm72;
+"""
+_I4_DOT_ASM = tl.constexpr("{" + _I4_DECODE.replace("$W", "$1") + """
+        .reg .b32 acc;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mul.rn.f16x2 acc, t0, $2;
+        fma.rn.f16x2 acc, t1, $3, acc;
+        fma.rn.f16x2 acc, t2, $4, acc;
+        fma.rn.f16x2 acc, t3, $5, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }""")
+_I4_DECODE_ASM = tl.constexpr("{" + _I4_DECODE.replace("$W", "$8") + """
+        mov.b32 {$0, $1}, t0;
+        mov.b32 {$2, $3}, t1;
+        mov.b32 {$4, $5}, t2;
+        mov.b32 {$6, $7}, t3;
+        }""")
+
+
+@jit
+def _i4_word_dot(w, xa, xb, xc, xd):
+    """sum over the word's 8 codes of q * x (fp16x2 products, float32 result); xa..xd: int32 fp16 pairs."""
+    return tl.inline_asm_elementwise(
+        asm=_I4_DOT_ASM, constraints="=r,r,r,r,r,r", args=[w, xa, xb, xc, xd], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@jit
+def _i4_word_decode(w):
+    """The word's 8 codes as fp16 q values, in k order (k0 .. k7)."""
+    return tl.inline_asm_elementwise(
+        asm=_I4_DECODE_ASM, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+
+
+@jit
+def _i8_word_dot(w, x0, x1, x2, x3):
+    """sum over the int8 word's 4 codes (two's complement bytes, k order) of q * x, in float32 (x0..x3 float32)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, m, b0, b1, b2, b3;
+        .reg .f32 acc;
+        xor.b32 u, $1, 0x80808080;
+        mov.b32 m, 0x4B000000;
+        prmt.b32 b0, u, m, 0x7440;
+        prmt.b32 b1, u, m, 0x7441;
+        prmt.b32 b2, u, m, 0x7442;
+        prmt.b32 b3, u, m, 0x7443;
+        sub.f32 b0, b0, 0f4B000080;
+        sub.f32 b1, b1, 0f4B000080;
+        sub.f32 b2, b2, 0f4B000080;
+        sub.f32 b3, b3, 0f4B000080;
+        mul.f32 acc, b0, $2;
+        fma.rn.f32 acc, b1, $3, acc;
+        fma.rn.f32 acc, b2, $4, acc;
+        fma.rn.f32 $0, b3, $5, acc;
+        }""",
+        constraints="=r,r,r,r,r,r", args=[w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@jit
+def _word_codes(w, BITS: tl.constexpr, T: tl.constexpr):
+    """Pure Triton: code number T (k = KPW * j + T) of each word, as float32 (the interpreter's twin of the PTX)."""
+    if BITS == 4:
+        POS: tl.constexpr = T // 2 + 4 * (T % 2)  # INT4_ORDER's inverse
+        return (((w >> (4 * POS)) & 0xF) - 8).to(tl.float32)
+    return ((w << (24 - 8 * T)) >> 24).to(tl.float32)
+
+
+@jit
+def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, w_split,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """One row of X (program axis 2) times BLOCK_N rows of weight words over this split's words -> partials.
+    x_ptr: fp16 X (stride_xm in elements), xw_ptr: the same memory as int32 fp16 pairs; w_ptr: int32 words
+    [N, K / KPW] (stride_wn in words); w_split: words per split. EVEN_K: the words per row are a whole number of
+    tiles (no mask along K, so each thread's words load as one 16-byte access)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m = tl.program_id(2)
+    KPW: tl.constexpr = 8 if BITS == 4 else 4
+    WPB: tl.constexpr = BLOCK_K // KPW
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    kw = K // KPW
+    j_lo = pid_s * w_split
+    j_hi = tl.minimum(j_lo + w_split, kw)
+    acc = tl.zeros((BLOCK_N, WPB), dtype=tl.float32)
+    x_row = x_ptr + m * stride_xm
+    xw_row = xw_ptr + m * (stride_xm // 2)
+    for j0 in range(j_lo, j_hi, WPB):
+        j = j0 + tl.arange(0, WPB)
+        if EVEN_K:
+            jmask = tl.full((WPB,), 1, tl.int1)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=nmask[:, None],
+                        other=(-2004318072 if BITS == 4 else 0))  # int4: 0x88888888, every code 0
+        else:
+            jmask = j < kw
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=nmask[:, None] & jmask[None, :],
+                        other=(-2004318072 if BITS == 4 else 0))
+        if ASM:
+            if BITS == 4:
+                xw = xw_row + 4 * j
+                xa = tl.load(xw, mask=jmask, other=0)
+                xb = tl.load(xw + 1, mask=jmask, other=0)
+                xc = tl.load(xw + 2, mask=jmask, other=0)
+                xd = tl.load(xw + 3, mask=jmask, other=0)
+                part = _i4_word_dot(w, xa[None, :], xb[None, :], xc[None, :], xd[None, :])
+            else:
+                xk = x_row + 4 * j
+                x0 = tl.load(xk, mask=jmask, other=0.0).to(tl.float32)
+                x1 = tl.load(xk + 1, mask=jmask, other=0.0).to(tl.float32)
+                x2 = tl.load(xk + 2, mask=jmask, other=0.0).to(tl.float32)
+                x3 = tl.load(xk + 3, mask=jmask, other=0.0).to(tl.float32)
+                part = _i8_word_dot(w, x0[None, :], x1[None, :], x2[None, :], x3[None, :])
+        else:
+            part = tl.zeros((BLOCK_N, WPB), dtype=tl.float32)
+            for t in tl.static_range(KPW):
+                xt = tl.load(x_row + KPW * j + t, mask=jmask, other=0.0).to(tl.float32)
+                part += _word_codes(w, BITS, t) * xt[None, :]
+        if GROUP > 0:
+            s = tl.load(s_ptr + rn * stride_sn + (j0 * KPW) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            acc += part * s[:, None]
+        else:
+            acc += part
+    out = tl.sum(acc, axis=1)
+    if GROUP == 0:
+        out = out * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    M = tl.num_programs(2)
+    tl.store(out_ptr + (pid_s * M + m) * N + rn, out, mask=nmask)
+
+
+@jit
+def _gemv_wodot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ASM: tl.constexpr):
+    """int4 words, BLOCK_M rows of X: each word's 8 decoded codes (fp16) meet X's columns 8j + t in 8 tensor-core
+    dots of depth BLOCK_K / 8 -> partials[split]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    WPB: tl.constexpr = BLOCK_K // 8
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    k_lo = pid_s * k_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_split, BLOCK_K):
+        j = k0 // 8 + tl.arange(0, WPB)
+        jmask = j * 8 < K
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=nmask[:, None] & jmask[None, :],
+                    other=-2004318072)
+        xp = x_ptr + rm[:, None] * stride_xm + 8 * j[None, :]
+        xm = mmask[:, None] & jmask[None, :]
+        if ASM:
+            q0, q1, q2, q3, q4, q5, q6, q7 = _i4_word_decode(w)
+        else:
+            q0 = _word_codes(w, 4, 0).to(tl.float16)
+            q1 = _word_codes(w, 4, 1).to(tl.float16)
+            q2 = _word_codes(w, 4, 2).to(tl.float16)
+            q3 = _word_codes(w, 4, 3).to(tl.float16)
+            q4 = _word_codes(w, 4, 4).to(tl.float16)
+            q5 = _word_codes(w, 4, 5).to(tl.float16)
+            q6 = _word_codes(w, 4, 6).to(tl.float16)
+            q7 = _word_codes(w, 4, 7).to(tl.float16)
+        tile = tl.dot(tl.load(xp, mask=xm, other=0.0), tl.trans(q0))
+        tile = tl.dot(tl.load(xp + 1, mask=xm, other=0.0), tl.trans(q1), tile)
+        tile = tl.dot(tl.load(xp + 2, mask=xm, other=0.0), tl.trans(q2), tile)
+        tile = tl.dot(tl.load(xp + 3, mask=xm, other=0.0), tl.trans(q3), tile)
+        tile = tl.dot(tl.load(xp + 4, mask=xm, other=0.0), tl.trans(q4), tile)
+        tile = tl.dot(tl.load(xp + 5, mask=xm, other=0.0), tl.trans(q5), tile)
+        tile = tl.dot(tl.load(xp + 6, mask=xm, other=0.0), tl.trans(q6), tile)
+        tile = tl.dot(tl.load(xp + 7, mask=xm, other=0.0), tl.trans(q7), tile)
+        if GROUP > 0:
+            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            acc += tile * s[None, :]
+        else:
+            acc += tile
+    if GROUP == 0:
+        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+
 @jit
 def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -250,8 +472,22 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def words_ok(bits: int, k: int) -> bool:
+    """Whether the `wo` variants can read this layer (int8/int4, K a whole number of 32-bit words)."""
+    return bits in (4, 8) and k % (8 if bits == 4 else 4) == 0
+
+
 def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132) -> GemvConfig:
     """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it)."""
+    if words_ok(bits, k) and (m == 1 or (bits == 4 and (group == 0 or group >= 128))):
+        variant = "wo" if m == 1 else "wodot"
+        block_n = 64
+        block_k = min(group or 256, 256 if bits == 8 else 128)
+        split = 1
+        tiles = cdiv(n, block_n)
+        while tiles * split < 2 * sms and split < 8 and k // (block_k * split * 2) >= 2:
+            split *= 2
+        return GemvConfig(variant, block_n, block_k, split, 4, 3)
     variant = "fma" if m == 1 else "dot"
     block_n = 32 if variant == "fma" else 64
     block_k = {16: 128, 8: 256, 4: 256}[bits] if variant == "fma" else {16: 64, 8: 128, 4: 128}[bits]
@@ -274,6 +510,11 @@ def pick_config(m: int, lin: PackedLinear, sms: int = 132) -> GemvConfig:
 def check_config(cfg: GemvConfig, lin: PackedLinear) -> None:
     if lin.group_size and (cfg.block_k > lin.group_size or lin.group_size % cfg.block_k):
         raise GlmcError(f"gemv config {cfg}: block_k must divide the group size {lin.group_size}")
+    if cfg.variant in ("wo", "wodot") and not words_ok(lin.bits, lin.k):
+        raise GlmcError(f"gemv config {cfg}: the word variants read int8/int4 weights with K a multiple of "
+                        f"{8 if lin.bits == 4 else 4} (this layer: {lin.bits} bits, K {lin.k})")
+    if cfg.variant == "wodot" and (lin.bits != 4 or cfg.block_k < 128):
+        raise GlmcError(f"gemv config {cfg}: wodot reads int4 words with block_k >= 128 (dots of depth 16)")
     if cfg.variant == "dot" and cfg.block_k < (32 if lin.bits == 4 else 16):
         raise GlmcError(f"gemv config {cfg}: block_k too small for tensor-core dots")
 
@@ -293,6 +534,26 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     scale = lin.scale if lin.scale is not None else lin.weight
     stride_sn = scale.stride(0) if scale.dim() == 2 and lin.group_size else 0
     magic = cfg.magic and lin.bits != 16 and x.dtype == torch.float16  # 1152 + q is exact in fp16 only
+    if cfg.variant in ("wo", "wodot"):
+        # the PTX decode computes in fp16x2 for int4: fp16 activations only (bf16 takes the pure-Triton twin)
+        use_asm = not INTERPRET and (lin.bits == 8 or x.dtype == torch.float16)
+        words = int4_words(lin) if lin.bits == 4 else lin.weight.view(torch.int32)
+        if cfg.variant == "wo":
+            grid = (cdiv(lin.n, cfg.block_n), split, m)
+            kpw = 8 if lin.bits == 4 else 4
+            _gemv_wo_kernel[grid](x, x.view(torch.int32) if x.dtype != torch.float32 else x, words, scale, out,
+                                  lin.n, lin.k, x.stride(0), words.stride(0), stride_sn, k_split // kpw,
+                                  BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                  EVEN_K=lin.k % cfg.block_k == 0, ASM=use_asm, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
+        else:
+            block_m = 16
+            grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
+            _gemv_wodot_kernel[grid](x, words, scale, out, m, lin.n, lin.k, x.stride(0), words.stride(0), stride_sn,
+                                     k_split, GROUP=lin.group_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+                                     BLOCK_K=cfg.block_k, ASM=use_asm, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+        return out
     if cfg.variant == "fma":
         grid = (cdiv(lin.n, cfg.block_n), split, m)
         _gemv_fma_kernel[grid](x, lin.weight, scale, out, lin.n, lin.k, x.stride(0), lin.weight.stride(0), stride_sn,
@@ -307,6 +568,26 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
                                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def interleave_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The op's int4 layout (uint8 [N, K/2], low nibble = even k, two's complement) -> int32 words [N, K/8] for the
+    `wo` kernels: nibble i of word j holds k = 8j + INT4_ORDER[i] as q + 8 (made once per layer, on its device)."""
+    from glmc.modeling_patches.ops.quantized_linear import unpack_int4
+    if k % 8:
+        raise GlmcError(f"interleave_int4: K = {k} is not a multiple of 8")
+    u = (unpack_int4(packed, k).to(torch.int64) + 8).view(packed.shape[0], k // 8, 8)
+    word = torch.zeros(u.shape[:2], dtype=torch.int64, device=packed.device)
+    for i, t in enumerate(INT4_ORDER):
+        word |= u[..., t] << (4 * i)
+    return torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32).contiguous()
+
+
+def int4_words(lin: PackedLinear) -> torch.Tensor:
+    """The layer's interleaved int4 words (made on first use when pack_linear did not make them)."""
+    if lin.words is None:
+        lin.words = interleave_int4(lin.weight, lin.k)
+    return lin.words
 
 
 def dequantize(lin: PackedLinear) -> torch.Tensor:
@@ -352,7 +633,10 @@ def pack_linear(module: torch.nn.Module, device: torch.device | str | None = Non
     if isinstance(module, QuantLinear):
         w, s, b = mv(module.weight), mv(module.weight_scale), mv(module.bias)
         assert w is not None
-        return PackedLinear(w, s, b, module.bits, module.group_size, module.out_features, module.in_features)
+        lin = PackedLinear(w, s, b, module.bits, module.group_size, module.out_features, module.in_features)
+        if lin.bits == 4 and words_ok(4, lin.k):
+            int4_words(lin)  # made now, outside any CUDA-graph capture
+        return lin
     if isinstance(module, torch.nn.Linear):
         w, b = mv(module.weight), mv(module.bias)
         assert w is not None

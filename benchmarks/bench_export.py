@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 STAGES = ("checkpoint", "export", "simplify", "lower-reference", "lower-onnxruntime", "lower-tensorrt")
 
@@ -79,7 +80,7 @@ def main() -> int:
         print(json.dumps(run_stage(args.stage, work, args.layers, args.precision, args.out_name)))
         return 0
     work.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}  # stage -> the child's JSON report, or {"error": ...}
     for stage in args.stages.split(","):
         proc = subprocess.run([sys.executable, __file__, "--work", str(work), "--layers", str(args.layers),
                                "--limit-gib", str(args.limit_gib), "--precision", args.precision, "--out-name",

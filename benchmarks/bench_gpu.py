@@ -240,6 +240,7 @@ def time_generate(backend, batch: int, prompt_len: int, new_tokens: int, seed: i
         if first is None:
             first, timed.seconds = last, 0.0
         n += 1
+    assert first is not None and last is not None, "the generation loop produced no token"
     return {"ttft_s": first - t0, "decode_tps": batch * (n - 1) / (last - first), "steps": n,
             "forward_share": timed.seconds / (last - first)}
 
@@ -318,6 +319,8 @@ def measure(backend, device: str) -> dict:
 
 
 def bench_one(args) -> None:
+    from glmc.runtime.generate import Backend
+    backend: Backend
     if args.precision == "transformers":  # eager attention, fp16, the same weights
         from glmc.modeling_patches import load_model
         from glmc.modeling_patches.hf_glm import TransformersBackend, to_transformers

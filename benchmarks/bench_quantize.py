@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     root = Path(tempfile.mkdtemp(prefix="glmc-bench-quantize-", dir=args.workdir))
     src, dst = root / "fp16", root / "int4"
-    rows = []
+    rows: list[tuple[str, float, float | None, float | None, float | None]] = []  # stage, wall, CPU, RSS, peak
     try:
         t = time.perf_counter()
         child = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(src, args.layers))

@@ -38,7 +38,7 @@ from glmc.quantization.scheme import apply_scheme, parse_precision
 from glmc.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from glmc.runtime.backend_torch import TorchBackend
 from glmc.runtime.cli_bench import measure
-from glmc.runtime.generate import SamplingConfig, stream
+from glmc.runtime.generate import Backend, SamplingConfig, stream
 
 # ~300M parameters with ChatGLM's proportions: head_dim 128, 2 KV groups, ffn ~3.34 x hidden, GLM-4-like vocab split
 SHAPE = dict(num_layers=5, hidden_size=2048, ffn_hidden_size=6848, num_heads=16, head_dim=128, num_kv_heads=2,
@@ -102,10 +102,12 @@ def op_profile(path: Path, threads: int, steps: int = 8) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxRuntimeBackend(path, max_length=64, threads=threads, profile=str(Path(tmp) / "ort"))
         list(stream(backend, [[1, 2, 3, 4]], SamplingConfig(max_new_tokens=steps + 1)))
-        events = json.loads(Path(backend.end_profiling()).read_text())
+        profile = backend.end_profiling()
+        assert profile is not None  # profiling was on
+        events = json.loads(Path(profile).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     prefill_end = runs[0]["ts"] + runs[0]["dur"]
-    ops = collections.Counter()
+    ops: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > prefill_end:
             ops[e["args"]["op_name"]] += e["dur"]
@@ -161,6 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines:
             entry = {"engine": engine}
+            backend: Backend
             if engine == "transformers":
                 backend = TransformersBackend(to_transformers(base), max_length)
             elif engine == "torch":

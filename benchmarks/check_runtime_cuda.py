@@ -44,7 +44,9 @@ def run(path: Path, device: str, share: bool | None = None, profile: str | None 
     r = {"tokens": tokens, "shared": be.shared, "kv_buffers": len(allocated),
          "only_allocated_buffers_bound": be.bound_pointers == allocated}
     if profile:
-        events = json.loads(Path(be.end_profiling()).read_text())
+        profile_file = be.end_profiling()
+        assert profile_file is not None  # profiling was on
+        events = json.loads(Path(profile_file).read_text())
         runs = [e for e in events if e.get("name") == "model_run"]
         copies = [e for e in events if e.get("cat") == "Node" and "Memcpy" in e["args"].get("op_name", "")
                   and e["name"].endswith("_kernel_time")]

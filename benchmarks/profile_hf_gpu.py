@@ -24,7 +24,7 @@ if args.no_cudnn_sdpa:
 from transformers import GlmForCausalLM  # noqa: E402
 
 cfg = variant("chatglm3-6b", num_layers=args.layers)
-hf = GlmForCausalLM(transformers_config(cfg)).to(torch.float16).cuda().eval()
+hf = GlmForCausalLM(transformers_config(cfg)).half().cuda().eval()
 print("attn_implementation:", hf.config._attn_implementation)
 backend = TransformersBackend(hf, 2304)
 prompt = torch.randint(100, 60000, (1, 128)).tolist()

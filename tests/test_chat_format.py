@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from test_tokenizer import build_glm4_size_tiktoken, build_sentencepiece, build_tiktoken, pad_sentencepiece
 
 from glmc.errors import GlmcError
-from glmc.modeling_patches.tokenizer import load_tokenizer
+from glmc.modeling_patches.tokenizer import SentencePieceTokenizer, load_tokenizer
 from glmc.runtime.chat_format import ReplyParser, chat_prompt, raw_prompt, stop_ids
 
 TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"city": {"type": "string"}}}]
-MESSAGES = [
+MESSAGES: list[dict[str, object]] = [
     {"role": "system", "content": "You are helpful.", "tools": TOOLS},
     {"role": "user", "content": "hi"},
     {"role": "assistant", "metadata": "get_weather", "content": "tool_call(city='Paris')"},
@@ -34,6 +34,7 @@ def dirs(tmp_path_factory):
 
 def test_chatglm3_layout(dirs):
     t = load_tokenizer(dirs["real_sp"], family="chatglm3")
+    assert isinstance(t, SentencePieceTokenizer)
     ids = chat_prompt(t, MESSAGES)
     enc = t.encode
     system = "You are helpful.\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False)

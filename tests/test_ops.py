@@ -82,7 +82,7 @@ def test_quantized_linear_reference_vs_float64(batch, k, n, bits, group, bias):
     b = torch.randn(n) if bias else None
     s64 = scales.double()
     s64 = s64[:, None] if group == 0 else s64.repeat_interleave(group, dim=1)[:, :k]
-    want = x.double() @ (q.double() * s64).T + (b.double() if bias else 0)
+    want = x.double() @ (q.double() * s64).T + (b.double() if b is not None else 0)
     got = ops.quantized_linear(x, stored, scales, b, bits, group, k)
     assert got.shape == (*batch, n)
     assert rel_err(got, want) < 1e-5
@@ -138,7 +138,7 @@ GQA_CASES = [  # (B, S, P, Hq, Hkv, D, left pad per row)
 ]
 
 
-def gqa_inputs(b, s, p, hq, hkv, d, pads, dtype=torch.float32, seed=0):
+def gqa_inputs(b, s, p, hq, hkv, d, pads, *, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     cos, sin = ops.rotary_tables(d // 2, 64, 10000.0)
     mask = torch.ones(b, p + s, dtype=torch.int64)

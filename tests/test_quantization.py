@@ -178,7 +178,8 @@ def test_kv_scales_bound_the_calibration_cache(granularity):
         k_scales, v_scales = calibrate_kv(model, samples, granularity, dtype=dtype)
         want = {"tensor": (1,), "head": (2,), "channel": (2, 32)}[granularity]
         assert all(s.shape == want and s.dtype == dtype for s in k_scales + v_scales)
-        ratio = {}  # per layer, the largest |x| / scale seen: <= 127 (bounded), close to 127 (tight)
+        # per layer, the largest |x| / scale seen: <= 127 (bounded), close to 127 (tight)
+        ratio: dict[tuple[int, str], torch.Tensor] = {}
         for ids in samples:
             with torch.no_grad():
                 _, presents = model(ids, torch.arange(ids.shape[1])[None], torch.ones_like(ids), model.empty_cache(1))
@@ -256,10 +257,11 @@ def test_official_quantized_checkpoint_loads_into_quantlinear(tmp_path, bits):
             tensors[name] = t.contiguous()
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = load_model(tmp_path, dtype="float32")  # fp16 scales widen exactly
-    qkv = model.transformer.encoder.layers[1].self_attention.query_key_value
+    qkv = model.transformer.encoder.block(1).self_attention.query_key_value
     assert isinstance(qkv, QuantLinear) and qkv.bits == bits and qkv.group_size == 0
     for name, want in dequantized.items():
         layer = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(layer, QuantLinear), name
         got = dequantize_weight(layer.weight, layer.weight_scale, bits, 0, layer.in_features)
         assert torch.equal(got, want), name
     # the same logits as a float model holding the dequantized weights
@@ -301,7 +303,8 @@ def test_quantize_and_eval_commands(tmp_path, capsys):
     assert main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--precision", "int4-g32+kv8",
                  "--num-samples", "4", "--calibration-length", "32"]) == 0
     q = load_model(tmp_path / "q")
-    assert q.transformer.encoder.layers[0].mlp.dense_h_to_4h.bits == 4 and q.kv_dtype == torch.int8
+    mlp_in = q.transformer.encoder.block(0).mlp.dense_h_to_4h
+    assert isinstance(mlp_in, QuantLinear) and mlp_in.bits == 4 and q.kv_dtype == torch.int8
     assert load_tokenizer(tmp_path / "q").encode("hello world") == load_tokenizer(src).encode("hello world")
     capsys.readouterr()
     assert main(["eval", "--model", str(src), "--precisions", "fp32,int8,kv8-head", "--max-tokens", "40",

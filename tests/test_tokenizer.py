@@ -58,10 +58,12 @@ def build_tiktoken(d: Path, vocab_size: int = 320) -> Path:
 
 def pad_sentencepiece(src: Path, d: Path, size: int = 64789) -> Path:
     """The SentencePiece model of `src` with never-used pieces appended up to ChatGLM's 64789, written to `d`."""
-    proto = sp_pb2.ModelProto()
+    # protobuf creates the generated module's classes at import time: mypy cannot see them
+    model_proto = sp_pb2.ModelProto  # type: ignore[attr-defined]
+    proto = model_proto()
     proto.ParseFromString((src / "tokenizer.model").read_bytes())
     while len(proto.pieces) < size:
-        proto.pieces.add(piece=f"▁pad{len(proto.pieces)}", score=-1e4, type=sp_pb2.ModelProto.SentencePiece.NORMAL)
+        proto.pieces.add(piece=f"▁pad{len(proto.pieces)}", score=-1e4, type=model_proto.SentencePiece.NORMAL)
     d.mkdir(parents=True, exist_ok=True)
     (d / "tokenizer.model").write_bytes(proto.SerializeToString())
     return d
@@ -95,8 +97,9 @@ def tok(request, sp_dir, tk_dir):
 
 def test_sentencepiece_special_ids_follow_the_vocabulary(sp_dir):
     t = load_tokenizer(sp_dir)
+    assert isinstance(t, SentencePieceTokenizer)
     n = t.sp.vocab_size()
-    assert isinstance(t, SentencePieceTokenizer) and t.family == "chatglm3"
+    assert t.family == "chatglm3"
     assert [t.special(s) for s in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
                                    "<|assistant|>", "<|observation|>")] == list(range(n, n + 9))
     assert (t.eos_id, t.pad_id, t.vocab_size) == (2, 0, n + 9)
@@ -162,7 +165,7 @@ def test_family_comes_from_config_or_tokenizer_config(sp_dir, tmp_path):
 # ------------------------------------------------------------------------------ round trips (property-based)
 
 # U+2581 is SentencePiece's own space marker: decode turns it into a space in every SentencePiece model.
-TEXT = st.text(st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",)), max_size=40)
+TEXT = st.text(st.characters(blacklist_characters="\u2581", blacklist_categories=["Cs"]), max_size=40)
 
 
 @settings(max_examples=150, deadline=None)
@@ -195,6 +198,7 @@ def test_streaming_decode_equals_full_decode_of_any_ids(tok, data):
 
 def test_streaming_keeps_sentencepiece_spaces_and_waits_for_whole_characters(sp_dir):
     t = load_tokenizer(sp_dir)
+    assert isinstance(t, SentencePieceTokenizer)
     ids = t.encode("hello world 你好 🎉!")  # 🎉 is not in the corpus: byte fallback
     dec = t.stream_decoder()
     pieces = [dec.push(i) for i in ids]

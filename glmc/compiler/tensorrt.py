@@ -26,6 +26,7 @@ import importlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def import_tensorrt() -> tuple[Any, str]:
                     "(pip install 'glmc[full]') or drop the target")
 
 
-def _roles(name: str, rank: int) -> list[str | None]:
+def _roles(name: str, rank: int) -> Sequence[str | None]:
     """The role of each dimension of an engine input (None: a fixed dimension)."""
     if name in ("input_ids", "position_ids"):
         return ["batch", "seq"][:rank]
@@ -124,16 +125,22 @@ def profile_shapes(inputs: list[tuple[str, list]], limits: dict, kind: str, opt:
     shapes = {}
     for name, dims in inputs:
         roles = _roles(name, len(dims))
-        lo, mid, hi = [], [], []
+        lo: list[int] = []
+        mid: list[int] = []
+        hi: list[int] = []
         for i, (d, role) in enumerate(zip(dims, roles, strict=False)):
             if isinstance(d, int) and d > 0:
-                lo.append(d), mid.append(d), hi.append(d)
+                lo.append(d)
+                mid.append(d)
+                hi.append(d)
             elif role is None:
                 raise TensorRTError(f"input '{name}' dimension {i} ('{d}') is dynamic, and glmc does not know "
                                     "which limit bounds it (expected the I/O contract of docs/onnx.md)")
             else:
                 r = ranges[role]
-                lo.append(r[0]), mid.append(r[1]), hi.append(r[2])
+                lo.append(r[0])
+                mid.append(r[1])
+                hi.append(r[2])
         shapes[name] = (tuple(lo), tuple(mid), tuple(hi))
     return shapes
 
@@ -215,8 +222,8 @@ def _inspect(trt: Any, serialized: Any, path: Path) -> str:
     return path.name
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *, profiles: list[str] = ("full",),
-                 opt: dict | None = None, compute_capabilities: list[str] = ("sm86",), workspace_mb: int = 1024,
+def build_engine(onnx_path: str | Path, engine_path: str | Path, limits: dict, *, profiles: Sequence[str] = ("full",),
+                 opt: dict | None = None, compute_capabilities: Sequence[str] = ("sm86",), workspace_mb: int = 1024,
                  optimization_level: int = 3, log_path: str | Path | None = None,
                  decompose_attention: bool = True) -> dict[str, Any]:
     """Build one engine; write it to engine_path (and the build log to log_path); return its description."""

@@ -13,7 +13,9 @@ import importlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +30,7 @@ OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization are standard from 
 IR_VERSION = 11  # the IR version of opset 23; ONNX Runtime 1.31 rejects 14 (what onnx 1.23 writes by default)
 EXTERNAL_DATA_BYTES = 1 << 30  # models with more weight bytes than this keep them in `<name>.data`
 
-TRANSLATIONS = {  # torch custom op -> its ONNX translation (glmc:: node)
+TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {  # torch custom op -> its ONNX translation (glmc:: node)
     torch.ops.glmc.quantized_linear.default: quantized_linear.onnx_translation,
     torch.ops.glmc.kv_cache_quantize.default: kv_cache.quantize_translation,
     torch.ops.glmc.kv_cache_dequantize.default: kv_cache.dequantize_translation,
@@ -122,7 +124,7 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
             stats = _save(program, model, path, external_data)  # while the initializers still alias W^T
     except GlmcError:
         raise
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; say which model failed and why
+    except Exception as e:  # the exporter raises many types; say which model failed and why
         raise GlmcError(f"ONNX export of {model.config.family} ({model.dtype}) failed: {type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]}") from e
     return {"seconds": time.perf_counter() - start, **stats}
@@ -131,12 +133,13 @@ def export(model: GLMForCausalLM, path: str | Path, external_data: bool | None =
 def _save(program, model: GLMForCausalLM, path: Path, external_data: bool | None) -> dict:
     graph = program.model.graph
     inputs, outputs = io_names(model.config.num_layers)
-    for value, name in zip(graph.inputs, inputs):
+    for value, name in zip(graph.inputs, inputs, strict=False):
         value.name = name
-    for value, name in zip(graph.outputs, outputs):
+    for value, name in zip(graph.outputs, outputs, strict=False):
         value.name = name
     _name_dims(graph, model)
-    for value in list(graph.initializers.values()):  # checkpoint names: model.transformer.X.linear.weight -> transformer.X.weight
+    # checkpoint names: model.transformer.X.linear.weight -> transformer.X.weight
+    for value in list(graph.initializers.values()):
         value.name = value.name.removeprefix("model.").replace(".linear.", ".")
     program.model.ir_version = IR_VERSION
     program.model.producer_name = "glmc"
@@ -172,6 +175,7 @@ def _name_dims(graph, model: GLMForCausalLM) -> None:
     c = model.config
     for value in list(graph.inputs) + list(graph.outputs):
         name = value.name
+        dims: list[str | int]
         if name in ("input_ids", "position_ids"):
             dims = ["batch", "sequence"]
         elif name == "attention_mask":

@@ -9,6 +9,7 @@ Shapes: B batch, S new tokens, P cached tokens, T = P + S, H hidden, Hq/Hkv head
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ class RMSNorm(nn.Module):
 class QuantLinear(nn.Module):
     """A weight-only quantized linear layer: `weight` int8 [N, K] or packed int4, `weight_scale` [N] or [N, groups]."""
 
+    weight: torch.Tensor  # buffers (register_buffer in __init__)
+    weight_scale: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
                  dtype: torch.dtype = torch.float16):
         super().__init__()
@@ -54,12 +58,20 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+LinearLayer = nn.Linear | QuantLinear  # a float linear, or its weight-only quantized replacement (replace_linears)
+
+
 class SelfAttention(nn.Module):
+    k_scale: torch.Tensor | None  # buffers (register_buffer in __init__)
+    v_scale: torch.Tensor | None
+
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        # nn.Linear, or QuantLinear once replace_linears has swapped them
+        self.query_key_value: LinearLayer = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+                                                      bias=config.qkv_bias)
+        self.dense: LinearLayer = nn.Linear(config.q_size, config.hidden_size, bias=False)
         # Set by KV-cache quantization: [1], [Hkv] or [Hkv, D] scales; the cache is then int8.
         self.register_buffer("k_scale", None)
         self.register_buffer("v_scale", None)
@@ -85,8 +97,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)  # [gate | up]
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        # [gate | up]
+        self.dense_h_to_4h: LinearLayer = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h: LinearLayer = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
@@ -124,17 +137,28 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
 
+    def block(self, i: int) -> GLMBlock:
+        """Layer i as its class (a ModuleList's items are typed as plain Modules)."""
+        return cast(GLMBlock, self.layers[i])
+
+    def blocks(self) -> list[GLMBlock]:
+        """The layers, in order, as their class."""
+        return [cast(GLMBlock, layer) for layer in self.layers]
+
 
 class Transformer(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.embedding = Embedding(config)
         self.encoder = Encoder(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output_layer: LinearLayer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class GLMForCausalLM(nn.Module):
     """ChatGLM2/ChatGLM3/GLM-4 decoder: forward(ids, positions, mask, past) -> (logits, present)."""
+
+    cos_cache: torch.Tensor  # buffers (register_buffer in __init__)
+    sin_cache: torch.Tensor
 
     def __init__(self, config: GLMConfig, max_positions: int | None = None):
         super().__init__()
@@ -162,7 +186,7 @@ class GLMForCausalLM(nn.Module):
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        return torch.int8 if self.transformer.encoder.layers[0].self_attention.k_scale is not None else self.dtype
+        return torch.int8 if self.transformer.encoder.block(0).self_attention.k_scale is not None else self.dtype
 
     def empty_cache(self, batch: int, device: torch.device | str | None = None) -> KVCache:
         """A past of length 0 for every layer (what prefill takes)."""
@@ -190,7 +214,7 @@ def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, inclu
         lin = getattr(parent, name)
         setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
                                           dtype=lin.weight.dtype).to(lin.weight.device))
-    for layer in model.transformer.encoder.layers:
+    for layer in model.transformer.encoder.blocks():
         swap(layer.self_attention, "query_key_value")
         swap(layer.self_attention, "dense")
         swap(layer.mlp, "dense_h_to_4h")
@@ -201,6 +225,6 @@ def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, inclu
 
 def enable_kv_int8(model: GLMForCausalLM, k_scales: list[torch.Tensor], v_scales: list[torch.Tensor]) -> None:
     """Give every layer its K/V scales ([1], [Hkv] or [Hkv, D]); the cache becomes int8."""
-    for layer, ks, vs in zip(model.transformer.encoder.layers, k_scales, v_scales, strict=False):
+    for layer, ks, vs in zip(model.transformer.encoder.blocks(), k_scales, v_scales, strict=False):
         layer.self_attention.k_scale = ks.to(model.dtype)
         layer.self_attention.v_scale = vs.to(model.dtype)

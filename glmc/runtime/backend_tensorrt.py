@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -44,15 +45,16 @@ class TensorRTBackend:
                  max_batch: int = 1, max_input_length: int | None = None, device: str = "cuda"):
         info = engine_info or {}
         lib = info.get("library")
-        self.trt = None
+        found: ModuleType | None = None
         for name in ([lib] if lib else []) + ["tensorrt", "tensorrt_rtx_bindings"]:
             try:
-                self.trt = importlib.import_module(name)
+                found = importlib.import_module(name)
                 break
             except ImportError:
                 continue
-        if self.trt is None:
+        if found is None:
             raise GlmcError("the tensorrt backend needs `tensorrt` or `tensorrt_rtx_bindings` importable")
+        self.trt: ModuleType = found
         if not torch.cuda.is_available():
             raise GlmcError("the tensorrt backend needs a CUDA GPU, and torch sees none")
         self.path = Path(engine_path)

@@ -99,6 +99,8 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     for m in messages:
         content = m["content"]
         if m["role"] == "system" and m.get("tools"):
+            if fmt.tools is None:
+                raise GlmcError(f"chat: {tokenizer.family} has no format for a system message's tools")
             content = fmt.tools(content, m["tools"])
         ids += [tokenizer.special(f"<|{m['role']}|>")] + tokenizer.encode(f"{m.get('metadata', '')}\n")
         ids += tokenizer.encode(content)

@@ -17,6 +17,8 @@ Scores are computed in the input dtype, softmax in float32; masked scores are th
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 from onnx import TensorProto
@@ -34,6 +36,14 @@ from glmc.modeling_patches.ops.onnx_defs import (
     register,
     set_output,
 )
+
+
+class _GqaQuantAttrs(TypedDict, total=False):
+    """GroupQueryAttention's attributes for an int8 KV cache (none for a float cache)."""
+
+    k_quant_type: str
+    v_quant_type: str
+    kv_cache_bit_width: int
 
 
 def rotary_tables(rotary_dim: int, max_positions: int, base: float, position_divisor: float = 1.0):
@@ -215,7 +225,7 @@ def _gqa_lengths_dense(b: Builder) -> tuple[str, str]:
     return seqlens, width
 
 
-def _gqa_int8_cache(b: Builder, hkv: int) -> tuple[list[str], dict]:
+def _gqa_int8_cache(b: Builder, hkv: int) -> tuple[list[str], _GqaQuantAttrs]:
     """GQA inputs 12, 13 (k/v scales) and attributes for an int8 cache folded into GQA (lower.fold_kv_cache_quantization
     appended the scales as inputs 9 and 10): PER_TENSOR for a [1] scale, else PER_CHANNEL with the scale as float32
     [Hkv, 1, D] (a per-head scale repeated over D)."""
@@ -227,7 +237,7 @@ def _gqa_int8_cache(b: Builder, hkv: int) -> tuple[list[str], dict]:
     scales = [s.reshape(-1) if kind == "PER_TENSOR" else np.broadcast_to(s.reshape(hkv, 1, -1), (hkv, 1, d)).copy()
               for s in scales]
     return ([b.const(scales[0], "k_scale"), b.const(scales[1], "v_scale")],
-            dict(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8))
+            _GqaQuantAttrs(k_quant_type=kind, v_quant_type=kind, kv_cache_bit_width=8))
 
 
 def _packed_qkv(b: Builder) -> list[str]:
@@ -265,7 +275,7 @@ def lower_ort_gqa(node, b: Builder) -> None:
         seqlens_k, total = b.shared("gqa_lengths_dense", _gqa_lengths_dense)
         inputs = [*_packed_qkv(b), b.input(3), b.input(4), seqlens_k, total, b.input(7), b.input(8)]
         rotary = dict(do_rotary=1, rotary_interleaved=1)
-    quant = {}
+    quant: _GqaQuantAttrs = {}
     if b.input(9):
         scales, quant = _gqa_int8_cache(b, hkv)
         inputs += [""] * (12 - len(inputs)) + scales

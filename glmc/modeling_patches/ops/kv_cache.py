@@ -7,6 +7,8 @@ Dequantize: x = float32(q) * float32(scale), cast to the scale's dtype.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 from onnx import TensorProto, helper
@@ -20,6 +22,12 @@ from glmc.modeling_patches.ops.onnx_defs import (
     register,
     set_output,
 )
+
+
+class _QdqAttrs(TypedDict, total=False):
+    """QuantizeLinear/DequantizeLinear's attributes: none per tensor, the axis per KV head."""
+
+    axis: int
 
 
 def _broadcast(scale: torch.Tensor) -> torch.Tensor:
@@ -122,7 +130,7 @@ def lower_quantize_qdq(node, b: Builder) -> None:
         return lower_quantize_plain(node, b)
     s = b.array(b.input(1)).reshape(-1)
     zero = b.const(np.zeros(s.shape, np.int8), "zero")
-    kw = {} if axis is None else {"axis": axis}
+    kw: _QdqAttrs = {} if axis is None else {"axis": axis}
     b.op("QuantizeLinear", b.input(0), b.const(s.reshape(()) if axis is None else s, "scale"), zero,
          outputs=[node.output[0]], **kw)
 
@@ -134,6 +142,6 @@ def lower_dequantize_qdq(node, b: Builder) -> None:
         return lower_dequantize_plain(node, b)
     s = b.array(b.input(1)).reshape(-1)
     zero = b.const(np.zeros(s.shape, np.int8), "zero")
-    kw = {} if axis is None else {"axis": axis}
+    kw: _QdqAttrs = {} if axis is None else {"axis": axis}
     b.op("DequantizeLinear", b.input(0), b.const(s.reshape(()) if axis is None else s, "scale"), zero,
          outputs=[node.output[0]], **kw)

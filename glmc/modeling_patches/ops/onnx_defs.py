@@ -107,6 +107,7 @@ class GraphView:
         self._names |= set(self.initializers) | {i.name for i in graph.input}
         self._counter = itertools.count()
         self._shared: dict[str, object] = {}
+        self._producers: dict[str, onnx.NodeProto] | None = None
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -126,9 +127,9 @@ class GraphView:
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         """The node of the graph being lowered that outputs `name` (None for inputs and initializers)."""
-        if "producers" not in self._shared:
-            self._shared["producers"] = {o: n for n in self.graph.node for o in n.output}
-        return self._shared["producers"].get(name)
+        if self._producers is None:
+            self._producers = {o: n for n in self.graph.node for o in n.output}
+        return self._producers.get(name)
 
     def elem_type(self, name: str) -> int | None:
         """ONNX element type of a graph input / value_info / output / initializer, if known."""

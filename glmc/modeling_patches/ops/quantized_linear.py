@@ -11,13 +11,30 @@ Layout (kept the same everywhere: torch, checkpoints, every lowering):
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 from onnx import TensorProto
 from onnx.defs import OpSchema
 
-from glmc.modeling_patches.ops.onnx_defs import (FLOAT_TYPES, MS_DOMAIN, Builder, input_dims, input_elem_type,
-                                                 int4_tensor, register, set_output)
+from glmc.modeling_patches.ops.onnx_defs import (
+    FLOAT_TYPES,
+    MS_DOMAIN,
+    Builder,
+    input_dims,
+    input_elem_type,
+    int4_tensor,
+    register,
+    set_output,
+)
+
+
+class _DequantizeAttrs(TypedDict, total=False):
+    """DequantizeLinear's attributes: per-axis (axis) or blocked (axis and block_size)."""
+
+    axis: int
+    block_size: int
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -40,10 +57,7 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, k: int) -> torch.Tensor:
     """QWeight + Scales -> float weight [N, K] in the scales' dtype."""
     q = unpack_int4(qweight, k) if bits == 4 else qweight
-    if group_size == 0:
-        s = scales.reshape(-1, 1)
-    else:
-        s = scales.repeat_interleave(group_size, dim=1)[:, :k]
+    s = scales.reshape(-1, 1) if group_size == 0 else scales.repeat_interleave(group_size, dim=1)[:, :k]
     return q.to(scales.dtype) * s
 
 
@@ -125,7 +139,7 @@ def lower_dequantize_matmul(node, b: Builder) -> None:
     # [K, N]: MatMul(X, W) needs no Transpose node
     wq = b.const(int4_transposed(w, k) if bits == 4 else np.ascontiguousarray(w.view(np.int8).T), "qweight")
     s = scales.reshape(-1) if group == 0 else np.ascontiguousarray(scales.T)  # [N] or [groups, N]
-    kw = {"axis": 1} if group == 0 else {"axis": 0, "block_size": group}
+    kw: _DequantizeAttrs = {"axis": 1} if group == 0 else {"axis": 0, "block_size": group}
     w = b.op("DequantizeLinear", wq, b.const(s, "scale"), **kw)
     _add_bias(b, b.op("MatMul", b.input(0), w), node.output[0])
 
@@ -157,9 +171,9 @@ def lower_matmul_nbits(node, b: Builder) -> None:
     flip = 0x80 if bits == 8 else 0x88
     packed = np.full((n, blocks * block * bits // 8), flip, np.uint8)
     packed[:, :w.shape[1]] = w ^ flip
-    packed = packed.reshape(n, blocks, -1)
     s = np.repeat(scales.reshape(n, 1), blocks, axis=1) if group == 0 else scales.reshape(n, blocks)
-    y = b.op("MatMulNBits", b.input(0), b.const(packed, "qweight"), b.const(s.reshape(-1), "scales"),
+    y = b.op("MatMulNBits", b.input(0), b.const(packed.reshape(n, blocks, -1), "qweight"),
+             b.const(s.reshape(-1), "scales"),
              domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
              accuracy_level=int(b.view.options.get("accuracy_level", 0)))
     _add_bias(b, y, node.output[0])

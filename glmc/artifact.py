@@ -14,6 +14,10 @@ A build directory (written by glmc.compiler.builddir, read by glmc.runtime.loade
                                  (format, dtype, limits), config.json, quantization.json, model.safetensors (the
                                  weights as glmc's kernels read them); manifest["engines"]["cuda"] says what it needs
     verify.json                  the verification report
+    .glmc-verified.json          (VERIFIED) not in the manifest: the sha256 of each file with the size, mtime,
+                                 ctime and inode it was computed at, so that opening a build rehashes only the
+                                 files that changed since (`check_files`); rewritten when stale, skipped when the
+                                 build directory is read-only
 
 One writer and one reader per file: glmc.export.lower writes the runtime config (`write_runtime_config`), the ONNX
 Runtime backend and the verifier read it (`read_runtime_config`, `session_of`); the pipeline writes the manifest,
@@ -23,7 +27,9 @@ Runtime backend and the verifier read it (`read_runtime_config`, `session_of`); 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from glmc.errors import GlmcError
 
@@ -31,6 +37,10 @@ MANIFEST = "manifest.json"
 REPORT = "REPORT.md"
 BUILD_FORMAT = "glmc-build/1"
 MODEL_DIR = "model"
+VERIFIED = ".glmc-verified.json"  # the per-file digest memo beside the manifest (not itself in the manifest)
+# Set to 1 to open builds without checking their files against the manifest (experts: a build on a read-only,
+# trusted medium, opened often; a tampered or damaged file then runs and answers garbage).
+TRUST_ENV = "GLMC_TRUST_BUILD_FILES"
 CUDA_DIR = "cuda"  # the cuda target's engine folder in a build
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
@@ -122,12 +132,120 @@ def read_manifest(build: str | Path) -> dict:
     if not path.is_file():
         raise GlmcError(f"{build}: not a glmc build directory (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GlmcError(f"{path}: not valid JSON ({e})") from None
+        text = path.read_bytes().decode()
+    except OSError as e:
+        raise GlmcError(f"{path}: cannot read the build manifest ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise GlmcError(f"{path}: the build manifest is not UTF-8 text (damaged); recompile the build") from None
+    if not text.strip():
+        raise GlmcError(f"{path}: the build manifest is empty (damaged); recompile the build")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GlmcError(f"{path}: not valid JSON ({e}); recompile the build") from None
     if not isinstance(manifest, dict):
         raise GlmcError(f"{path}: not a glmc build manifest (not a JSON object); recompile the build")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------- file checks
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a digest to still hold: size, mtime, ctime (which no user call can set back),
+    inode and device (a copied or replaced file is a new inode)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def file_table_of(manifest: dict, where: object = MANIFEST) -> dict[str, dict]:
+    """The manifest's `files` (relative path -> bytes, sha256), checked for shape; a GlmcError naming the manifest
+    when it is missing or damaged."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise GlmcError(f"{where}: no file table ('files' is missing or empty): the manifest is damaged or was "
+                        "not written by glmc compile; recompile the build")
+    for name, f in files.items():
+        if not (isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+                and len(f["sha256"]) == 64) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise GlmcError(f"{where}: file table entry '{name}' is damaged ({f!r}); recompile the build")
+    return files
+
+
+def write_verified(root: Path, digests: dict[str, str]) -> None:
+    """Record `digests` (relative path -> sha256) with each file's current stamp in VERIFIED (atomically; quietly
+    nothing where the build is read-only)."""
+    table = {}
+    for name, digest in digests.items():
+        try:
+            table[name] = {"sha256": digest, "stamp": _stamp((root / name).stat())}
+        except OSError:
+            continue
+    tmp = root / f"{VERIFIED}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"files": table}))
+        os.replace(tmp, root / VERIFIED)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def check_files(root: str | Path, manifest: dict, rehash: bool = False) -> tuple[list[str], dict]:
+    """(the files that differ from the manifest, what was done): a file whose stamp matches VERIFIED is taken as
+    verified, any other is rehashed (all of them with `rehash`). Each bad entry reads `path: why`."""
+    root = Path(root)
+    files = file_table_of(manifest, root / MANIFEST)
+    memo: dict = {}
+    if not rehash:
+        try:
+            memo = json.loads((root / VERIFIED).read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            memo = {}
+        memo = memo if isinstance(memo, dict) else {}
+    bad, fresh, hashed, hashed_bytes = [], {}, 0, 0
+    for name, f in files.items():
+        p = root / name
+        try:
+            st = p.stat()
+        except OSError:
+            bad.append(f"{name}: missing")
+            continue
+        if st.st_size != f["bytes"]:
+            bad.append(f"{name}: {st.st_size:,} bytes, the manifest says {f['bytes']:,}")
+            continue
+        m = memo.get(name)
+        if isinstance(m, dict) and m.get("sha256") == f["sha256"] and m.get("stamp") == _stamp(st):
+            fresh[name] = f["sha256"]
+            continue
+        try:
+            digest = file_sha256(p)
+        except OSError as e:
+            bad.append(f"{name}: unreadable ({e.strerror})")
+            continue
+        hashed, hashed_bytes = hashed + 1, hashed_bytes + st.st_size
+        if digest != f["sha256"]:
+            bad.append(f"{name}: its sha256 differs from the manifest's (changed since the build was written)")
+            continue
+        fresh[name] = digest
+    if hashed and not bad:
+        write_verified(root, fresh)
+    return bad, {"files": len(files), "hashed": hashed, "hashed_bytes": hashed_bytes}
+
+
+def verify_files(root: str | Path, manifest: dict) -> None:
+    """Refuse a build whose files differ from its manifest (unless TRUST_ENV is set): a GlmcError naming them."""
+    if os.environ.get(TRUST_ENV, "") not in ("", "0"):
+        return
+    bad, _ = check_files(root, manifest)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise GlmcError(f"{Path(root) / bad[0]}{more}; the build was changed or damaged after it was written: "
+                        f"recompile it (or, knowing the risk, set {TRUST_ENV}=1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +280,15 @@ class Build:
         return str(self.manifest.get("precision", {}).get("dtype", "fp32"))
 
 
-def _limits(manifest: dict) -> Limits:
+def _limits(manifest: dict, where: object = MANIFEST) -> Limits:
     config = manifest.get("config")
     lim = config.get("limits", {}) if isinstance(config, dict) else None
     try:
+        if not isinstance(lim, dict):
+            raise TypeError
         return Limits(int(lim["max_batch"]), int(lim["max_input_length"]), int(lim["max_sequence_length"]))
     except (KeyError, TypeError, ValueError):
-        raise GlmcError(f"{MANIFEST}: config.limits is missing or damaged ({lim!r}); recompile the build") from None
+        raise GlmcError(f"{where}: config.limits is missing or damaged ({lim!r}); recompile the build") from None
 
 
 def _has_weights(d: Path) -> bool:
@@ -176,7 +296,9 @@ def _has_weights(d: Path) -> bool:
 
 
 def open_build(path: str | Path) -> Build:
-    """Describe a build directory, a lowered ONNX model (file or directory) or a checkpoint directory."""
+    """Describe a build directory, a lowered ONNX model (file or directory) or a checkpoint directory. A build's
+    files are checked against its manifest first (`verify_files`: only those changed since the last check are
+    rehashed); a changed file is refused, named."""
     p = Path(path)
     if not p.exists():
         raise GlmcError(f"{p}: does not exist (expected a glmc build directory, an ONNX model or a checkpoint)")
@@ -187,6 +309,7 @@ def open_build(path: str | Path) -> Build:
         p = p.parent
     if (p / MANIFEST).is_file():
         m = read_manifest(p)
+        verify_files(p, m)
         onnx = {t: p / d["onnx"] for t, d in m.get("targets", {}).items() if (p / d["onnx"]).is_file()}
         eng = m.get("engines", {}).get("tensorrt")
         engine = p / eng["path"] if eng and (p / eng["path"]).is_file() else None
@@ -198,7 +321,7 @@ def open_build(path: str | Path) -> Build:
         cu = m.get("engines", {}).get("cuda")
         cuda = p / cu["path"] if cu and (p / cu["path"]).is_dir() else None
         return Build(p, onnx, engine, eng or {}, ckpt, tok, m.get("model", {}).get("family"),
-                     _limits(m), m,
+                     _limits(m, p / MANIFEST), m,
                      cuda=cuda, cuda_info=cu or {})
     if (p / "model.onnx").is_file():  # one lowered model; inside a build when ../../manifest.json exists
         config = read_runtime_config(p / "model.onnx")

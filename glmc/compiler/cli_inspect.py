@@ -10,15 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from glmc.artifact import read_manifest
-from glmc.compiler.builddir import file_sha256
+from glmc.artifact import MANIFEST, check_files, file_table_of, read_manifest
+from glmc.errors import GlmcError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("build", metavar="BUILD", help="a build directory written by `glmc compile`")
     p.add_argument("--json", action="store_true", help="print the whole manifest.json")
     p.add_argument("--layers", action="store_true", help="also list the TensorRT engine's layers")
-    p.add_argument("--check-files", action="store_true", help="recompute every file's sha256 against the manifest")
+    p.add_argument("--check-files", action="store_true",
+                   help="rehash every file against the manifest (by default only files changed since the last check "
+                        "are rehashed: their size, mtime, ctime or inode differ from the digest memo's)")
 
 
 def _shape(io: dict) -> str:
@@ -41,6 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
+    file_table_of(m, build / MANIFEST)
+    try:
+        return _show(args, build, m)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest edited by hand or cut short
+        raise GlmcError(f"{build / MANIFEST}: damaged manifest ({type(e).__name__}: {e}); recompile the build") \
+            from None
+
+
+def _show(args: argparse.Namespace, build: Path, m: dict) -> int:
     con = Console()
     c, p, arch = m["config"], m["precision"], m["model"]
     con.print(f"[bold]{build}[/]  ({m['format']}, built {m['created']}, glmc {m['packages'].get('glmc')})")
@@ -49,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
               f"{arch['vocab_size']}  <- {arch['checkpoint']}")
     con.print(f"precision  {p['tag']}  (dtype {p['dtype']}, weights {p['weights']}"
               + (f" g{p['group_size']}" if p['group_size'] else "") + f", kv cache {p['kv_cache']}"
-              + (f" per {p['kv_granularity']}" if p['kv_cache'] == 'int8' else "") + f"); weights in {p['weights_location']}")
+              + (f" per {p['kv_granularity']}" if p['kv_cache'] == 'int8' else "")
+              + f"); weights in {p['weights_location']}")
     lim = c["limits"]
     con.print(f"limits     batch <= {lim['max_batch']}, prompt <= {lim['max_input_length']}, "
               f"sequence <= {lim['max_sequence_length']}")
@@ -77,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
             for layer in layers:
                 lt.add_row(layer["name"], layer["type"], ", ".join(layer["onnx_nodes"]))
             con.print(lt)
+    bad, done = check_files(build, m, rehash=args.check_files)
     v = m.get("verification")
-    if not v:
+    if bad:  # whatever verification said was about other files
+        con.print(f"verified   [red]NO: {len(bad)} file(s) differ from the manifest[/] (changed or damaged since "
+                  "the build was written; glmc refuses to run it: recompile)")
+        for line in bad[:10]:
+            con.print(f"           {line}", markup=False)
+    elif not v:
         con.print("verified   no (verify.enabled was false)")
     else:
         tol = v.get("tolerance", {})
@@ -106,11 +124,10 @@ def run(args: argparse.Namespace) -> int:
     con.print(st)
     total = sum(f["bytes"] for f in m["files"].values())
     con.print(f"files      {len(m['files'])} files, {total / 2**20:.1f} MiB")
-    if args.check_files:
-        bad = [name for name, f in m["files"].items()
-               if not (build / name).is_file() or file_sha256(build / name) != f["sha256"]]
-        if bad:
-            con.print(f"[red]{len(bad)} file(s) differ from the manifest:[/] {', '.join(bad[:10])}")
-            return 1
-        con.print("[green]every file matches its sha256 in the manifest[/]")
+    if bad:
+        names = ", ".join(b.split(":")[0] for b in bad[:10])
+        con.print(f"[red]{len(bad)} file(s) differ from the manifest[/]: {escape(names)}")
+        return 1
+    con.print(f"[green]every file matches its sha256 in the manifest[/] ({done['hashed']} rehashed, "
+              f"{done['hashed_bytes'] / 2**20:.1f} MiB; the others unchanged since their last check)")
     return 0

@@ -410,12 +410,22 @@ def plan(cfg: CompileConfig, until: str | None = None) -> list[Stage]:
 
 def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
     final = cache / stage.dir_name
+    replace = force
     if final.is_dir() and (final / STAGE_FILE).is_file() and not force:
-        stage.status = "cached"
-        stage.info = json.loads((final / STAGE_FILE).read_text())["info"]
-        ctx.outputs[stage.name] = final
-        ctx.console.print(f"  [dim]• {stage.name:18s}  cached[/]")
-        return
+        try:
+            info = json.loads((final / STAGE_FILE).read_text())["info"]
+            if not isinstance(info, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):  # damaged (cut short, edited): rebuilt, not trusted
+            ctx.console.print(f"  ! {stage.name:18s}  {final / STAGE_FILE} is damaged: running the stage again",
+                              markup=False, style="yellow")
+            replace = True
+        else:
+            stage.status = "cached"
+            stage.info = info
+            ctx.outputs[stage.name] = final
+            ctx.console.print(f"  [dim]• {stage.name:18s}  cached[/]")
+            return
     tmp = cache / f".{stage.dir_name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -426,7 +436,7 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
         stage.seconds = time.perf_counter() - t0
         (tmp / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "hash": stage.hash, "seconds": stage.seconds,
                                                   "info": stage.info}, indent=2) + "\n")
-        if force and final.exists():
+        if replace and final.exists():
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)

@@ -242,38 +242,88 @@ class CompileConfig:
         return json.dumps(self.data, indent=2, sort_keys=True)
 
 
-def _where(path: Path, node: yaml.Node) -> str:
-    return f"{path}:{node.start_mark.line + 1}"
+def _where(path: Path | str, node: yaml.Node) -> str:
+    """file:line of a node, or the `--set` option it came from."""
+    return f"{path}:{node.start_mark.line + 1}" if isinstance(path, Path) else str(path)
 
 
-def _to_tree(node: yaml.Node, path: Path, prefix: str, where: dict) -> Any:
-    """A composed YAML node -> plain values, recording the file:line of every key in `where`."""
+# Safe YAML: plain values only. Every node must carry one of these tags (what YAML resolves untagged values to);
+# `!!python/...`, `!!binary`, `!!set`, `!custom` ... are refused. Aliases are expanded with a budget (a compile
+# config has about a hundred values; a "billion laughs" alias bomb would expand to 10^9), nesting is bounded, and
+# the file's size too.
+_YAML_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")}
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 32
+MAX_YAML_BYTES = 1 << 20
+
+
+def _to_tree(node: yaml.Node, path: Path | str, prefix: str, where: dict, budget: list[int] | None = None,
+             depth: int = 0) -> Any:
+    """A composed YAML node -> plain values, recording the file:line of every key in `where` (`path`: the file,
+    or a `--set` option as a string). Refuses tags, and aliases that expand past MAX_YAML_VALUES values."""
+    budget = [MAX_YAML_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{_where(path, node)}: the YAML under '{prefix.split('[')[0] or '(top)'}' expands to more "
+                          f"than {MAX_YAML_VALUES:,} values through aliases (*name): an alias bomb? write the values "
+                          "out")
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{_where(path, node)}: YAML nested more than {MAX_YAML_DEPTH} levels deep (or an alias "
+                          "that contains itself)")
+    if node.tag not in _YAML_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ConfigError(f"{_where(path, node)}: YAML tag '{tag}' refused: compile configs hold plain values "
+                          "(no !tags)" + (f" at '{prefix}'" if prefix else ""))
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
-            if not isinstance(knode, yaml.ScalarNode):
+            if not isinstance(knode, yaml.ScalarNode) or knode.tag not in _YAML_TAGS:
                 raise ConfigError(f"{_where(path, knode)}: keys must be plain names")
             key = str(knode.value)
             dotted = f"{prefix}.{key}" if prefix else key
             if key in out:
                 raise ConfigError(f"{_where(path, knode)}: key '{dotted}' appears twice")
             where[dotted] = _where(path, knode)
-            out[key] = _to_tree(vnode, path, dotted, where)
+            out[key] = _to_tree(vnode, path, dotted, where, budget, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_tree(v, path, f"{prefix}[{i}]", where) for i, v in enumerate(node.value)]
-    return yaml.SafeLoader("").construct_object(node)
+        return [_to_tree(v, path, f"{prefix}[{i}]", where, budget, depth + 1) for i, v in enumerate(node.value)]
+    try:
+        return yaml.SafeLoader("").construct_object(node)
+    except (yaml.YAMLError, ValueError) as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{_where(path, node)}: {prefix or 'value'}: cannot read {node.value[:40]!r} ({e})") \
+            from None
+
+
+def _compose(text: str, origin: str) -> yaml.Node | None:
+    """Parse YAML into nodes (no values built, no tags acted on); one-line ConfigErrors naming `origin`."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{origin}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: YAML nested too deeply") from None
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
     try:
-        node = yaml.compose(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is not a compile config (at most {MAX_YAML_BYTES:,} bytes)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
+    node = _compose(text, str(path))
     if node is None:
         return {}, {}
     if not isinstance(node, yaml.MappingNode):
@@ -316,14 +366,18 @@ def _load_file(path: Path, chain: tuple = ()) -> tuple[dict, dict, list]:
 
 
 def parse_set(option: str) -> tuple[str, Any]:
-    """`key.path=value` -> (key, YAML-parsed value)."""
+    """`key.path=value` -> (key, the value read as safe YAML: no tags, bounded aliases; text that is not YAML
+    stays text)."""
     if "=" not in option:
         raise ConfigError(f"--set {option}: expected key.path=value")
     key, text = option.split("=", 1)
+    if not text.strip():
+        return key.strip(), None
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        node = _compose(text, f"--set {option}")
+    except ConfigError:
+        return key.strip(), text
+    value = None if node is None else _to_tree(node, f"--set {option}", key.strip(), {})
     return key.strip(), value
 
 

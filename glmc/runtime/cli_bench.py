@@ -65,9 +65,11 @@ def peak_memory(backend) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_backend_arguments(p)
-    p.add_argument("--prompt-length", type=int, default=128, help="prompt tokens per row (cut to the build's "
-                                                                  "max_input_length)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="prompt tokens per row (default: 128, or the build's max_input_length when smaller; a longer "
+                        "one is refused)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="tokens generated per row (default: 64, or what the context leaves when less; more is refused)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="batch sizes (default: 1 and min(8, the build's max_batch))")
     p.add_argument("--repeats", type=int, default=3, help="runs per batch size; the best is reported")
@@ -81,9 +83,18 @@ def run(args: argparse.Namespace) -> int:
     batches = args.batch or sorted({1, min(8, limit)})
     if max(batches) > limit:
         raise GlmcError(f"--batch {max(batches)} exceeds the build's max_batch of {limit}")
-    prompt_len = min(args.prompt_length, getattr(backend, "max_input_length", args.prompt_length),
-                     backend.max_length - 1)
-    new_tokens = min(args.new_tokens, backend.max_length - prompt_len)
+    if args.repeats < 1 or min(batches) < 1:
+        raise GlmcError("--repeats and --batch must be at least 1")
+    max_input = min(int(getattr(backend, "max_input_length", backend.max_length)), backend.max_length - 1)
+    prompt_len = min(128, max_input) if args.prompt_length is None else args.prompt_length
+    if not 1 <= prompt_len <= max_input:
+        raise GlmcError(f"--prompt-length {prompt_len}: the build takes prompts of 1 to {max_input} tokens (its "
+                        f"max_input_length; {args.build})")
+    room = backend.max_length - prompt_len
+    new_tokens = min(64, room) if args.new_tokens is None else args.new_tokens
+    if not 1 <= new_tokens <= room:
+        raise GlmcError(f"--new-tokens {new_tokens}: after a prompt of {prompt_len} tokens the build's "
+                        f"max_sequence_length of {backend.max_length} leaves room for 1 to {room} new tokens")
     vocab = getattr(backend, "vocab_size", None) or model.tokenizer.vocab_size
     console = Console(stderr=args.json == "-")
     rows = []

@@ -7,6 +7,7 @@ returning the last position's logits (float32 torch tensor) and `new_cache(batch
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -35,6 +36,9 @@ def check_step(total: int, seq: int, past: int, max_length: int, max_input_lengt
                         f"({where})")
 
 
+MIN_TEMPERATURE = 1e-3  # the smallest temperature that samples (0 is greedy)
+
+
 @dataclasses.dataclass
 class SamplingConfig:
     """How to pick each next token. temperature 0 means greedy."""
@@ -48,11 +52,31 @@ class SamplingConfig:
     stop_token_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
+        """Each field typed and in range, named when not: a wrong type or a value that would sample garbage
+        (a NaN, a temperature so small that logits / temperature overflow) is refused here, not deep in torch."""
+        ints = {"max_new_tokens": self.max_new_tokens, "top_k": self.top_k}
+        floats = {"temperature": self.temperature, "top_p": self.top_p, "repetition_penalty": self.repetition_penalty}
+        for name, v in ints.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise GlmcError(f"sampling: {name}={v!r} must be an integer, not {type(v).__name__}")
+        for name, x in floats.items():
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                raise GlmcError(f"sampling: {name}={x!r} must be a number, not {type(x).__name__}")
+            if not math.isfinite(x):
+                raise GlmcError(f"sampling: {name}={x!r} must be finite")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise GlmcError(f"sampling: seed={self.seed!r} must be an integer or None")
         for name, ok in (("max_new_tokens", self.max_new_tokens >= 0), ("temperature", self.temperature >= 0),
                          ("top_k", self.top_k >= 0), ("top_p", 0 < self.top_p <= 1),
                          ("repetition_penalty", self.repetition_penalty > 0)):
             if not ok:
                 raise GlmcError(f"sampling: {name}={getattr(self, name)} is out of range")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise GlmcError(f"sampling: temperature={self.temperature!r} is below {MIN_TEMPERATURE}: sampling that "
+                            "cold is greedy decoding in all but name, and logits / temperature overflow; use "
+                            "temperature=0 for greedy")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+            raise GlmcError(f"sampling: stop_token_ids={list(self.stop_token_ids)!r} must be integers")
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, history: torch.Tensor, generator: torch.Generator | None

@@ -91,21 +91,25 @@ def make_linear(n: int, k: int, bits: int, group: int):
     return lin
 
 
-def word_candidates(m: int, bits: int, group: int, n: int) -> set:
-    """The `wo` (M = 1) and `wodot` (int4, M = 16) configs tried."""
+def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
+    """The `wo` (M = 1) and `wodot` (int4, M = 16) configs tried: tile shapes x split-K chosen for 2 to 16 programs
+    per SM (the word kernels are latency-bound: more warps in flight read faster) x prefetch of the next tile."""
     from glmc.kernels.quantized_linear import GemvConfig
     out = set()
-    def auto(bn: int) -> int:
-        return max(1, min(8, 2 * 132 // -(-n // bn)))
+
+    def splits(bn: int, bk: int) -> set[int]:
+        tiles = -(-n // bn)
+        return {max(1, min(k // bk, round(p * 132 / tiles))) for p in (2, 4, 8, 16)}
     if m == 1:
-        for bn in (64, 128, 256):
-            for bk in ([256, 512] if bits == 8 and bn < 256 else [256] if bits == 8 else [128]):
-                out.add(GemvConfig("wo", bn, min(bk, group or bk), auto(bn), 4, 3))
-        if bits == 4:
-            out.add(GemvConfig("wo", 128, min(128, group or 128), 1, 4, 3))
+        bk = min(group or 256, 256 if bits == 8 else 128)
+        for bn, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
+            for split in splits(bn, bk):
+                for prefetch in (False, True):
+                    out.add(GemvConfig("wo", bn, bk, split, warps, 3, False, prefetch))
     elif bits == 4 and group in (0, 128):
-        out |= {GemvConfig("wodot", 64, 128, auto(64), 4, 3), GemvConfig("wodot", 128, 128, auto(128), 4, 3),
-                GemvConfig("wodot", 64, 128, 1, 4, 3)}
+        for bn in (64, 128):
+            for split in splits(bn, 128):
+                out.add(GemvConfig("wodot", bn, 128, split, 4, 3))
     return out
 
 
@@ -117,7 +121,7 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
     base = default_config(m, n, k, bits, group)
     out = {base}
     if bits != 16:
-        out |= word_candidates(m, bits, group, n)
+        out |= word_candidates(m, bits, group, n, k)
     hit = (base_tuned or {}).get(config_key(m, n, k, bits, group))
     if hit:
         out.add(GemvConfig(*hit))
@@ -174,7 +178,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                 assert best is not None
                 t, cfg = best
                 tuned[config_key(m, n, k, bits, group)] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split,
-                                                           cfg.num_warps, cfg.num_stages, cfg.magic]
+                                                           cfg.num_warps, cfg.num_stages, cfg.magic, cfg.prefetch]
                 if save is not None:
                     save()  # after every winner: a sweep cut short still leaves its table
                 moved = nbytes + m * k * 2 + cfg.split * m * n * 4

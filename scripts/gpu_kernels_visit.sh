@@ -4,7 +4,7 @@
 # shape with the tuned table.
 # Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [SWEEP: full|quick|words]
 #   words: sweep only int8/int4's word-variant GEMVs beside the shipped table's winners (no small kernels), and run
-#   only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch, the cuda target)
+#   only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -18,7 +18,7 @@ fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/visit.log"
 if [ "$SWEEP" = words ]; then
-  TESTS=(-k "quantized_linear_kernel or cuda_backend_greedy or words or configs")
+  TESTS=(-k "quantized_linear_kernel or cuda_backend_greedy")
   KARGS=(--precisions int8 int4-g128 --words-only --no-small)
 else
   TESTS=(-k "not cuda_target")
@@ -26,8 +26,8 @@ else
 fi
 timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py "${TESTS[@]}" -rs 2>&1 \
   | tee "$OUT/tests.log" | grep -v PASSED | tail -20
-timeout 80 python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py -k cuda_target -rs 2>&1 \
-  | tee -a "$OUT/tests.log" | tail -8
+[ "$SWEEP" = words ] || timeout 80 python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py -k cuda_target \
+  -rs 2>&1 | tee -a "$OUT/tests.log" | tail -8
 timeout 160 python3 benchmarks/bench_kernels.py --out "$OUT" "${KARGS[@]}" 2>&1 \
   | tee "$OUT/kernels.log" | grep -v "^{\|^  " | tail -45
 timeout 130 python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" 2>&1 \

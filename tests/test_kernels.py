@@ -199,7 +199,8 @@ def test_quantized_linear_kernel(bits, group, m):
                 cfgs += [GemvConfig("fma", 64, bk, 2, 4, 2, magic) for magic in (False, True)]
             if bits != 16:  # the word variants (PTX decode); the second shape's tiles do not divide N or K
                 bkw = min(group or 512, 128 if bits == 4 else 256)
-                cfgs.append(GemvConfig("wo", *((64, bkw, 1) if shape == 0 else (128, bkw, 3)), 4, 3))
+                cfgs += [GemvConfig("wo", 64, bkw, 1, 4, 3, False, True), GemvConfig("wo", 128, bkw, 4, 8, 3)] \
+                    if shape == 0 else [GemvConfig("wo", 128, bkw, 3, 4, 3, False, True)]  # prefetch needs even K
                 if bits == 4 and group in (0, 128):
                     cfgs.append(GemvConfig("wodot", *((64, 128, 1) if shape == 0 else (32, 128, 3)), 4, 3))
         for cfg in cfgs:

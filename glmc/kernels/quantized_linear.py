@@ -73,6 +73,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     magic: bool = False  # int4/int8: dequantize through fp16 bit patterns instead of int->float conversions
+    prefetch: bool = False  # wo: load the next tile's words and scales before computing this one's
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -315,13 +316,15 @@ def _word_codes(w, BITS: tl.constexpr, T: tl.constexpr):
 
 
 @jit
-def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, w_split,
+def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, kw, stride_xm, stride_wn, stride_sn, w_split,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, ASM: tl.constexpr):
+                    EVEN_K: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
     """One row of X (program axis 2) times BLOCK_N rows of weight words over this split's words -> partials.
     x_ptr: fp16 X (stride_xm in elements), xw_ptr: the same memory as int32 fp16 pairs; w_ptr: int32 words
-    [N, K / KPW] (stride_wn in words); w_split: words per split. EVEN_K: the words per row are a whole number of
-    tiles (no mask along K, so each thread's words load as one 16-byte access)."""
+    [N, kw] (kw = K / KPW words per row, stride_wn in words); w_split: words per split. EVEN_K: the words per row
+    are a whole number of tiles (no mask along K, so each thread's words load as one 16-byte access). PREFETCH (with
+    EVEN_K): the next tile's words (and group scales) are loaded before this tile is computed, so each warp keeps
+    two tiles of loads in flight (the last tile is loaded twice rather than masked)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     m = tl.program_id(2)
@@ -329,22 +332,33 @@ def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, strid
     WPB: tl.constexpr = BLOCK_K // KPW
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    kw = K // KPW
     j_lo = pid_s * w_split
     j_hi = tl.minimum(j_lo + w_split, kw)
     acc = tl.zeros((BLOCK_N, WPB), dtype=tl.float32)
     x_row = x_ptr + m * stride_xm
     xw_row = xw_ptr + m * (stride_xm // 2)
+    w_rows = w_ptr + rn[:, None] * stride_wn
+    OTHER: tl.constexpr = -2004318072 if BITS == 4 else 0  # int4: 0x88888888, every code 0
+    if PREFETCH and EVEN_K:
+        w_next = tl.load(w_rows + j_lo + tl.arange(0, WPB)[None, :], mask=nmask[:, None], other=OTHER)
+        if GROUP > 0:
+            s_next = tl.load(s_ptr + rn * stride_sn + (j_lo * KPW) // GROUP, mask=nmask, other=0.0)
     for j0 in range(j_lo, j_hi, WPB):
         j = j0 + tl.arange(0, WPB)
-        if EVEN_K:
+        if PREFETCH and EVEN_K:
             jmask = tl.full((WPB,), 1, tl.int1)
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=nmask[:, None],
-                        other=(-2004318072 if BITS == 4 else 0))  # int4: 0x88888888, every code 0
+            w = w_next
+            jn = tl.minimum(j0 + WPB, j_hi - WPB)  # the last tile's "next" is itself (in range, never used)
+            w_next = tl.load(w_rows + jn + tl.arange(0, WPB)[None, :], mask=nmask[:, None], other=OTHER)
+            if GROUP > 0:
+                s_cur = s_next
+                s_next = tl.load(s_ptr + rn * stride_sn + (jn * KPW) // GROUP, mask=nmask, other=0.0)
+        elif EVEN_K:
+            jmask = tl.full((WPB,), 1, tl.int1)
+            w = tl.load(w_rows + j[None, :], mask=nmask[:, None], other=OTHER)
         else:
             jmask = j < kw
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=nmask[:, None] & jmask[None, :],
-                        other=(-2004318072 if BITS == 4 else 0))
+            w = tl.load(w_rows + j[None, :], mask=nmask[:, None] & jmask[None, :], other=OTHER)
         if ASM:
             if BITS == 4:
                 xw = xw_row + 4 * j
@@ -366,7 +380,10 @@ def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, strid
                 xt = tl.load(x_row + KPW * j + t, mask=jmask, other=0.0).to(tl.float32)
                 part += _word_codes(w, BITS, t) * xt[None, :]
         if GROUP > 0:
-            s = tl.load(s_ptr + rn * stride_sn + (j0 * KPW) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            if PREFETCH and EVEN_K:
+                s = s_cur.to(tl.float32)
+            else:
+                s = tl.load(s_ptr + rn * stride_sn + (j0 * KPW) // GROUP, mask=nmask, other=0.0).to(tl.float32)
             acc += part * s[:, None]
         else:
             acc += part
@@ -542,10 +559,10 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
             grid = (cdiv(lin.n, cfg.block_n), split, m)
             kpw = 8 if lin.bits == 4 else 4
             _gemv_wo_kernel[grid](x, x.view(torch.int32) if x.dtype != torch.float32 else x, words, scale, out,
-                                  lin.n, lin.k, x.stride(0), words.stride(0), stride_sn, k_split // kpw,
+                                  lin.n, lin.k // kpw, x.stride(0), words.stride(0), stride_sn, k_split // kpw,
                                   BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                  EVEN_K=lin.k % cfg.block_k == 0, ASM=use_asm, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages)
+                                  EVEN_K=lin.k % cfg.block_k == 0, ASM=use_asm, PREFETCH=cfg.prefetch,
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         else:
             block_m = 16
             grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))

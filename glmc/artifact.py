@@ -31,6 +31,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
+
 from glmc.errors import GlmcError
 
 MANIFEST = "manifest.json"
@@ -349,3 +351,23 @@ def describe_target(build: Build, name: str) -> tuple[Path, Target]:
         why = spec.note or "its runtime config says so"
         raise GlmcError(f"{path}: ONNX Runtime cannot run the '{name}' lowering: {why}")
     return path, spec
+
+
+def cuda_unsupported(config: Any, dtype: str, kv8: bool) -> tuple[str, str] | None:
+    """What the cuda engine cannot hold, as (the compile-config key at fault, why), else None: the one list of
+    refusals that the cuda backend, `save_cuda_build` and the compile config's cross-checks share. `config` (the
+    model's architecture) may be None when only the precision is known."""
+    if dtype.replace("torch.", "") not in ("float16", "bfloat16", "fp16", "bf16"):
+        return "precision.dtype", (f"it runs float16 or bfloat16 models, not {dtype.replace('torch.', '')} (use "
+                                   "fp16 or bf16)")
+    if kv8:
+        return "precision.kv_cache", "an int8 KV cache is not supported yet (use a float KV cache)"
+    if config is None:
+        return None
+    if config.residual_post_layernorm:
+        return "model.checkpoint", "apply_residual_connection_post_layernorm=true models are not supported"
+    if config.num_heads % config.num_kv_heads:
+        return "model.checkpoint", f"{config.num_heads} query heads do not split into {config.num_kv_heads} KV groups"
+    if config.head_dim & (config.head_dim - 1) or config.head_dim < 16:
+        return "model.checkpoint", f"head dim {config.head_dim} must be a power of two >= 16"
+    return None

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from glmc.artifact import cuda_unsupported as unsupported
 from glmc.errors import GlmcError
 from glmc.kernels import attention as k_attention
 from glmc.kernels import norm as k_norm
@@ -66,26 +67,6 @@ class _Graph:
     past: torch.Tensor  # [1] int32: the new token's cache slot
     logits: torch.Tensor  # [B, V] float32
     next_ids: torch.Tensor  # [B] int64 (greedy)
-
-
-def unsupported(config: Any, dtype: str, kv8: bool) -> tuple[str, str] | None:
-    """What this backend cannot run, as (the compile-config key at fault, why), else None: the one list of refusals
-    that the backend, `save_cuda_build` and the compile config's cross-checks share. `config` (the model's
-    architecture) may be None when only the precision is known."""
-    if dtype.replace("torch.", "") not in ("float16", "bfloat16", "fp16", "bf16"):
-        return "precision.dtype", (f"it runs float16 or bfloat16 models, not {dtype.replace('torch.', '')} (use "
-                                   "fp16 or bf16)")
-    if kv8:
-        return "precision.kv_cache", "an int8 KV cache is not supported yet (use a float KV cache)"
-    if config is None:
-        return None
-    if config.residual_post_layernorm:
-        return "model.checkpoint", "apply_residual_connection_post_layernorm=true models are not supported"
-    if config.num_heads % config.num_kv_heads:
-        return "model.checkpoint", f"{config.num_heads} query heads do not split into {config.num_kv_heads} KV groups"
-    if config.head_dim & (config.head_dim - 1) or config.head_dim < 16:
-        return "model.checkpoint", f"head dim {config.head_dim} must be a power of two >= 16"
-    return None
 
 
 def _check_model(model: GLMForCausalLM) -> None:

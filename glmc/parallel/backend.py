@@ -34,6 +34,7 @@ import torch.distributed as dist
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import KVCache
 from glmc.parallel.ranks import ERROR_ENV, FORWARD, FREE, NEW, SPEC_ENV, STOP, RankSpec, Steps, init_group, load_shard
+from glmc.runtime.generate import check_step
 
 STARTUP_TIMEOUT_S = 300.0  # workers must join the group within this (import torch, connect)
 _live: list[weakref.ref] = []  # the running backends (one process group per process: at most one)
@@ -63,7 +64,8 @@ def _describe_exit(code: int | None) -> str:
 class TensorParallelBackend:
     """A GLM model split over `world` ranks (processes), driven from this process (rank 0)."""
 
-    def __init__(self, spec: RankSpec, max_length: int, max_batch: int | None = None):
+    def __init__(self, spec: RankSpec, max_length: int, max_batch: int | None = None,
+                 max_input_length: int | None = None):
         if any(ref() is not None and ref().alive for ref in _live):  # type: ignore[union-attr]
             raise GlmcError("a tensor-parallel model is already running in this process; close() it first "
                             "(torch.distributed has one default process group per process)")
@@ -77,6 +79,8 @@ class TensorParallelBackend:
         self.max_length = max_length
         if max_batch is not None:
             self.max_batch = max_batch
+        if max_input_length is not None:
+            self.max_input_length = max_input_length
         self.alive = False
         self.procs: list[subprocess.Popen] = []
         self._freed: list[int] = []
@@ -237,6 +241,9 @@ class TensorParallelBackend:
                 cache: RankCache) -> tuple[torch.Tensor, RankCache]:
         b, s = input_ids.shape
         t = attention_mask.shape[1]
+        check_step(t, s, t - s, self.max_length, getattr(self, "max_input_length", self.max_length), self.name)
+        if getattr(self, "max_batch", b) < b:
+            raise GlmcError(f"batch of {b} exceeds the build's max_batch of {self.max_batch} ({self.name})")
         self.steps.caches[cache.id] = cache.kv
         try:
             logits = self._call(FORWARD, cache.id, b, s, t, (input_ids, position_ids, attention_mask))
@@ -247,7 +254,7 @@ class TensorParallelBackend:
 
 def start(checkpoint: str | Path, world: int, dtype: str = "fp32", device: str = "cpu", family: str | None = None,
           max_length: int | None = None, max_batch: int | None = None, threads: int | None = None,
-          timeout_s: float = 600.0) -> TensorParallelBackend:
+          timeout_s: float = 600.0, max_input_length: int | None = None) -> TensorParallelBackend:
     """Start `world` ranks on a checkpoint directory: this process is rank 0. `device`: cpu (gloo) or cuda (NCCL,
     rank r on cuda:r). `max_length`: the KV cache's reach (default: the model's seq_length). `threads`: torch CPU
     threads per rank (default: the cores shared out among the ranks)."""
@@ -259,7 +266,7 @@ def start(checkpoint: str | Path, world: int, dtype: str = "fp32", device: str =
     dev = "cuda" if device.startswith("cuda") else "cpu"
     threads = threads or (max(1, (os.cpu_count() or 1) // world) if dev == "cpu" else 1)
     spec = RankSpec(str(checkpoint), world, dtype, dev, family, max_length, threads, timeout_s)
-    return TensorParallelBackend(spec, max_length, max_batch)
+    return TensorParallelBackend(spec, max_length, max_batch, max_input_length)
 
 
 def manifest_tensor_parallel(build: Any) -> int:
@@ -309,4 +316,5 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
     if dtype is None:  # as the single-device torch backend: the build's dtype on GPUs, float32 on the CPU
         dtype = build.dtype if lim and device.startswith("cuda") else "fp32"
     return start(build.checkpoint, n, dtype=dtype, device=device, family=build.family, max_length=length,
-                 max_batch=max_batch or (lim.max_batch if lim else None), threads=threads or None)
+                 max_batch=max_batch or (lim.max_batch if lim else None), threads=threads or None,
+                 max_input_length=lim.max_input_length if lim else None)

@@ -7,7 +7,7 @@ import sys
 import time
 
 from glmc.errors import GlmcError
-from glmc.runtime.cli_generate import SAMPLING_FLAGS, _DEFAULTS, sampling_from_args
+from glmc.runtime.cli_generate import _DEFAULTS, SAMPLING_FLAGS, sampling_from_args
 from glmc.runtime.loader import BACKENDS
 
 
@@ -15,10 +15,11 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that choose what runs a build (shared with `glmc bench`)."""
     p.add_argument("build", help="a glmc build directory (or a lowered model directory, or a checkpoint)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: TensorRT on a GPU that runs the engine, else ONNX Runtime, else torch")
+                   help="auto: on a CUDA GPU the build's cuda engine, else its TensorRT engine where it runs; else "
+                        "ONNX Runtime; else torch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     p.add_argument("--target", default=None, help="which ONNX lowering ONNX Runtime runs (default: onnxruntime, "
-                                                  "else reference)")
+                                                  "else reference, else tensorrt's graph)")
     p.add_argument("--max-length", type=int, default=None, help="cap on prompt + generation (<= the build's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime (0: its default)")
     p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",

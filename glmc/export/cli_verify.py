@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from glmc.artifact import TARGETS as ARTIFACT_TARGETS
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         verify["prompts"] = [[5, 17, 42, 99, 3, 250, 7, 8, 61], [11, 12, 13, 14]]
     with tempfile.TemporaryDirectory(prefix="glmc-verify-") as tmp:
         work = Path(args.work_dir or tmp).resolve()
-        tree = {"model": {"checkpoint": str(d.resolve()), "family": args.family},
+        tree: dict[str, Any] = {"model": {"checkpoint": str(d.resolve()), "family": args.family},
                 "precision": schema.precision_section(scheme), "targets": targets, "verify": verify,
                 "output": str(work / "build"), "cache_dir": str(work / "cache")}
         for option in args.overrides:

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,20 @@ def test_a_full_disk_fails_the_lock_cleanly_and_does_not_wedge_later_compiles(tm
         no_leftovers(disk)
 
 
+def test_a_full_disk_during_a_compile_is_one_line_and_leaves_nothing(shipped, tmp_path, capsys):
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:  # the cache is elsewhere; the build does not fit
+        out = disk / "b"
+        sets = [s for s in shipped["sets"] if not s.startswith("output=")] + [f"output={out}"]
+        assert main(["compile", str(CONFIG)] + [a for s in sets for a in ("--set", s)]) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err
+        assert re.fullmatch(rf"glmc compile: error: {re.escape(str(disk))}/\.b\.tmp-\d+/\S+: cannot write the build "
+                            r"file \([\d,]+ bytes\) \(the disk is full\)", last), last
+        assert list(disk.iterdir()) == []  # no half build, no lock
+    no_leftovers(shipped["root"])
+
+
 def test_the_lock_never_holds_partial_content(tmp_path):
     lock = Lock(tmp_path / "x.lock")
     lock.acquire()
@@ -320,9 +335,9 @@ def test_debug_adds_the_traceback(tmp_path, capsys):
 
 def test_api_arguments_are_checked_and_named(shipped):
     with pytest.raises(TypeError, match=r"glmc\.load: path=123 must be str or Path, not int"):
-        glmc.load(123)  # type: ignore[arg-type]
+        glmc.load(123)
     with pytest.raises(GlmcError, match=r"glmc\.load: max_length='5' must be int"):
-        glmc.load(shipped["build"], max_length="5")  # type: ignore[arg-type]
+        glmc.load(shipped["build"], max_length="5")
     model = glmc.load(shipped["build"])
     with pytest.raises(GlmcError, match=r"sampling: max_new_tokens='5' must be an integer, not str"):
         model.generate("Hello", max_new_tokens="5")
@@ -335,7 +350,7 @@ def test_api_arguments_are_checked_and_named(shipped):
     with pytest.raises(ArgumentError, match=r"prompt\[0\]: token id \d+ is outside the vocabulary"):
         model.generate([model.vocab_size])
     with pytest.raises(ArgumentError, match=r"prompt\[0\]: token ids are integers, not str"):
-        model.generate(["5"])  # type: ignore[list-item]
+        model.generate(["5"])
     with pytest.raises(ArgumentError, match=r"messages\[0\]: expected a \{'role': str, 'content': str\} dict"):
         model.chat([{"role": "user", "content": 5}])
     assert model.generate([5, 6, 7], max_new_tokens=2) is not None  # in range: runs

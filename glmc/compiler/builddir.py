@@ -304,9 +304,12 @@ def place(src: Path, dest: Path) -> None:
         return
     st = src.stat()
     first = _COPIED.get((st.st_dev, st.st_ino))
-    if first is not None and first.is_file():  # one cached file placed twice (an external-data file several
-        os.link(first, dest)                    # lowerings share): one copy in the build, linked within it
-    else:
-        copy_file(src, dest)
-        _COPIED[(st.st_dev, st.st_ino)] = dest
+    try:
+        if first is not None and first.is_file():  # one cached file placed twice (an external-data file several
+            os.link(first, dest)                    # lowerings share): one copy in the build, linked within it
+        else:
+            copy_file(src, dest)
+            _COPIED[(st.st_dev, st.st_ino)] = dest
+    except OSError as e:  # a full disk, above all: name the file (BuildDir removes the half-made build)
+        raise _os_error(dest, e, f"write the build file ({st.st_size:,} bytes)") from None
     _PLACED[str(dest.absolute())] = (_key(st), _key(dest.stat()))

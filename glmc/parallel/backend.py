@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,12 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def _first_sentence(e: BaseException) -> str:
+    """gloo's and NCCL's messages without their source location, cut after the first sentence."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().split("\n")[0]) or type(e).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 class TensorParallelBackend:
@@ -143,8 +150,7 @@ class TensorParallelBackend:
             f = self._error_file(rank)
             err = f.read_text().strip().splitlines() if f.is_file() else []
             if err or p.returncode not in (None, 0):
-                last = err[-1] if err else "no error report"
-                lines.append(f"rank {rank} ({_describe_exit(p.returncode)}): {last}")
+                lines.append(f"rank {rank} ({_describe_exit(p.returncode)})" + (f": {err[-1]}" if err else ""))
         self._abort()
         detail = "; ".join(lines) or "no worker reported an error"
         return GlmcError(f"tensor parallel ({self.world} ranks): {what}: {detail}")
@@ -221,9 +227,8 @@ class TensorParallelBackend:
                 cid = self._freed.pop()
                 self.steps.run(self.steps.header(FREE, cid))
             out = self.steps.run(self.steps.header(op, cache_id, batch, seq, total), inputs)
-        except RuntimeError as e:  # a collective failed: a peer is gone or broke
-            raise self._failure(f"a collective failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-                from None
+        except RuntimeError as e:  # mostly a collective that failed because a peer is gone or broke
+            raise self._failure(f"a step failed ({_first_sentence(e)})") from None
         except BaseException:  # Ctrl-C or an error of our own mid-step: the ranks are out of step, stop them all
             self._abort()
             raise

@@ -267,6 +267,40 @@ def test_full_queue_answers_503_with_retry_after(serve_build):
         assert max(scheduler.metrics.decode_steps) == 1  # one row: never more in a step
 
 
+def test_a_queued_request_that_hangs_up_leaves_the_queue(model):
+    """On the scheduler itself (its thread not started yet, so the queue holds still): a cancelled queued request
+    leaves the queue at once, with no prefill, and its place is free for the next."""
+    import asyncio
+
+    from glmc.runtime.chat_format import stop_ids
+    from glmc.serve.scheduler import QueueFull, Request, Scheduler
+    from glmc.serve.text import TextOut
+
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(make_rows(model.backend, 1), stop_ids(model.tokenizer), max_queue=1)
+
+    def request(n: int) -> Request:
+        return Request(model.prompt_ids("def main("), SamplingConfig(max_new_tokens=n),
+                       TextOut(model.tokenizer, chat=False), loop)
+
+    first, second = request(8), request(8)
+    scheduler.submit(first)
+    scheduler.submit(second)
+    with pytest.raises(QueueFull):
+        scheduler.submit(request(8))
+    scheduler.cancel(second)
+    assert (scheduler.queued, second.finish_reason, scheduler.metrics.requests["cancelled"]) == (1, "cancelled", 1)
+    third = request(8)
+    scheduler.submit(third)  # the place is free again
+    scheduler.start()
+    try:
+        wait_for(lambda: first.finish_reason is not None and third.finish_reason is not None)
+    finally:
+        scheduler.stop()
+        loop.close()
+    assert (first.finish_reason, third.finish_reason, scheduler.metrics.prefills) == ("length", "length", 2)
+
+
 def test_disconnect_frees_the_row_at_once(server):
     url, scheduler = server
     before = metric(url, 'glmc_requests_total{outcome="cancelled"}')

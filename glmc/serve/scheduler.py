@@ -35,7 +35,7 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity
 class Request:
     """One generation: what to run, and the events (text deltas, then the end) for whoever waits on it."""
 
@@ -123,10 +123,14 @@ class Scheduler:
             self._cv.notify()
 
     def cancel(self, req: Request) -> None:
-        """The client went away: the row is freed before the next decode step."""
+        """The client went away: a queued request leaves the queue now, a running one frees its row before the next
+        decode step."""
         if req.finish_reason is None:
             req.cancelled = True
             with self._cv:
+                if req in self._pending:  # not admitted yet: no row, nothing on the scheduler thread to undo
+                    self._pending.remove(req)
+                    self._end(req, "cancelled")
                 self._cv.notify()
 
     # ----------------------------------------------------------------------------------- the thread

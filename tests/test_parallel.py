@@ -226,8 +226,8 @@ def test_a_killed_rank_is_reported_and_nothing_is_left(tag):
         tp.procs[0].send_signal(signal.SIGKILL)
         tp.procs[0].wait()
         t0 = time.monotonic()
-        with pytest.raises(GlmcError, match=r"tensor parallel \(2 ranks\): a step failed \(Connection closed by "
-                                            r"peer .*\): rank 1 \(killed by SIGKILL\)$"):
+        with pytest.raises(GlmcError, match=r"tensor parallel \(2 ranks\): a step failed \(.*(closed|reset) by "
+                                            r"peer.*\): rank 1 \(killed by SIGKILL\)$"):
             trace(tp, steps=1)
         assert time.monotonic() - t0 < 30  # a dead peer fails the collective; nobody waits for the timeout
         with pytest.raises(GlmcError, match="the ranks have stopped"):
@@ -251,7 +251,7 @@ def test_cli_rank_failure_mid_run_exits_with_the_error(tag):
     p = _glmc("run", "--tensor-parallel", "2", "--raw", "--max-new-tokens", "20", str(SHIPPED), "def main(", env=env)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2, (out, err)
-    assert "glmc run: error: tensor parallel (2 ranks): a step failed (Connection closed by peer" in err
+    assert "glmc run: error: tensor parallel (2 ranks): a step failed (" in err  # gloo: closed / reset by peer
     assert "rank 1 (exit code 1): RuntimeError: injected fault (GLMC_TP_FAULT=1:step:3)" in err
     assert "Traceback" not in err
 

@@ -62,6 +62,12 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    backend = ref()
+    if backend is not None and backend.alive:
+        backend.close()
+
+
 def _first_sentence(e: BaseException) -> str:
     """gloo's and NCCL's messages without their source location, cut after the first sentence."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().split("\n")[0]) or type(e).__name__
@@ -89,14 +95,17 @@ class TensorParallelBackend:
         if max_input_length is not None:
             self.max_input_length = max_input_length
         self.alive = False
+        self.steps: Steps | None = None  # rank 0's shard and caches, while the ranks run
         self.procs: list[subprocess.Popen] = []
         self._freed: list[int] = []
         self._busy = False
         self._tmp = Path(tempfile.mkdtemp(prefix="glmc-tp-"))
         self._threads = torch.get_num_threads()
         _live.append(weakref.ref(self))
-        self._finalizer = weakref.finalize(self, TensorParallelBackend._reap, self.procs, self._tmp)
-        atexit.register(self._atexit)
+        # Dropped without close(): kill the workers and leave the group. At exit: close() (the weak reference lets a
+        # closed or dropped backend, and its shard, be freed before then).
+        self._finalizer = weakref.finalize(self, TensorParallelBackend._reap, self.procs, self._tmp, 0.0, True)
+        atexit.register(_close_at_exit, weakref.ref(self))
         try:
             self._start()
         except BaseException:
@@ -156,7 +165,7 @@ class TensorParallelBackend:
         return GlmcError(f"tensor parallel ({self.world} ranks): {what}: {detail}")
 
     @staticmethod
-    def _reap(procs: list[subprocess.Popen], tmp: Path, grace: float = 0.0) -> None:
+    def _reap(procs: list[subprocess.Popen], tmp: Path, grace: float = 0.0, leave_group: bool = False) -> None:
         """Make sure no worker survives: wait up to `grace` seconds for them to exit, close their stdin (a worker that
         missed everything else sees EOF and exits), then SIGTERM, then SIGKILL."""
         end = time.monotonic() + grace
@@ -178,6 +187,9 @@ class TensorParallelBackend:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if leave_group and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
         shutil.rmtree(tmp, ignore_errors=True)
 
     def _abort(self) -> None:
@@ -187,27 +199,27 @@ class TensorParallelBackend:
         if dist.is_initialized():
             with contextlib.suppress(Exception):  # a broken group may refuse to be torn down; the process goes on
                 dist.destroy_process_group()
+        self._release()
+
+    def _release(self) -> None:
+        """This process's share of the cleanup: its torch threads back, its shard freed, no finalizer left."""
         torch.set_num_threads(self._threads)
         self._finalizer.detach()
+        self.steps = None  # the shard and caches go; a stopped backend refuses calls
 
     def close(self) -> None:
         """Stop the workers (STOP, then wait) and leave the process group; idempotent."""
-        if self.alive and not self._busy:
+        if self.alive and not self._busy and self.steps is not None:
             try:
                 self.steps.header(STOP)
                 self.alive = False
                 self._reap(self.procs, self._tmp, grace=10.0)
                 dist.destroy_process_group()
-                torch.set_num_threads(self._threads)
-                self._finalizer.detach()
+                self._release()
                 return
             except Exception:  # noqa: BLE001 - fall through to the hard way
                 pass
         self._abort()
-
-    def _atexit(self) -> None:
-        if self.alive or self.procs:
-            self.close()
 
     def __enter__(self) -> TensorParallelBackend:
         return self
@@ -217,16 +229,20 @@ class TensorParallelBackend:
 
     # ------------------------------------------------------------------------------------------ Backend protocol
 
+    def _running(self) -> Steps:
+        if not self.alive or self.steps is None:
+            raise GlmcError(f"tensor parallel ({self.world} ranks): the ranks have stopped (closed or failed)")
+        return self.steps
+
     def _call(self, op: int, cache_id: int, batch: int = 0, seq: int = 0, total: int = 0,
               inputs: tuple[torch.Tensor, ...] | None = None) -> Any:
-        if not self.alive:
-            raise GlmcError(f"tensor parallel ({self.world} ranks): the ranks have stopped (closed or failed)")
+        steps = self._running()
         self._busy = True
         try:
             while self._freed:  # caches rank 0 dropped since the last call: the workers drop theirs
                 cid = self._freed.pop()
-                self.steps.run(self.steps.header(FREE, cid))
-            out = self.steps.run(self.steps.header(op, cache_id, batch, seq, total), inputs)
+                steps.run(steps.header(FREE, cid))
+            out = steps.run(steps.header(op, cache_id, batch, seq, total), inputs)
         except RuntimeError as e:  # mostly a collective that failed because a peer is gone or broke
             raise self._failure(f"a step failed ({_first_sentence(e)})") from None
         except BaseException:  # Ctrl-C or an error of our own mid-step: the ranks are out of step, stop them all
@@ -237,8 +253,9 @@ class TensorParallelBackend:
 
     def new_cache(self, batch: int) -> RankCache:
         handle = RankCache([])
+        steps = self._running()
         self._call(NEW, handle.id, batch)
-        handle.kv = self.steps.caches.pop(handle.id)
+        handle.kv = steps.caches.pop(handle.id)
         weakref.finalize(handle, self._freed.append, handle.id)
         return handle
 
@@ -249,11 +266,12 @@ class TensorParallelBackend:
         check_step(t, s, t - s, self.max_length, getattr(self, "max_input_length", self.max_length), self.name)
         if getattr(self, "max_batch", b) < b:
             raise GlmcError(f"batch of {b} exceeds the build's max_batch of {self.max_batch} ({self.name})")
-        self.steps.caches[cache.id] = cache.kv
+        steps = self._running()
+        steps.caches[cache.id] = cache.kv
         try:
             logits = self._call(FORWARD, cache.id, b, s, t, (input_ids, position_ids, attention_mask))
         finally:
-            cache.kv = self.steps.caches.pop(cache.id, cache.kv)
+            cache.kv = steps.caches.pop(cache.id, cache.kv)
         return logits[:, -1].float().cpu(), cache
 
 

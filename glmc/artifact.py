@@ -16,8 +16,8 @@ A build directory (written by glmc.compiler.builddir, read by glmc.runtime.loade
     verify.json                  the verification report
     .glmc-verified.json          (VERIFIED) not in the manifest: the sha256 of each file with the size, mtime,
                                  ctime and inode it was computed at, so that opening a build rehashes only the
-                                 files that changed since (`check_files`); rewritten when stale, skipped when the
-                                 build directory is read-only
+                                 files that changed since (`check_files`); rewritten when stale (kept in the
+                                 user's cache instead when the build directory is read-only)
 
 One writer and one reader per file: glmc.export.lower writes the runtime config (`write_runtime_config`), the ONNX
 Runtime backend and the verifier read it (`read_runtime_config`, `session_of`); the pipeline writes the manifest,
@@ -26,6 +26,7 @@ Runtime backend and the verifier read it (`read_runtime_config`, `session_of`); 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -180,35 +181,58 @@ def file_table_of(manifest: dict, where: object = MANIFEST) -> dict[str, dict]:
     return files
 
 
+def _memo_paths(root: Path) -> list[Path]:
+    """Where a build's digest memo may be: beside its manifest, else (a read-only build) in the user's cache,
+    named by the build's real path (the stamps' inode and device make a stale entry harmless)."""
+    paths = [root / VERIFIED]
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory
+        return paths
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+    return paths + [base / "glmc" / "verified" / f"{key}.json"]
+
+
 def write_verified(root: Path, digests: dict[str, str]) -> None:
-    """Record `digests` (relative path -> sha256) with each file's current stamp in VERIFIED (atomically; quietly
-    nothing where the build is read-only)."""
+    """Record `digests` (relative path -> sha256) with each file's current stamp in VERIFIED (atomically), or where
+    the build is read-only in the user's cache (`_memo_paths`); quietly nothing where neither can be written."""
     table = {}
     for name, digest in digests.items():
         try:
             table[name] = {"sha256": digest, "stamp": _stamp((root / name).stat())}
         except OSError:
             continue
-    tmp = root / f"{VERIFIED}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps({"files": table}))
-        os.replace(tmp, root / VERIFIED)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    for path in _memo_paths(root):
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"files": table}))
+            os.replace(tmp, path)
+            return
+        except OSError:
+            with contextlib.suppress(OSError):  # (a read-only filesystem refuses even this)
+                tmp.unlink(missing_ok=True)
+
+
+def _read_memos(root: Path) -> list[dict]:
+    memos = []
+    for path in _memo_paths(root):
+        try:
+            memo = json.loads(path.read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(memo, dict):
+            memos.append(memo)
+    return memos
 
 
 def check_files(root: str | Path, manifest: dict, rehash: bool = False) -> tuple[list[str], dict]:
-    """(the files that differ from the manifest, what was done): a file whose stamp matches VERIFIED is taken as
-    verified, any other is rehashed (all of them with `rehash`). Each bad entry reads `path: why`."""
+    """(the files that differ from the manifest, what was done): a file whose stamp matches the digest memo
+    (VERIFIED) is taken as verified, any other is rehashed (all of them with `rehash`). Each bad entry reads
+    `path: why`."""
     root = Path(root)
     files = file_table_of(manifest, root / MANIFEST)
-    memo: dict = {}
-    if not rehash:
-        try:
-            memo = json.loads((root / VERIFIED).read_text()).get("files", {})
-        except (OSError, ValueError, AttributeError):
-            memo = {}
-        memo = memo if isinstance(memo, dict) else {}
+    memos = [] if rehash else _read_memos(root)
     bad, fresh, hashed, hashed_bytes = [], {}, 0, 0
     for name, f in files.items():
         p = root / name
@@ -220,8 +244,8 @@ def check_files(root: str | Path, manifest: dict, rehash: bool = False) -> tuple
         if st.st_size != f["bytes"]:
             bad.append(f"{name}: {st.st_size:,} bytes, the manifest says {f['bytes']:,}")
             continue
-        m = memo.get(name)
-        if isinstance(m, dict) and m.get("sha256") == f["sha256"] and m.get("stamp") == _stamp(st):
+        if any(isinstance(m := memo.get(name), dict) and m.get("sha256") == f["sha256"]
+               and m.get("stamp") == _stamp(st) for memo in memos):
             fresh[name] = f["sha256"]
             continue
         try:

@@ -19,7 +19,7 @@ import pytest
 
 import glmc
 from glmc.api import ArgumentError, MessageTooLong
-from glmc.artifact import MANIFEST, TRUST_ENV, check_files, file_sha256
+from glmc.artifact import MANIFEST, TRUST_ENV, VERIFIED, check_files, file_sha256
 from glmc.cli import main
 from glmc.compiler import schema
 from glmc.compiler.builddir import BuildDir, Lock
@@ -84,6 +84,24 @@ def test_a_fresh_build_opens_without_rehashing_and_a_copy_rehashes_once(shipped,
     os.utime(build / "verify.json")  # touched: that one file is rehashed
     assert check_files(build, m)[1]["hashed"] == 1
     assert check_files(build, m, rehash=True)[1]["hashed"] == len(m["files"])  # inspect --check-files
+
+
+def test_a_read_only_build_keeps_its_digest_memo_in_the_user_cache(shipped, tmp_path, monkeypatch):
+    """A build on a read-only filesystem (an install in /opt, a read-only mount): the memo goes to
+    $XDG_CACHE_HOME/glmc/verified/, so only the first open rehashes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with small_tmpfs(tmp_path / "ro", "64m") as ro:
+        shutil.copytree(shipped["build"], ro / "b", ignore=shutil.ignore_patterns(VERIFIED))
+        r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount read-only here ({r.stderr.decode().strip()})")
+        m = json.loads((ro / "b" / MANIFEST).read_text())
+        assert check_files(ro / "b", m)[1]["hashed"] == len(m["files"])
+        assert check_files(ro / "b", m)[1]["hashed"] == 0
+        assert glmc.load(ro / "b").backend.name == "onnxruntime"
+        memos = list((tmp_path / "xdg" / "glmc" / "verified").iterdir())
+        assert len(memos) == 1 and not (ro / "b" / VERIFIED).exists()
+    no_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("keep_times", [False, True])

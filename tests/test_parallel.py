@@ -256,16 +256,24 @@ def test_cli_rank_failure_mid_run_exits_with_the_error(tag):
     assert "Traceback" not in err
 
 
-def test_cli_ctrl_c_stops_every_rank(tag):
-    """Ctrl-C in a terminal signals the whole foreground process group: rank 0 and the workers."""
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9 rank 0"])
+def test_cli_stopped_from_outside_leaves_no_rank(how, tag):
+    """Ctrl-C in a terminal signals the whole foreground process group (rank 0 and the workers): exit 130. A SIGKILL
+    of rank 0 alone gives it no chance to clean up: its worker must notice (its stdin closes) and exit."""
     p = _glmc("run", "--tensor-parallel", "2", "--raw", "--max-new-tokens", "900", "--max-length", "1000",
               str(SHIPPED), "import", env=dict(os.environ), start_new_session=True)
     deadline = time.monotonic() + 240
     while len(tagged(tag)) < 2 and time.monotonic() < deadline:  # rank 0 and its worker are up
         time.sleep(0.2)
-    time.sleep(3)  # loading or generating: either way Ctrl-C must stop both
+    time.sleep(3)  # loading or generating: either way both must stop
     assert p.poll() is None, p.communicate()
-    os.killpg(p.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        p.kill()
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "interrupted" in err
+    if how == "ctrl-c":
+        assert p.returncode == 130, err
+        assert "interrupted" in err
+    else:
+        assert p.returncode == -signal.SIGKILL  # and the tag fixture checks that the worker went too

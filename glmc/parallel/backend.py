@@ -277,14 +277,15 @@ class TensorParallelBackend:
 
 def start(checkpoint: str | Path, world: int, dtype: str = "fp32", device: str = "cpu", family: str | None = None,
           max_length: int | None = None, max_batch: int | None = None, threads: int | None = None,
-          timeout_s: float = 600.0, max_input_length: int | None = None) -> TensorParallelBackend:
+          timeout_s: float = 600.0, max_input_length: int | None = None,
+          where: str = "tensor_parallel") -> TensorParallelBackend:
     """Start `world` ranks on a checkpoint directory: this process is rank 0. `device`: cpu (gloo) or cuda (NCCL,
     rank r on cuda:r). `max_length`: the KV cache's reach (default: the model's seq_length). `threads`: torch CPU
     threads per rank (default: the cores shared out among the ranks)."""
     from glmc.modeling_patches.config import load_config
     from glmc.parallel.shard import check_world
     config = load_config(checkpoint, family=family)
-    check_world(config, world, "tensor_parallel")
+    check_world(config, world, where)
     max_length = max_length or config.seq_length
     dev = "cuda" if device.startswith("cuda") else "cpu"
     threads = threads or (max(1, (os.cpu_count() or 1) // world) if dev == "cpu" else 1)
@@ -311,7 +312,7 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
     explicit = tensor_parallel is not None
     n = tensor_parallel if tensor_parallel is not None else manifest_tensor_parallel(build)
     where = "--tensor-parallel" if explicit else f"{build.root}: parallel.tensor"
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise GlmcError(f"{where}: tensor-parallel size {n!r} must be an integer >= 1")
     if n == 1:
         return None
@@ -340,4 +341,4 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
         dtype = build.dtype if lim and device.startswith("cuda") else "fp32"
     return start(build.checkpoint, n, dtype=dtype, device=device, family=build.family, max_length=length,
                  max_batch=max_batch or (lim.max_batch if lim else None), threads=threads or None,
-                 max_input_length=lim.max_input_length if lim else None)
+                 max_input_length=lim.max_input_length if lim else None, where=where)

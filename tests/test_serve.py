@@ -119,6 +119,9 @@ def test_chat_and_completions_equal_glmc_load(server, model):
     expected_text = model.generate("def main(", max_new_tokens=24)
     r = c.completions.create(model=name, prompt="def main(", temperature=0, max_tokens=24)
     assert r.choices[0].text == expected_text and r.choices[0].finish_reason == "length"
+    # a temperature too close to 0 to sample with is greedy, as OpenAI-style servers treat it (not a 500)
+    r = c.completions.create(model=name, prompt="def main(", temperature=1e-5, max_tokens=24)
+    assert r.choices[0].text == expected_text
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(model.prompt_ids("def main(")), 24)
     streamed = list(c.completions.create(model=name, prompt="def main(", temperature=0, max_tokens=24, stream=True))
     assert "".join(ch.choices[0].text for ch in streamed) == expected_text and len(streamed) > 2

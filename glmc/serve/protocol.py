@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from glmc.errors import GlmcError
+from glmc.runtime.generate import MIN_TEMPERATURE
 
 # fields glmc reads; the OpenAI fields below are accepted only at the value that changes nothing
 COMMON = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user")
@@ -156,8 +157,10 @@ def parse(body: Any, kind: str) -> Job:
         raise bad("stream_options", "expected {\"include_usage\": true|false}")
     if options and not stream:
         raise bad("stream_options", "only allowed with stream: true")
-    return Job(kind=kind, chat=kind == "chat", prompt=prompt, max_tokens=max_tokens,
-               temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if temperature < MIN_TEMPERATURE:  # as OpenAI-style servers do: a temperature this close to 0 is greedy
+        temperature = 0.0
+    return Job(kind=kind, chat=kind == "chat", prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), seed=seed,
                stop=_stop(body.get("stop")), stream=bool(stream), include_usage=bool(options.get("include_usage")))
 

@@ -503,9 +503,11 @@ def test_compile_end_to_end_all_targets(project, weights, capsys):
     # verification: torch vs every lowering ONNX Runtime runs, tensorrt's graph included
     v = m["verification"]
     assert v["passed"] and set(v["targets"]) == {"reference", "onnxruntime", "tensorrt"}
-    for metrics in v["targets"].values():
+    for t, metrics in v["targets"].items():  # (int8/int4: onnxruntime's int8 activations have their own bound)
         assert metrics["greedy_agree"] == 4 and metrics["top1"] == 1.0
-        assert max(metrics["prefill_rel"], metrics["decode_rel"]) <= 1e-4
+        bound = metrics.get("tolerance", v["tolerance"])["rel"]  # measured 3.3e-2 (int8, int4) against 1e-1
+        assert bound == (1e-1 if t == "onnxruntime" and weights != "float" else 1e-4)
+        assert max(metrics["prefill_rel"], metrics["decode_rel"]) <= bound, (t, metrics)
     # quantized weights + quantization.json travel in model/; float weights live in the ONNX files
     assert (out / "model" / "config.json").is_file()
     assert (out / "model" / "quantization.json").is_file() == (weights != "float")
@@ -629,8 +631,8 @@ def runs_what_was_verified(out: Path, m: dict) -> None:
     prompts, steps = m["verification"]["prompts"], m["config"]["verify"]["steps"]
     reference = glmc.load(out, backend="torch").backend
     ref = greedy_trace(reference, prompts, steps)
-    bound = m["verification"]["tolerance"]["rel"]
     for t in m["targets"]:
+        bound = m["verification"]["targets"].get(t, {}).get("tolerance", m["verification"]["tolerance"])["rel"]
         path = out / "onnx" / t / "model.onnx"
         if t == "onnx":
             with pytest.raises(GlmcError, match="cannot run the 'onnx' lowering: it keeps the glmc:: custom ops"):

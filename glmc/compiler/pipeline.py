@@ -297,10 +297,14 @@ def encode_prompts(source: ModelSource, prompts: Sequence[str | Sequence[int]]) 
     return ids
 
 
-# Options that change the math on purpose are held to their own bounds: int8 activations (measured 0.5-0.7%
-# relative logits error on the shipped model; 5x margin); an int8 cache folded into GQA, which attends to the
-# quantized new tokens (measured 3-9% on tiny random models with 4 calibration samples: docs/onnx.md)
-OPTION_BOUNDS = {"int8_activations": 3e-2, "fold_kv8": 0.2}
+# Options that change the math on purpose are held to their own bounds. int8 activations (MatMulNBits
+# accuracy_level 4, the CPU default for int8/int4 weights): max relative logits error measured 6.1-6.8e-3 on the
+# shipped model, 3.4-3.9e-2 on a 291M-parameter random-weight model and up to 6.4e-2 on the tiny random test
+# models (docs/onnx.md, docs/runtime.md), so 1e-1; a lowering bug (wrong codes, nibble order or scales) is off by
+# O(1). Its top-1 and greedy disagreements count as ties only where its own measured error explains them
+# (Tolerance.ties_within_error). An int8 cache folded into GQA attends to the quantized new tokens (measured
+# 3-9% on tiny random models with 4 calibration samples: docs/onnx.md).
+OPTION_BOUNDS = {"int8_activations": 1e-1, "fold_kv8": 0.2}
 
 
 def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
@@ -338,7 +342,8 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
         fast = verify_mod.verify(model, {"onnxruntime": lowered["onnxruntime"]}, prompts, steps=v.steps,
                                  max_batch=lim.max_batch,
                                  tolerance=dataclasses.replace(tol, rel=loose, top1=min(tol.top1, 0.9),
-                                                               greedy_fraction=min(tol.greedy_fraction, 0.5)))
+                                                               greedy_fraction=min(tol.greedy_fraction, 0.5),
+                                                               ties_within_error=inp.onnxruntime.int8_activations))
         report["targets"]["onnxruntime"] = {**fast["targets"]["onnxruntime"], "tolerance": fast["tolerance"]}
         report["passed"] = all(m["passed"] for m in report["targets"].values())
     report["prompts"] = prompts

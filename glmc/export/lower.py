@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from glmc.artifact import target as target_spec
 from glmc.artifact import write_runtime_config
 from glmc.errors import GlmcError
 from glmc.export.external import inline_sparse, locations, share
@@ -115,6 +116,8 @@ def fold_norm_casts(view: GraphView) -> int:
                 or view.elem_type(up.input[0]) not in (half, None)):
             continue
         scale = view.array(norm.input[1])
+        if scale is None:
+            continue
         narrow = scale.astype(np.float16)
         if not np.array_equal(narrow.astype(scale.dtype), scale):
             continue
@@ -264,7 +267,12 @@ def lower_file(src: str | Path, target: str, dst: str | Path, fold_kv8: bool = F
     lower_model(model, target, str(src.parent), fold_kv8=fold_kv8, accuracy_level=accuracy_level,
                 padded_batches=padded_batches)
     share(src.parent, dst.parent, inline_sparse(model, src.parent))
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
+    # Weights go to a data file whenever ONNX Runtime runs the lowering (not only past protobuf's 2 GB): ORT maps an
+    # external data file and reads each tensor in place, where weights embedded in model.onnx are parsed into the
+    # model proto and then copied into tensors, briefly three copies (measured on a 291M-parameter int8 graph,
+    # peak RSS above the interpreter's: 1239 MiB embedded, 502 MiB external; docs/runtime.md "Memory").
+    large = (sum(len(t.raw_data) for t in model.graph.initializer) > (1 << 30) or bool(external)
+             or target_spec(target).onnxruntime)
     data_name = dst.name + ".data"
     if data_name in external:  # e.g. build/onnxruntime/model.onnx next to a link of the export's model.onnx.data
         data_name = dst.name + f".{target}.data"

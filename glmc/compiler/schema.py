@@ -66,7 +66,8 @@ FIELDS: dict[str, Field] = {
                                                       "weights; false = the exact float path", nullable=True),
     "precision.kv_cache": Field("str", "float", "float (kept in `dtype`) | int8 (calibrated scales)",
                                 choices=("float", "int8")),
-    "precision.kv_granularity": Field("str", "channel", "int8 KV cache scale granularity (channel: per KV head and channel)",
+    "precision.kv_granularity": Field("str", "channel", "int8 KV cache scale granularity (channel: per KV head "
+                                                        "and channel)",
                                       choices=("tensor", "head", "channel")),
     "calibration.source": Field("str", "builtin", "KV-cache calibration text: builtin (shipped with glmc) or a "
                                                   ".txt / .jsonl file"),
@@ -543,11 +544,10 @@ def _cross_checks(data: dict, where: dict) -> None:
 
 
 def _check_cuda(data: dict, where: dict, arch: Any) -> None:
-    """The cuda target: what its backend refuses (glmc.runtime.backend_cuda.unsupported), named by key."""
-    from glmc.runtime.backend_cuda import unsupported
+    """The cuda target: what the engine cannot hold (glmc.artifact.cuda_unsupported), named by key."""
+    from glmc.artifact import cuda_unsupported as unsupported
     prec = data["precision"]
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[prec["dtype"]]
-    why = unsupported(arch, dtype, prec["kv_cache"] == "int8")
+    why = unsupported(arch, prec["dtype"], prec["kv_cache"] == "int8")
     if why is not None:
         key, reason = why
         raise ConfigError(f"{where.get(key, where.get('targets', 'config'))}: {key}: the cuda target cannot run "

@@ -374,7 +374,7 @@ def test_cuda_target_refusals_name_the_key(tmp_path):
     cfg.write_text("extends: [%s]\nprecision:\n  dtype: fp32\ntargets: [onnxruntime, cuda]\n"
                    % (CONFIGS / "models" / "glmc-tiny.yaml"))
     with pytest.raises(ConfigError, match=rf"{cfg}:3: precision\.dtype: the cuda target .*float16 or bfloat16 "
-                                          rf".*not float32 \(use fp16 or bf16\).*\({cfg}:4\)"):
+                                          rf".*not fp32 \(use fp16 or bf16\).*\({cfg}:4\)"):
         schema.load(cfg, check_files=False)
     with pytest.raises(ConfigError, match=r"precision\.kv_cache: .*int8 KV cache is not supported"):
         schema.load(CONFIGS / "glmc-tiny-kv8.yaml", ["precision.dtype=fp16", "targets=[onnxruntime,cuda]"],

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
+from glmc.artifact import open_build
 from glmc.errors import GlmcError
 from glmc.export.lower import lower_file
 from glmc.export.onnx_export import export
 from glmc.runtime.backend_onnxruntime import OnnxRuntimeBackend
 from glmc.runtime.backend_torch import TorchBackend
 from glmc.runtime.generate import SamplingConfig, generate, stream
-from glmc.artifact import open_build
 from glmc.runtime.loader import make_backend, pick
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: left padding in a batch
@@ -87,7 +88,7 @@ def test_int8_weights_and_kv_cache(quantized):
     assert backend.kv_type == np.int8
     expected = generate(TorchBackend(model, 64), PROMPTS, GREEDY)
     got = generate(backend, PROMPTS, GREEDY)
-    agree = np.mean([a == b for e, g in zip(expected, got) for a, b in zip(e, g)])
+    agree = np.mean([a == b for e, g in zip(expected, got, strict=False) for a, b in zip(e, g, strict=False)])
     assert agree >= 0.95, agree
 
 
@@ -158,7 +159,9 @@ def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, target, tmp_pat
     allocated = {v.data_ptr() for bufs in backend._buffers for v in bufs}
     assert len(allocated) == (1 if backend.shared else 2) * 2 * model.config.num_layers
     assert backend.bound_pointers == allocated  # 12 runs, the same buffers
-    profile = json.loads(open(backend.end_profiling()).read())
+    profile_file = backend.end_profiling()
+    assert profile_file is not None  # profiling was on
+    profile = json.loads(Path(profile_file).read_text())
     runs = [e for e in profile if e.get("name") == "model_run"]
     nodes = {e["args"]["op_name"] for e in profile if e.get("cat") == "Node"}
     assert len(runs) == steps  # prefill + steps - 1 decode runs
@@ -166,12 +169,12 @@ def test_cache_stays_in_the_same_buffers_and_matches_torch(fp32, target, tmp_pat
 
     # The cache after the loop vs torch's cache of the full rows.
     from glmc.runtime.generate import left_pad
-    rows = [p + o[:-1] for p, o in zip(PROMPTS[:2], out)]  # the last token was sampled, never fed
+    rows = [p + o[:-1] for p, o in zip(PROMPTS[:2], out, strict=False)]  # the last token was sampled, never fed
     ids, mask, pos = left_pad(rows)
     _, cache = TorchBackend(model, 64).forward(ids, pos, mask, model.empty_cache(2))
     total = ids.shape[1]
     which = 0 if backend.shared else steps % 2  # separate buffers: the first run wrote buffer 1, then alternate
-    for (k, v), kb, vb in zip(cache, backend._buffers[0::2], backend._buffers[1::2]):
+    for (k, v), kb, vb in zip(cache, backend._buffers[0::2], backend._buffers[1::2], strict=False):
         for ref, buf in ((k, kb), (v, vb)):
             flat = buf[which].numpy().reshape(-1)
             if backend.shared:  # bound as [2, Hkv, max_length, D]
@@ -202,9 +205,9 @@ def test_loader_on_a_lowered_model_dir(fp32):
     assert build.onnx == {"onnxruntime": path}
     assert pick(build, "auto", "cpu", None) == ("onnxruntime", "cpu", "onnxruntime")
     # the path names one lowering: that graph runs, nothing else is substituted for it
-    with pytest.raises(GlmcError, match="names the 'onnxruntime' lowering.*target 'reference' was asked"):
+    with pytest.raises(GlmcError, match=r"names the 'onnxruntime' lowering.*target 'reference' was asked"):
         pick(build, "onnxruntime", "cpu", "reference")
-    with pytest.raises(GlmcError, match="names the 'onnxruntime' lowering.*the torch backend was asked"):
+    with pytest.raises(GlmcError, match=r"names the 'onnxruntime' lowering.*the torch backend was asked"):
         pick(build, "torch", "cpu", None)
     backend = make_backend(build, max_length=48)
     assert backend.max_length == 48 and backend.name == "onnxruntime"
@@ -233,7 +236,8 @@ def test_tensorrt_backend_matches_onnxruntime(tmp_path):  # pragma: no cover - r
     paths = _lowered(model, tmp_path, ("tensorrt",))
     limits = {"max_batch": 4, "max_input_length": 16, "max_sequence_length": 64}
     major, minor = torch.cuda.get_device_capability()
-    info = build_engine(paths["tensorrt"], tmp_path / "model.engine", limits, compute_capabilities=[f"sm{major}{minor}"])
+    info = build_engine(paths["tensorrt"], tmp_path / "model.engine", limits,
+                        compute_capabilities=[f"sm{major}{minor}"])
     backend = TensorRTBackend(tmp_path / "model.engine", info, max_length=64, max_batch=4, max_input_length=16)
     assert generate(backend, PROMPTS, GREEDY) == generate(TorchBackend(model, 64), PROMPTS, GREEDY)
 
@@ -276,8 +280,10 @@ def test_shipped_model_same_text_on_every_backend(tiny_build):
 def test_auto_backend_and_limits_of_a_build(tiny_build):
     from glmc.api import load
     model = load(tiny_build)  # auto: no engine here, so ONNX Runtime on the fast lowering
-    assert model.backend.name == "onnxruntime" and model.backend.path.parent.name == "onnxruntime"
-    assert (model.backend.max_length, model.backend.max_batch, model.backend.max_input_length) == (256, 2, 64)
+    backend = model.backend
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert backend.name == "onnxruntime" and backend.path.parent.name == "onnxruntime"
+    assert (backend.max_length, backend.max_batch, backend.max_input_length) == (256, 2, 64)
     with pytest.raises(GlmcError, match=f"max_input_length of 64 .*{tiny_build.name}"):
         model.generate(" ".join(["word"] * 200), max_new_tokens=4)
     with pytest.raises(GlmcError, match="max_sequence_length 512 exceeds the build's limit of 256"):
@@ -288,8 +294,9 @@ def test_auto_backend_and_limits_of_a_build(tiny_build):
 
 def test_glmc_run_chat_and_bench_commands(tiny_build, capsys, monkeypatch, tmp_path):
     import io
-    from glmc.cli import main
+
     from glmc.api import load
+    from glmc.cli import main
     model = load(tiny_build)
     assert main(["run", str(tiny_build), "Hello", "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out == model.generate("Hello", chat=True, max_new_tokens=16) + "\n"

@@ -40,9 +40,10 @@ from glmc.errors import GlmcError
 from glmc.runtime.generate import check_step
 
 # ONNX type -> (element type for OrtValue/IO binding: numpy type, or the ONNX enum where numpy has none; bytes; torch)
-_TYPES = {"tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
-          "tensor(bfloat16)": (16, 2, torch.bfloat16), "tensor(int8)": (np.int8, 1, torch.int8),
-          "tensor(uint8)": (np.uint8, 1, torch.uint8)}
+_TYPES: dict[str, tuple[type[np.generic] | int, int, torch.dtype]] = {
+    "tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
+    "tensor(bfloat16)": (16, 2, torch.bfloat16), "tensor(int8)": (np.int8, 1, torch.int8),
+    "tensor(uint8)": (np.uint8, 1, torch.uint8)}
 
 
 def past_feeds_gqa_only(onnx_path: str | Path, past_names: list[str]) -> bool:
@@ -94,6 +95,10 @@ class OnnxRuntimeBackend:
     """A lowered ONNX model behind the generation loop (`forward` returns last-position float32 logits on CPU)."""
 
     name = "onnxruntime"
+    # set by _describe_io, which __init__ calls
+    shared: bool
+    past_names: list[str]
+    kv_type: type[np.generic] | int
 
     def __init__(self, onnx_path: str | Path, max_length: int, max_batch: int = 1, device: str = "cpu",
                  max_input_length: int | None = None, threads: int = 0, profile: str | None = None,
@@ -130,9 +135,9 @@ class OnnxRuntimeBackend:
         want_graph = cuda_graph if cuda_graph is not None else (
             self.device_type == "cuda" and not self.padded and share_buffer is not False
             and self.config.get("kv_cache", {}).get("dtype") not in (None, "float"))
-        self.session = self._open_graph(so, providers) if want_graph else None
-        self.cuda_graph = self.session is not None  # decode steps replay graphs (benchmarks may switch it off)
-        self.session = self.session or self._open(so, providers)
+        graph_session = self._open_graph(so, providers) if want_graph else None
+        self.cuda_graph = graph_session is not None  # decode steps replay graphs (benchmarks may switch it off)
+        self.session = graph_session or self._open(so, providers)
         self._describe_io()
         if share_buffer is None:  # the runtime config's word, else whether the graph allows it
             share_buffer = self.shared or (self.config.get("model", {}).get("target") == "onnxruntime"
@@ -149,7 +154,7 @@ class OnnxRuntimeBackend:
                                 "bfloat16 cache, or an int8 one folded into GroupQueryAttention)")
             self.cuda_graph, self.session = False, self._open(so, providers)
         self._graph_session = self.cuda_graph  # the session was made with enable_cuda_graph: every run says its id
-        self._run_options = {}  # gpu_graph_id -> RunOptions
+        self._run_options: dict[int, Any] = {}  # gpu_graph_id -> ort.RunOptions
         self._graph_inputs: dict[int, dict] = {}  # batch -> device OrtValues of ids/positions/mask + host mask
         self._decode_logits: torch.Tensor | None = None  # fixed address: a captured graph writes here
         self._torch_logits = self.device_type == "cuda" and torch.cuda.is_available()
@@ -250,7 +255,7 @@ class OnnxRuntimeBackend:
 
     def _bind_kv(self, io, cache: OrtCache, total: int) -> None:
         b, h, d = cache.batch, self.kv_heads, self.head_dim
-        for past, present, bufs in zip(self.past_names, self.present_names, self._buffers):
+        for past, present, bufs in zip(self.past_names, self.present_names, self._buffers, strict=False):
             if self.shared:
                 src = dst = bufs[0].data_ptr()
                 past_shape = present_shape = [b, h, self.max_length, d]

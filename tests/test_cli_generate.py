@@ -14,8 +14,8 @@ from glmc.assets import SHIPPED_MODEL
 from glmc.cli import main
 from glmc.modeling_patches.checkpoint import random_model, save_checkpoint
 from glmc.modeling_patches.config import variant
-from glmc.runtime.chat_format import chat_prompt, raw_prompt, stop_ids
 from glmc.modeling_patches.tokenizer import load_tokenizer
+from glmc.runtime.chat_format import chat_prompt, raw_prompt, stop_ids
 
 CONTEXT = 64
 

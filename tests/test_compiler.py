@@ -13,21 +13,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from glmc.artifact import read_manifest
 from glmc.cli import main as glmc_main
 from glmc.compiler import schema
-from glmc.artifact import read_manifest
 from glmc.compiler.builddir import BuildDir, BuildLocked
-from glmc.compiler.tensorrt import TensorRTError, build_engine, profile_shapes, graph_inputs
+from glmc.compiler.tensorrt import TensorRTError, build_engine, graph_inputs, profile_shapes
 from glmc.errors import ConfigError, GlmcError
 from glmc.modeling_patches.checkpoint import save_checkpoint
-
-from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "compile_configs"
@@ -110,29 +109,44 @@ def test_overlays_and_set_merge_in_order(tmp_path):
 
 BAD = {
     # name: (yaml text, --set overrides, regex the error must match)
-    "unknown-section": ("precison:\n  weights: int8\n", [], r"cfg\.yaml:1: unknown key 'precison' \(did you mean 'precision'\?\)"),
-    "unknown-key": ("limits:\n  max_bach: 2\n", [], r"cfg\.yaml:2: unknown key 'limits\.max_bach' \(did you mean 'max_batch'\?\)"),
-    "wrong-type": ("limits:\n  max_batch: eight\n", [], r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a string \('eight'\)"),
-    "bool-for-int": ("limits:\n  max_batch: true\n", [], r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a boolean"),
-    "bad-choice": ("precision:\n  dtype: fp32\n  weights: int3\n", [], r"cfg\.yaml:3: precision\.weights: 'int3' is not one of float, int8, int4 \(did you mean 'int8'\?\)"),
+    "unknown-section": ("precison:\n  weights: int8\n", [],
+        r"cfg\.yaml:1: unknown key 'precison' \(did you mean 'precision'\?\)"),
+    "unknown-key": ("limits:\n  max_bach: 2\n", [],
+        r"cfg\.yaml:2: unknown key 'limits\.max_bach' \(did you mean 'max_batch'\?\)"),
+    "wrong-type": ("limits:\n  max_batch: eight\n", [],
+        r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a string \('eight'\)"),
+    "bool-for-int": ("limits:\n  max_batch: true\n", [],
+        r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a boolean"),
+    "bad-choice": ("precision:\n  dtype: fp32\n  weights: int3\n", [],
+        r"cfg\.yaml:3: precision\.weights: 'int3' is not one of float, int8, int4 \(did you mean 'int8'\?\)"),
     "below-minimum": ("limits:\n  max_batch: 0\n", [], r"cfg\.yaml:2: limits\.max_batch: 0 is below the minimum 1"),
     "section-not-mapping": ("limits: 5\n", [], r"cfg\.yaml:1: 'limits' is a section"),
-    "missing-checkpoint": ("model:\n  checkpoint: no/such/dir\n", [], r"cfg\.yaml:2: model\.checkpoint: .*no/such/dir does not exist"),
+    "missing-checkpoint": ("model:\n  checkpoint: no/such/dir\n", [],
+        r"cfg\.yaml:2: model\.checkpoint: .*no/such/dir does not exist"),
     "checkpoint-must-be-set": ("model:\n  checkpoint: ???\n", [], r"cfg\.yaml:2: model\.checkpoint: must be set"),
-    "impossible-limits": ("limits:\n  max_input_length: 512\n  max_sequence_length: 256\n", [], r"cfg\.yaml:2: limits\.max_input_length \(512\) is longer than limits\.max_sequence_length \(256\)"),
-    "longer-than-model": ("limits:\n  max_sequence_length: 2000000\n  max_input_length: 8\n", [], r"cfg\.yaml:2: limits\.max_sequence_length \(2000000\) is longer than the model's context"),
-    "opt-outside-limits": ("tensorrt:\n  opt_batch: 9\n", [], r"cfg\.yaml:2: tensorrt\.opt_batch \(9\) is outside the limits \(limits\.max_batch = 1\)"),
-    "group-size-on-float": ("precision:\n  group_size: 128\n", [], r"cfg\.yaml:2: precision\.group_size 128 only applies to int8/int4"),
-    "hopper-not-a-trt-rtx-target": ("tensorrt:\n  compute_capabilities: [sm90]\n", [], r"cfg\.yaml:2: tensorrt\.compute_capabilities: 'sm90' is not one of sm75"),
-    "unknown-target": ("targets: [onnx, tensort]\n", [], r"cfg\.yaml:1: targets: 'tensort' is not one of .* \(did you mean 'tensorrt'\?\)"),
+    "impossible-limits": ("limits:\n  max_input_length: 512\n  max_sequence_length: 256\n", [],
+        r"cfg\.yaml:2: limits\.max_input_length \(512\) is longer than limits\.max_sequence_length \(256\)"),
+    "longer-than-model": ("limits:\n  max_sequence_length: 2000000\n  max_input_length: 8\n", [],
+        r"cfg\.yaml:2: limits\.max_sequence_length \(2000000\) is longer than the model's context"),
+    "opt-outside-limits": ("tensorrt:\n  opt_batch: 9\n", [],
+        r"cfg\.yaml:2: tensorrt\.opt_batch \(9\) is outside the limits \(limits\.max_batch = 1\)"),
+    "group-size-on-float": ("precision:\n  group_size: 128\n", [],
+        r"cfg\.yaml:2: precision\.group_size 128 only applies to int8/int4"),
+    "hopper-not-a-trt-rtx-target": ("tensorrt:\n  compute_capabilities: [sm90]\n", [],
+        r"cfg\.yaml:2: tensorrt\.compute_capabilities: 'sm90' is not one of sm75"),
+    "unknown-target": ("targets: [onnx, tensort]\n", [],
+        r"cfg\.yaml:1: targets: 'tensort' is not one of .* \(did you mean 'tensorrt'\?\)"),
     "empty-targets": ("targets: []\n", [], r"cfg\.yaml:1: targets: the list is empty"),
-    "duplicate-key": ("limits:\n  max_batch: 1\n  max_batch: 2\n", [], r"cfg\.yaml:3: key 'limits\.max_batch' appears twice"),
+    "duplicate-key": ("limits:\n  max_batch: 1\n  max_batch: 2\n", [],
+        r"cfg\.yaml:3: key 'limits\.max_batch' appears twice"),
     "yaml-syntax": ("limits:\n  max_batch: [1\n", [], r"cfg\.yaml:3: not valid YAML"),
     "extends-missing": ("extends: nope.yaml\n", [], r"nope\.yaml: config file does not exist"),
     "extends-loop": ("extends: cfg.yaml\n", [], r"`extends` loop"),
-    "calibration-file-missing": ("precision:\n  kv_cache: int8\ncalibration:\n  source: calib.txt\n", [], r"cfg\.yaml:4: calibration\.source: .*calib\.txt does not exist"),
+    "calibration-file-missing": ("precision:\n  kv_cache: int8\ncalibration:\n  source: calib.txt\n", [],
+        r"cfg\.yaml:4: calibration\.source: .*calib\.txt does not exist"),
     "bad-set-syntax": ("", ["limits.max_batch"], r"--set limits\.max_batch: expected key\.path=value"),
-    "bad-set-value": ("", ["limits.max_batch=-3"], r"--set limits\.max_batch=-3: limits\.max_batch: -3 is below the minimum 1"),
+    "bad-set-value": ("", ["limits.max_batch=-3"],
+        r"--set limits\.max_batch=-3: limits\.max_batch: -3 is below the minimum 1"),
     "extends-on-command-line": ("", ["extends=x.yaml"], r"--set extends=x\.yaml: extends works inside YAML files"),
     "bad-output-placeholder": ("", ["output=build/{modle}"], r"--set output=build/\{modle\}: output: bad placeholder"),
 }
@@ -153,7 +167,8 @@ def test_any_unknown_key_is_rejected_by_name(section, key):
 def test_limits_either_validate_or_name_the_conflict(batch, seq, inp):
     sets = [f"limits.max_batch={batch}", f"limits.max_sequence_length={seq}", f"limits.max_input_length={inp}"]
     if inp > seq:
-        with pytest.raises(ConfigError, match=r"limits\.max_input_length .* is longer than limits\.max_sequence_length"):
+        with pytest.raises(ConfigError,
+                           match=r"limits\.max_input_length .* is longer than limits\.max_sequence_length"):
             schema.load([], sets, check_files=False)
     else:
         cfg = schema.load([], sets, check_files=False)
@@ -211,17 +226,15 @@ def test_build_dir_appears_atomically_and_replaces_the_old_one(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_failure_or_interrupt_leaves_nothing_and_keeps_the_old_build(tmp_path, error):
     out = tmp_path / "b"
-    with pytest.raises(error):
-        with BuildDir(out) as b:
-            (b.tmp / "half.bin").write_bytes(b"x" * 100)
-            raise error("stop")
+    with pytest.raises(error), BuildDir(out) as b:
+        (b.tmp / "half.bin").write_bytes(b"x" * 100)
+        raise error("stop")
     assert list(tmp_path.iterdir()) == []
     with BuildDir(out) as b:
         b.commit({"format": "ok"}, "")
-    with pytest.raises(error):
-        with BuildDir(out) as b:
-            (b.tmp / "half.bin").write_bytes(b"x")
-            raise error("stop")
+    with pytest.raises(error), BuildDir(out) as b:
+        (b.tmp / "half.bin").write_bytes(b"x")
+        raise error("stop")
     assert read_manifest(out)["format"] == "ok" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -236,9 +249,8 @@ def test_a_directory_that_is_not_a_build_is_never_replaced(tmp_path):
 
 def test_concurrent_compile_is_refused_and_stale_lock_taken_over(tmp_path):
     out = tmp_path / "b"
-    with BuildDir(out):
-        with pytest.raises(BuildLocked, match=r"b\.lock: another glmc compile \(pid \d+"):
-            BuildDir(out).__enter__()
+    with BuildDir(out), pytest.raises(BuildLocked, match=r"b\.lock: another glmc compile \(pid \d+"):
+        BuildDir(out).__enter__()
     # a lock left by a process that no longer exists (on this host) is stale
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
@@ -273,7 +285,8 @@ def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: in
         if weights == "int8":
             w = rng.integers(-127, 128, (n_in, n_out)).astype(np.int8)
             s = (rng.random(n_out) * 0.01 + 0.001).astype(npd)
-            wd = node("DequantizeLinear", [init(name + ".qweight", w), init(name + ".scales", s)], [name + ".w"], axis=1)
+            wd = node("DequantizeLinear", [init(name + ".qweight", w), init(name + ".scales", s)], [name + ".w"],
+                      axis=1)
         elif weights == "int4":
             w = rng.integers(-8, 8, (n_in, n_out)).astype(np.int8)
             inits.append(h.make_tensor(name + ".qweight", T.INT4, w.shape, w.flatten().tolist()))
@@ -326,7 +339,7 @@ def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: in
     o = node("Reshape", [node("Transpose", [att], ["att_t"], perm=[0, 2, 1, 3]), "shape_o"], ["o_in"])
     hidden_out = linear(o, "o", heads * head_dim, hidden)
     node("MatMul", [hidden_out, init("lm_head", (rng.standard_normal((hidden, vocab)) * 0.05).astype(npd))], ["logits"])
-    cache = ["batch", kv_heads, "past", head_dim]
+    cache: list[str | int] = ["batch", kv_heads, "past", head_dim]
     graph = h.make_graph(nodes, "mini_decoder", [
         h.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"]),
         h.make_tensor_value_info("position_ids", T.INT64, ["batch", "seq"]),
@@ -346,7 +359,8 @@ def mini_decoder(path: Path, weights: str = "int8", kv: str = "float", dtype: in
 def run_ort(path: Path, batch: int = 2, seq: int = 3, past: int = 2, int8_cache: bool = False) -> list[np.ndarray]:
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cache_dtype = np.int8 if int8_cache else (np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32)
+    cache_dtype = np.int8 if int8_cache else (
+        np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32)
     zeros = np.zeros((batch, 1, past, 16), cache_dtype)
     return sess.run(None, {"input_ids": np.arange(batch * seq).reshape(batch, seq) % 64,
                            "position_ids": np.tile(np.arange(past, past + seq), (batch, 1)),
@@ -480,12 +494,12 @@ def test_compile_end_to_end_all_targets(project, weights, capsys):
     m = compile_(project["config"], *sets)
     out = Path(m["config"]["output"])
     assert set(m["targets"]) == {"onnx", "reference", "onnxruntime", "tensorrt"}
-    for target, t in m["targets"].items():
+    for t in m["targets"].values():
         assert (out / t["onnx"]).is_file() and (out / t["onnx"]).with_suffix(".json").is_file()
         names = [i["name"] for i in t["inputs"]]
         assert names == ["input_ids", "position_ids", "attention_mask"] + [
             f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-        assert [o["name"] for o in t["outputs"]][0] == "logits"
+        assert t["outputs"][0]["name"] == "logits"
         assert t["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 32]
     onnx_model = onnx.load(str(out / "onnx" / "onnx" / "model.onnx"))
     assert any(n.domain == "glmc" for n in onnx_model.graph.node)  # the vendor target keeps the custom ops
@@ -524,7 +538,8 @@ def test_cache_reruns_only_what_changed(project, monkeypatch, capsys):
     # glmc's source hash is part of every stage key; pinned here so that a colleague editing glmc/ in a shared
     # checkout while this runs does not invalidate the cache between the compiles below
     from glmc.compiler import pipeline
-    monkeypatch.setattr(pipeline, "code_fingerprint", lambda fixed=pipeline.code_fingerprint(): fixed)
+    fixed = pipeline.code_fingerprint()
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: fixed)
     first = compile_(project["config"], "precision.weights=float")
     assert "export" in ran(first) or first["stages"][2]["status"] == "cached"
     assert ran(compile_(project["config"], "precision.weights=float")) == set()
@@ -666,6 +681,7 @@ def test_a_builder_that_dies_is_reported_by_signal(tmp_path):
     """The engine is built in a child process: killing it (as an abort or the OOM killer would) surfaces as a
     TensorRTError naming the signal, and the parent carries on."""
     import threading
+
     from glmc.compiler.tensorrt import build_engine_isolated
     path = mini_decoder(tmp_path / "m.onnx")
     outcome: dict = {}

@@ -82,6 +82,7 @@ def test_pack_linear_reads_the_ops_layout(bits, group):
     assert torch.equal(q.to(DT) * s, ref)
     x = torch.randn(3, 256).to(DT)
     y = quantized_linear(x, ql.weight, ql.weight_scale, ql.bias, bits, group, 256)
+    assert ql.bias is not None  # quantized from a Linear with a bias
     assert rel(y, x.float() @ ref.float().T + ql.bias.float()) < TOL
 
 

@@ -1,4 +1,5 @@
-"""The compile pipeline: load -> quantize/calibrate -> export -> simplify -> lower per target -> engines -> verify -> package.
+"""The compile pipeline: load -> quantize/calibrate -> export -> simplify -> lower per target -> engines -> verify
+-> package.
 
 Engines: `engine:tensorrt` builds from the tensorrt lowering; `engine:cuda` writes the quantized weights as glmc's
 CUDA kernels read them (glmc.runtime.backend_cuda.save_cuda_build; no GPU needed to build it).
@@ -11,6 +12,7 @@ has to run. The build directory is assembled from the cached outputs (hard links
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -184,7 +186,8 @@ class Context:
         model = load_model(source.checkpoint, dtype, family=source.family)
         self.stages["load"].status, self.stages["load"].seconds = "ran", time.perf_counter() - t0
         self.stages["load"].info = {"dtype": dtype}
-        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {source.checkpoint} ({dtype})")
+        self.console.print(f"  [green]✓[/] {'load':18s} {time.perf_counter() - t0:6.2f}s  {source.checkpoint} "
+                           f"({dtype})")
         return model
 
     def model(self, inputs: ModelInputs):
@@ -286,8 +289,9 @@ def run_cuda_engine(ctx: Context, inp: CudaEngineInputs, out: Path) -> dict:
 
 def encode_prompts(source: ModelSource, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
     """Verification prompts as token ids: text through the checkpoint's tokenizer, id lists as they are."""
-    if all(not isinstance(p, str) for p in prompts):
-        return [list(p) for p in prompts]
+    id_lists = [p for p in prompts if not isinstance(p, str)]
+    if len(id_lists) == len(prompts):
+        return [list(p) for p in id_lists]
     from glmc.modeling_patches.tokenizer import load_tokenizer
     tok = load_tokenizer(source.checkpoint, source.family)
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -317,8 +321,14 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
     model = ctx.model(inp.source)
     lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in inp.targets}
     tol = verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, model.kv_dtype == torch.int8)
-    changes = {"rel": v.max_rel_error, "top1": v.min_top1, "greedy_fraction": v.min_greedy_agreement}
-    tol = dataclasses.replace(tol, **{k: x for k, x in changes.items() if x is not None})
+
+    def configured(t: verify_mod.Tolerance) -> verify_mod.Tolerance:  # the config's bounds where it gives them
+        return dataclasses.replace(
+            t, rel=t.rel if v.max_rel_error is None else v.max_rel_error,
+            top1=t.top1 if v.min_top1 is None else v.min_top1,
+            greedy_fraction=t.greedy_fraction if v.min_greedy_agreement is None else v.min_greedy_agreement)
+
+    tol = configured(tol)
     prompts = encode_prompts(inp.source.model, v.prompts)
     longest = max(len(p) for p in prompts) + v.steps
     if longest > lim.max_sequence_length or max(len(p) for p in prompts) > lim.max_input_length:
@@ -330,9 +340,7 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
         from glmc.runtime.backend_cuda import load_cuda_build
         engine = ctx.outputs["engine:cuda"]
         backends["cuda"] = lambda length: load_cuda_build(engine, max_batch=lim.max_batch, max_length=length)
-        tolerances["cuda"] = dataclasses.replace(
-            verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, False),
-            **{k: x for k, x in changes.items() if x is not None})
+        tolerances["cuda"] = configured(verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, False))
     report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch,
                                backends=backends, tolerances=tolerances)
     if inp.cuda not in (None, "here"):
@@ -454,7 +462,7 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
         raise StageError(f"stage '{stage.name}' failed: {e}") from e
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - any failure inside a stage is reported with the stage's name
+    except Exception as e:  # any failure inside a stage is reported with the stage's name
         raise StageError(f"stage '{stage.name}' failed: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -466,10 +474,8 @@ def _run_stage(ctx: Context, stage: Stage, cache: Path, force: bool) -> None:
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "glmc": glmc.__version__}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -507,7 +513,8 @@ def _report(manifest: dict) -> str:
         lines.append(f"- `{t}` engine: `{e['path']}` ({e['library']} {e['version']}, {e['engine_bytes']} bytes, "
                      f"{', '.join(e['compute_capabilities']) or 'this GPU'}, {e['engine_layer_count']} layers, "
                      f"built in {e['build_seconds']:.1f}s)")
-    lines += ["", "## Verification", "", "Torch model vs each lowering in ONNX Runtime (`tensorrt`: the graph the engine was "
+    lines += ["", "## Verification", "",
+              "Torch model vs each lowering in ONNX Runtime (`tensorrt`: the graph the engine was "
               "built from; the engine itself runs only on a GPU it was built for).", ""]
     v = manifest.get("verification")
     if not v:

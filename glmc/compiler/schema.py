@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +226,14 @@ class CompileConfig:
     def from_tree(cls, data: dict, where: dict, files: list) -> CompileConfig:
         d = data
         v = d["verify"]
+        trt: dict[str, Any] = {k: tuple(x) if isinstance(x, list) else x for k, x in d["tensorrt"].items()}
         return cls(
             data, where, files, name=d["model"]["name"],
             model=ModelSource(d["model"]["checkpoint"], d["model"]["family"]), scheme=scheme_of(d["precision"]),
             calibration=Calibration(**d["calibration"]), limits=Limits(**d["limits"]), targets=tuple(d["targets"]),
             onnxruntime=OrtLowering(d["onnxruntime"]["padded_batches"], d["onnxruntime"]["fold_kv8"],
                                     d["precision"]["int8_activations"]),
-            tensorrt=TensorRTBuild(**{k: tuple(x) if isinstance(x, list) else x for k, x in d["tensorrt"].items()}),
+            tensorrt=TensorRTBuild(**trt),
             verify=VerifyOptions(v["enabled"], tuple(tuple(p) if isinstance(p, list) else p for p in v["prompts"]),
                                  v["steps"], v["max_rel_error"], v["min_top1"], v["min_greedy_agreement"]),
             output=Path(d["output"]), cache_dir=Path(d["cache_dir"]), tensor_parallel=d["parallel"]["tensor"])
@@ -359,7 +361,9 @@ def _load_file(path: Path, chain: tuple = ()) -> tuple[dict, dict, list]:
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise ConfigError(f"{where.get('extends', path)}: extends: expected a file name or a list of file names")
-    merged, merged_where, files = {}, {}, []
+    merged: dict = {}
+    merged_where: dict = {}
+    files: list = []
     for p in parents:
         ptree, pwhere, pfiles = _load_file(path.parent / p, chain + (path,))
         merged, files = _merge(merged, ptree), files + pfiles
@@ -493,7 +497,7 @@ def _check_value(key: str, f: Field, value: Any, here: str) -> Any:
 def shipped_model() -> Path:
     """The model that ships inside the package (the default checkpoint)."""
     try:
-        from glmc.assets import SHIPPED_MODEL  # type: ignore[attr-defined]
+        from glmc.assets import SHIPPED_MODEL
         return Path(SHIPPED_MODEL)
     except ImportError:
         return Path(__file__).resolve().parent.parent / "assets" / "glmc-tiny"
@@ -663,7 +667,8 @@ def from_options(tree: dict, command: str) -> CompileConfig:
     return validate(tree, where, [])
 
 
-def load(paths: list[str | Path] | str | Path, overrides: list[str] = (), check_files: bool = True) -> CompileConfig:
+def load(paths: list[str | Path] | str | Path, overrides: Sequence[str] = (),
+         check_files: bool = True) -> CompileConfig:
     """Read one or more YAML files (later ones overlay earlier ones), apply `--set` overrides, validate."""
     if isinstance(paths, (str, Path)):
         paths = [paths]

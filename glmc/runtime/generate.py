@@ -121,7 +121,7 @@ def stream(backend: Backend, prompts: Sequence[Sequence[int]], cfg: SamplingConf
     for step in range(cfg.max_new_tokens):
         token = sample(logits, cfg, history, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
+        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist(), strict=False)]
         done |= torch.isin(token, stop)
         if bool(done.all()) or step == cfg.max_new_tokens - 1:  # no forward for a token nobody will read
             return
@@ -138,7 +138,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], cfg: SamplingCo
     out: list[list[int]] = [[] for _ in prompts]
     stops = set(cfg.stop_token_ids)
     for step in stream(backend, prompts, cfg, pad_id):
-        for row, tok in zip(out, step):
+        for row, tok in zip(out, step, strict=False):
             if tok is not None and (include_stop or tok not in stops):
                 row.append(tok)
     return out

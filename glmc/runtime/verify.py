@@ -125,10 +125,10 @@ def compare(ref: Trace, forced: Trace, free: Trace, tie_rel: float = 0.0, tie_ab
     decisions = [ref.prefill[:, -1]] + ref.decode  # the logits behind each greedy token, [B, V] per step
     first = [(r, int(n)) for r, n in enumerate(agreeing) if n < ref.tokens.shape[1]]
     greedy_tie = bool(first) and all(float(decisions[n][r].topk(2).values.diff().abs()) <= tie_gap for r, n in first)
-    agree = torch.cat(agree)
+    agreed = torch.cat(agree)
     return {"prefill_max_abs": pre_abs, "prefill_rel": pre_rel, "decode_max_abs": dec_abs, "decode_rel": dec_rel,
-            "top1": float(agree.float().mean()),
-            "top1_or_tie": float((agree | tie).float().mean()), "greedy_agree": leading,
+            "top1": float(agreed.float().mean()),
+            "top1_or_tie": float((agreed | tie).float().mean()), "greedy_agree": leading,
             "greedy_diverged_at_tie": greedy_tie, "steps": ref.tokens.shape[1]}
 
 
@@ -217,7 +217,8 @@ def print_report(report: dict, title: str = "glmc verify") -> None:
         row = [target, f"{m['prefill_max_abs']:.3g}", f"{m['prefill_rel']:.3g}", f"{m['decode_max_abs']:.3g}",
                f"{m['decode_rel']:.3g}"]
         row += [f"{m['torch_vs_fp32_rel']:.3g} / {m['target_vs_fp32_rel']:.3g}"] if oracle else []
-        table.add_row(*row, f"{m['top1']:.1%}", f"{m['greedy_agree']}/{m['steps']}" + (" (tie)" if m.get("greedy_diverged_at_tie") else ""),
+        greedy = f"{m['greedy_agree']}/{m['steps']}" + (" (tie)" if m.get("greedy_diverged_at_tie") else "")
+        table.add_row(*row, f"{m['top1']:.1%}", greedy,
                       "[green]pass[/green]" if m["passed"] else "[red]FAIL[/red]")
     console = Console()
     console.width = max(console.width, 140)

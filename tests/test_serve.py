@@ -472,7 +472,9 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, model, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = server
-    browser, driver_path = chromium()  # type: ignore[misc]
+    found = chromium()
+    assert found is not None  # the skipif above
+    browser, driver_path = found
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):

@@ -79,7 +79,7 @@ class TensorParallelBackend:
 
     def __init__(self, spec: RankSpec, max_length: int, max_batch: int | None = None,
                  max_input_length: int | None = None):
-        if any(ref() is not None and ref().alive for ref in _live):  # type: ignore[union-attr]
+        if any((live := ref()) is not None and live.alive for ref in _live):
             raise GlmcError("a tensor-parallel model is already running in this process; close() it first "
                             "(torch.distributed has one default process group per process)")
         if dist.is_initialized():

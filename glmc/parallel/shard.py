@@ -251,7 +251,9 @@ def shard_model(model: GLMForCausalLM, world: int, rank: int, group: dist.Proces
     out: nn.Module = model.transformer.output_layer
     if world > 1:
         out = _rows(out, _range(v0, v1), pad_to=p.vocab_shard)
-    model.transformer.output_layer = VocabParallelOutput(out, c.vocab_size, group, world, last_only)  # type: ignore[assignment]
+    # output_layer is typed for one process (nn.Linear | QuantLinear); a sharded model holds the vocabulary-parallel one
+    model.transformer.output_layer = VocabParallelOutput(  # type: ignore[assignment]
+        out, c.vocab_size, group, world, last_only)
     setattr(model, "full_config", c)  # noqa: B010 - plain attributes the class does not declare
     setattr(model, "shard_plan", p)  # noqa: B010
     model.config = dataclasses.replace(c, num_heads=h1 - h0, num_kv_heads=g1 - g0, ffn_hidden_size=f1 - f0)

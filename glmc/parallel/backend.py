@@ -36,6 +36,7 @@ from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import KVCache
 from glmc.parallel.ranks import ERROR_ENV, FORWARD, FREE, NEW, SPEC_ENV, STOP, RankSpec, Steps, init_group, load_shard
 from glmc.runtime.generate import check_step
+from glmc.runtime.loader import check_limits
 
 STARTUP_TIMEOUT_S = 300.0  # workers must join the group within this (import torch, connect)
 _live: list[weakref.ref] = []  # the running backends (one process group per process: at most one)
@@ -328,12 +329,8 @@ def start_build(build: Any, tensor_parallel: int | None, backend: str = "auto", 
         raise GlmcError(f"{where} {n}: the torch backend needs weights, and {build.root} has none outside its ONNX "
                         f"files and its checkpoint {build.manifest.get('model', {}).get('checkpoint')} is not here"
                         + ("" if explicit else "; run it on one device with --tensor-parallel 1"))
+    check_limits(build, max_length, max_batch)
     lim = build.limits
-    for key, asked, limit in (("max_sequence_length", max_length, lim and lim.max_sequence_length),
-                              ("max_batch", max_batch, lim and lim.max_batch)):
-        if asked is not None and limit and asked > limit:
-            raise GlmcError(f"{build.root}: {key} {asked} exceeds the build's limit of {limit} "
-                            f"(limits.{key} in its compile config)")
     length = max_length or (lim.max_sequence_length if lim else None)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "cpu"

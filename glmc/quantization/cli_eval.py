@@ -46,12 +46,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from glmc.assets import model_dir
-    from glmc.compiler import schema
-    from glmc.compiler.pipeline import run_stages
     from glmc.errors import GlmcError
     from glmc.modeling_patches.checkpoint import load_model
     from glmc.modeling_patches.tokenizer import load_tokenizer
-    from glmc.quantization.cli_quantize import calibration_section
+    from glmc.quantization.cli_quantize import quantize_stage
     from glmc.quantization.evaluate import evaluate, heldout_windows, print_table, table_rows
     from glmc.quantization.scheme import Scheme, parse_precision
 
@@ -73,13 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
         def quantized(scheme: Scheme):
             """The precision's model as `glmc compile` makes it: the pipeline's quantize stage, loaded back."""
-            cfg = schema.from_options({"model": {"checkpoint": str(d.resolve()), "family": args.family},
-                                       "precision": schema.precision_section(scheme),
-                                       "calibration": calibration_section(args), "targets": ["onnx"],
-                                       "output": str(cache / "build"), "cache_dir": str(cache)}, "glmc eval")
-            ctx, _ = run_stages(cfg, until="quantize")
-            weights = ctx.outputs["quantize"] / "model"
-            src = weights if scheme.to_json() else d
+            src = quantize_stage(d, scheme, args, cache, "glmc eval") if scheme.to_json() else d
             return load_model(src, dtype=scheme.dtype, family=args.family, device=args.device)
 
         results = evaluate(model, precisions, windows, chunk=args.chunk, make=quantized,

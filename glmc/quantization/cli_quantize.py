@@ -11,6 +11,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glmc.quantization.scheme import Scheme
 
 # Files of a checkpoint directory that are not weights and travel unchanged to the quantized one (the quantize
 # stage copies config.json and the tokenizer files itself).
@@ -44,10 +48,22 @@ def calibration_section(args: argparse.Namespace) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def run(args: argparse.Namespace) -> int:
-    from glmc.assets import model_dir
+def quantize_stage(checkpoint: Path, scheme: Scheme, args: argparse.Namespace, cache: Path, command: str) -> Path:
+    """The compile pipeline's quantize stage for `scheme` (compile's code and defaults, cached in `cache`): the
+    checkpoint folder it writes."""
     from glmc.compiler import schema
     from glmc.compiler.pipeline import run_stages
+
+    cfg = schema.from_options({"model": {"checkpoint": str(checkpoint.resolve()), "family": args.family},
+                               "precision": schema.precision_section(scheme),
+                               "calibration": calibration_section(args), "targets": ["onnx"],
+                               "output": str(cache / "build"), "cache_dir": str(cache)}, command)
+    ctx, _ = run_stages(cfg, until="quantize")
+    return ctx.outputs["quantize"] / "model"
+
+
+def run(args: argparse.Namespace) -> int:
+    from glmc.assets import model_dir
     from glmc.errors import GlmcError
     from glmc.quantization.scheme import parse_precision
 
@@ -62,12 +78,7 @@ def run(args: argparse.Namespace) -> int:
                         "replace its checkpoint files")
     with tempfile.TemporaryDirectory(prefix="glmc-quantize-") as tmp:
         cache = Path(args.cache_dir or tmp).resolve()
-        cfg = schema.from_options({"model": {"checkpoint": str(src.resolve()), "family": args.family},
-                                   "precision": schema.precision_section(scheme),
-                                   "calibration": calibration_section(args), "targets": ["onnx"],
-                                   "output": str(cache / "build"), "cache_dir": str(cache)}, "glmc quantize")
-        ctx, _ = run_stages(cfg, until="quantize")
-        quantized = ctx.outputs["quantize"] / "model"
+        quantized = quantize_stage(src, scheme, args, cache, "glmc quantize")
         tmp_out = out.parent / f".{out.name}.tmp-glmc"
         shutil.rmtree(tmp_out, ignore_errors=True)
         try:

@@ -110,18 +110,24 @@ def pick(build: Build, backend: str, device: str, target: str | None) -> tuple[s
     return backend, device, target
 
 
-def make_backend(build: Build, backend: str = "auto", device: str = "cpu", target: str | None = None,
-                 max_length: int | None = None, max_batch: int | None = None, threads: int = 0,
-                 dtype: str | None = None, **options: Any) -> Any:
-    """The generation-loop backend for a build, with the build's limits (a smaller max_length/max_batch may be
-    asked for; a larger one is an error). `options` go to the ONNX Runtime backend (e.g. cuda_graph)."""
-    backend, device, target = pick(build, backend, device, target)
+def check_limits(build: Build, max_length: int | None, max_batch: int | None) -> None:
+    """A smaller max_length / max_batch than the build's may be asked for; a larger one is an error."""
     lim = build.limits
     for key, asked, limit in (("max_sequence_length", max_length, lim and lim.max_sequence_length),
                               ("max_batch", max_batch, lim and lim.max_batch)):
         if asked is not None and limit and asked > limit:
             raise GlmcError(f"{build.root}: {key} {asked} exceeds the build's limit of {limit} "
                             f"(limits.{key} in its compile config)")
+
+
+def make_backend(build: Build, backend: str = "auto", device: str = "cpu", target: str | None = None,
+                 max_length: int | None = None, max_batch: int | None = None, threads: int = 0,
+                 dtype: str | None = None, **options: Any) -> Any:
+    """The generation-loop backend for a build, with the build's limits (a smaller max_length/max_batch may be
+    asked for; a larger one is an error). `options` go to the ONNX Runtime backend (e.g. cuda_graph)."""
+    backend, device, target = pick(build, backend, device, target)
+    check_limits(build, max_length, max_batch)
+    lim = build.limits
     length = max_length or (lim.max_sequence_length if lim else DEFAULT_MAX_LENGTH)
     batch = max_batch or (lim.max_batch if lim else 8)
     if backend == "onnxruntime":

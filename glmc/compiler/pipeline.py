@@ -4,10 +4,12 @@
 Engines: `engine:tensorrt` builds from the tensorrt lowering; `engine:cuda` writes the quantized weights as glmc's
 CUDA kernels read them (glmc.runtime.backend_cuda.save_cuda_build; no GPU needed to build it).
 
-Each stage writes its outputs into a cache folder named by a hash of its inputs (the config keys it reads, the
-hashes of the stages it reads from, the checkpoint's fingerprint and the glmc version), so a change reruns
-only the stages downstream of it; `force=True` reruns all. The model is loaded only when a stage that needs it
-has to run. The build directory is assembled from the cached outputs (hard links) and appears atomically.
+Each stage is handed a frozen dataclass of the typed config (all it reads) and writes its outputs into a cache
+folder named by a hash of those inputs, the hashes of the stages it reads from, the checkpoint's fingerprint and
+the glmc code, so a change reruns only the stages downstream of it; `force=True` reruns all. The model is loaded
+only when a stage that needs it has to run. The build directory is assembled from the cached outputs (copies,
+never links into the cache) and appears atomically. This is the one orchestrator: `glmc verify`, `quantize` and
+`eval` run it too (`run_stages`).
 """
 
 from __future__ import annotations

@@ -38,22 +38,6 @@ from glmc.runtime.cli_bench import measure, synthetic_prompts  # noqa: E402
 from glmc.runtime.generate import SamplingConfig, generate  # noqa: E402
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), median of 20, on the current GPU."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(23):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * (1 << 30) / sorted(times[3:])[len(times[3:]) // 2]
-
-
 def rank_bytes(c: GLMConfig, world: int, batch: int, context: int, elt: int) -> int:
     """Bytes one rank reads per decode step: its weight shard and its KV cache at `context` tokens."""
     d, h, f = c.head_dim, c.hidden_size, c.ffn_hidden_size
@@ -98,6 +82,7 @@ def main() -> int:
         ckpt = Path(args.model) if args.model else model_dir(None)
     config = load_config(ckpt)
     length = args.prompt + args.new + 1
+    from benchmarks.bench_kernels import copy_bandwidth  # (the one copy-bandwidth measurement of the kernels)
     bw = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else (copy_bandwidth() if device == "cuda" else None)
     elt = torch.finfo(torch_dtype(dtype)).bits // 8
     check_prompts = synthetic_prompts(2, 16, config.vocab_size)

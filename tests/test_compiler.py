@@ -118,7 +118,7 @@ BAD = {
     "bool-for-int": ("limits:\n  max_batch: true\n", [],
         r"cfg\.yaml:2: limits\.max_batch: expected an integer, found a boolean"),
     "bad-choice": ("precision:\n  dtype: fp32\n  weights: int3\n", [],
-        r"cfg\.yaml:3: precision\.weights: 'int3' is not one of float, int8, int4 \(did you mean 'int8'\?\)"),
+        r"cfg\.yaml:3: precision\.weights: 'int3' is not one of float, int8, int4, sq8, fp8 \(did you mean 'int8'\?\)"),
     "below-minimum": ("limits:\n  max_batch: 0\n", [], r"cfg\.yaml:2: limits\.max_batch: 0 is below the minimum 1"),
     "section-not-mapping": ("limits: 5\n", [], r"cfg\.yaml:1: 'limits' is a section"),
     "missing-checkpoint": ("model:\n  checkpoint: no/such/dir\n", [],

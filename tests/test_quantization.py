@@ -139,14 +139,24 @@ def test_precision_names():
     assert parse_precision("fp32+int4-g64-out+kv8-head") == Scheme("fp32", 4, 64, True, "head")
     assert parse_precision("kv8-tensor").to_json() == {"kv_cache": {"granularity": "tensor", "dtype": "int8"}}
     assert parse_precision("int4-g32").to_json() == {"weights": {"bits": 4, "group_size": 32, "include_output": False}}
-    for bad in ("int3", "int4-g48", "kv8-row", "fp8"):
+    assert parse_precision("int4-g128-awq") == Scheme("fp16", 4, 128, method="awq")
+    assert parse_precision("sq8-a0.75+kv8") == Scheme("fp16", 8, 0, False, "channel", "sq8", 0.75)
+    assert parse_precision("fp8+kvfp8") == Scheme("fp16", 8, 0, False, "tensor", "fp8", kv_dtype="fp8")
+    assert [parse_precision(n).tag for n in ("int4-g128-awq", "sq8", "fp8+kvfp8", "bf16+sq8-a0.6")] == [
+        "int4-g128-awq", "sq8", "fp8-kvfp8", "sq8-a0.6-bf16"]
+    for bad in ("int3", "int4-g48", "kv8-row", "fp4", "sq8-a1.5", "fp8-out", "sq8-g128", "kvfp8-row"):
         with pytest.raises(GlmcError):
             parse_precision(bad)
-    for name in ("fp16+int4-g128-out+kv8-head", "bf16+int8", "fp32+kv8-tensor"):
+    for name in ("fp16+int4-g128-out+kv8-head", "bf16+int8", "fp32+kv8-tensor", "fp16+int4-g64-awq",
+                 "fp16+sq8-a0.8+kvfp8-tensor", "bf16+fp8"):
         scheme = parse_precision(name)
         assert Scheme.from_json(scheme.to_json(), scheme.dtype) == scheme and scheme.name == name
     with pytest.raises(GlmcError, match="granularity 'row'"):
         Scheme.from_json({"kv_cache": {"granularity": "row", "dtype": "int8"}})
+    with pytest.raises(GlmcError, match="weights.method 'gptq'"):
+        Scheme.from_json({"weights": {"bits": 4, "group_size": 128, "method": "gptq"}})
+    with pytest.raises(GlmcError, match="fp8 weights are 8-bit"):
+        Scheme.from_json({"weights": {"bits": 4, "group_size": 0, "method": "fp8"}})
 
 
 def test_save_and_load_round_trip(tmp_path):

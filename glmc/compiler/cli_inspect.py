@@ -60,7 +60,7 @@ def _show(args: argparse.Namespace, build: Path, m: dict) -> int:
               f"{arch['vocab_size']}  <- {arch['checkpoint']}")
     con.print(f"precision  {p['tag']}  (dtype {p['dtype']}, weights {p['weights']}"
               + (f" g{p['group_size']}" if p['group_size'] else "") + f", kv cache {p['kv_cache']}"
-              + (f" per {p['kv_granularity']}" if p['kv_cache'] == 'int8' else "")
+              + (f" per {p['kv_granularity']}" if p['kv_cache'] != 'float' else "")
               + f"); weights in {p['weights_location']}")
     lim = c["limits"]
     con.print(f"limits     batch <= {lim['max_batch']}, prompt <= {lim['max_input_length']}, "

@@ -342,7 +342,8 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
         from glmc.runtime.backend_cuda import load_cuda_build
         engine = ctx.outputs["engine:cuda"]
         backends["cuda"] = lambda length: load_cuda_build(engine, max_batch=lim.max_batch, max_length=length)
-        tolerances["cuda"] = configured(verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, False))
+        tolerances["cuda"] = configured(verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits,
+                                                                 model.kv_dtype == torch.int8))
     report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch,
                                backends=backends, tolerances=tolerances)
     if inp.cuda not in (None, "here"):
@@ -386,7 +387,7 @@ def plan(cfg: CompileConfig, until: str | None = None) -> list[Stage]:
     source = ModelInputs(cfg.model, scheme, cfg.limits.max_sequence_length)
     stages = [
         Stage("load", cfg.model, (), lambda ctx, inp, out: {}),
-        Stage("quantize", QuantizeInputs(cfg.model, scheme, cfg.calibration if scheme.kv_granularity else None),
+        Stage("quantize", QuantizeInputs(cfg.model, scheme, cfg.calibration if scheme.needs_calibration else None),
               ("load",), run_quantize),
         Stage("export", source, ("quantize",), run_export),
         Stage("simplify", None, ("export",), run_simplify),
@@ -415,7 +416,7 @@ def plan(cfg: CompileConfig, until: str | None = None) -> list[Stage]:
                                "deps": {d: by_name[d].hash for d in s.deps}, "glmc": code}
         if s.name == "load":
             key["checkpoint"] = checkpoint_fingerprint(Path(cfg.model.checkpoint))
-        if s.name == "quantize" and scheme.kv_granularity and cfg.calibration.source != "builtin":
+        if s.name == "quantize" and scheme.needs_calibration and cfg.calibration.source != "builtin":
             key["calibration_sha256"] = hashlib.sha256(Path(cfg.calibration.source).read_bytes()).hexdigest()
         s.hash = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return stages

@@ -23,7 +23,7 @@ import yaml
 
 from glmc.artifact import Limits
 from glmc.errors import ConfigError
-from glmc.quantization.scheme import Scheme
+from glmc.quantization.scheme import DEFAULT_KV_GRANULARITY, WEIGHT_ONLY_METHODS, Scheme
 
 TARGETS = ("onnx", "reference", "onnxruntime", "tensorrt", "cuda")  # the lowerings (artifact.TARGETS) + engines
 COMPUTE_CAPABILITIES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
@@ -54,8 +54,16 @@ FIELDS: dict[str, Field] = {
                                      "name", nullable=True),
     "precision.dtype": Field("str", "fp16", "floating-point type of activations, float weights and a float KV "
                                             "cache", choices=("fp32", "fp16", "bf16")),
-    "precision.weights": Field("str", "float", "float (kept in `dtype`) | int8 | int4 (weight-only, symmetric)",
-                               choices=("float", "int8", "int4")),
+    "precision.weights": Field("str", "float", "float (kept in `dtype`) | int8 | int4 (weight-only, symmetric) | "
+                                               "sq8 (SmoothQuant: int8 weights and per-token int8 activations) | "
+                                               "fp8 (e4m3 weights and activations)",
+                               choices=("float", "int8", "int4", "sq8", "fp8")),
+    "precision.method": Field("str", "rtn", "how int8/int4 weight-only scales are chosen: rtn (round to nearest) | "
+                                            "awq (activation-aware search on the calibration text; same stored "
+                                            "format)", choices=("rtn", "awq")),
+    "precision.smoothquant_alpha": Field("float", 0.5, "sq8: migration strength (0 = all quantization difficulty "
+                                                       "left on activations, 1 = all moved to weights)",
+                                         min=0.0, max=1.0),
     "precision.group_size": Field("int", 0, "int8/int4 scale granularity: 0 = one scale per output channel, "
                                             "else a group of this many along K", choices=(0, 32, 64, 128)),
     "precision.quantize_output_layer": Field("bool", False, "also quantize the output layer (ChatGLM's official "
@@ -65,11 +73,11 @@ FIELDS: dict[str, Field] = {
                                                       "30-70x faster int8, ~2x faster int4 decode on CPU, verified "
                                                       "to its own bound (docs/runtime.md). Default: true for int8/int4 "
                                                       "weights; false = the exact float path", nullable=True),
-    "precision.kv_cache": Field("str", "float", "float (kept in `dtype`) | int8 (calibrated scales)",
-                                choices=("float", "int8")),
-    "precision.kv_granularity": Field("str", "channel", "int8 KV cache scale granularity (channel: per KV head "
-                                                        "and channel)",
-                                      choices=("tensor", "head", "channel")),
+    "precision.kv_cache": Field("str", "float", "float (kept in `dtype`) | int8 | fp8 (e4m3; calibrated scales)",
+                                choices=("float", "int8", "fp8")),
+    "precision.kv_granularity": Field("str", None, "quantized KV cache scale granularity (channel: per KV head "
+                                                   "and channel); default: channel for int8, tensor for fp8",
+                                      choices=("tensor", "head", "channel"), nullable=True),
     "calibration.source": Field("str", "builtin", "KV-cache calibration text: builtin (shipped with glmc) or a "
                                                   ".txt / .jsonl file"),
     "calibration.samples": Field("int", 16, "number of calibration samples", min=1, max=100000),
@@ -82,7 +90,7 @@ FIELDS: dict[str, Field] = {
                                                                "kept), reference (standard ONNX), onnxruntime "
                                                                "(com.microsoft fast ops), tensorrt (+ engine), "
                                                                "cuda (glmc's own CUDA kernels: fp16/bf16, "
-                                                               "float KV cache; needs .[cuda] to run)",
+                                                               "float or int8 KV cache; needs .[cuda] to run)",
                      choices=TARGETS),
     "onnxruntime.padded_batches": Field("bool", None, "onnxruntime target: rows of one batch may differ in length "
                                                       "(left padding, an attention bias in every GroupQueryAttention)."
@@ -188,17 +196,26 @@ class VerifyOptions:
 
 def scheme_of(p: dict) -> Scheme:
     """The precision section, parsed once: the quantization Scheme every stage and the manifest use."""
-    bits = {"float": 0, "int8": 8, "int4": 4}[p["weights"]]
+    bits = {"float": 0, "int8": 8, "int4": 4, "sq8": 8, "fp8": 8}[p["weights"]]
+    method = p["weights"] if p["weights"] in ("sq8", "fp8") else p["method"] if bits else "rtn"
+    kv = p["kv_cache"] != "float"
     return Scheme(p["dtype"], bits, p["group_size"] if bits else 0, bool(p["quantize_output_layer"]) and bits > 0,
-                  p["kv_granularity"] if p["kv_cache"] == "int8" else None)
+                  (p["kv_granularity"] or DEFAULT_KV_GRANULARITY[p["kv_cache"]]) if kv else None, method,
+                  p["smoothquant_alpha"], p["kv_cache"] if kv else "int8")
 
 
 def precision_section(scheme: Scheme) -> dict:
     """The precision section that `scheme_of` parses back into `scheme` (for configs built from a precision name)."""
-    return {"dtype": scheme.dtype, "weights": f"int{scheme.weight_bits}" if scheme.weight_bits else "float",
-            "group_size": scheme.group_size, "quantize_output_layer": scheme.include_output,
-            "kv_cache": "int8" if scheme.kv_granularity else "float",
-            "kv_granularity": scheme.kv_granularity or FIELDS["precision.kv_granularity"].default}
+    weights = (scheme.method if scheme.method in ("sq8", "fp8") else f"int{scheme.weight_bits}") \
+        if scheme.weight_bits else "float"
+    out = {"dtype": scheme.dtype, "weights": weights, "group_size": scheme.group_size,
+           "quantize_output_layer": scheme.include_output,
+           "kv_cache": scheme.kv_dtype if scheme.kv_granularity else "float", "kv_granularity": scheme.kv_granularity}
+    if scheme.method in WEIGHT_ONLY_METHODS and scheme.weight_bits:
+        out["method"] = scheme.method
+    if scheme.method == "sq8":
+        out["smoothquant_alpha"] = scheme.alpha
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,9 +539,18 @@ def _cross_checks(data: dict, where: dict) -> None:
         raise ConfigError(f"{at('limits.max_input_length')}: limits.max_input_length ({lim['max_input_length']}) "
                           f"is longer than limits.max_sequence_length ({lim['max_sequence_length']}): a prompt "
                           "must fit in the KV cache")
-    if prec["weights"] == "float" and prec["group_size"]:
+    if prec["weights"] not in ("int8", "int4") and prec["group_size"]:
         raise ConfigError(f"{at('precision.group_size')}: precision.group_size {prec['group_size']} only applies "
-                          "to int8/int4 weights (precision.weights is float)")
+                          f"to int8/int4 weights (precision.weights is {prec['weights']})")
+    if prec["weights"] not in ("int8", "int4") and prec["method"] != "rtn":
+        raise ConfigError(f"{at('precision.method')}: precision.method {prec['method']} only applies to int8/int4 "
+                          f"weights (precision.weights is {prec['weights']})")
+    if prec["weights"] != "sq8" and "precision.smoothquant_alpha" in where:
+        raise ConfigError(f"{at('precision.smoothquant_alpha')}: precision.smoothquant_alpha only applies to "
+                          f"precision.weights: sq8 (it is {prec['weights']})")
+    if prec["weights"] in ("sq8", "fp8") and prec["quantize_output_layer"]:
+        raise ConfigError(f"{at('precision.quantize_output_layer')}: {prec['weights']} keeps the output layer in "
+                          "floating point")
     for key, limit in (("opt_batch", "max_batch"), ("opt_input_length", "max_input_length"),
                        ("opt_past_length", "max_sequence_length")):
         if trt[key] is not None and trt[key] > lim[limit] - (key == "opt_past_length"):
@@ -539,7 +565,7 @@ def _cross_checks(data: dict, where: dict) -> None:
                           "(pip install 'glmc[full]') or drop the target")
     if "cuda" in data["targets"]:
         _check_cuda(data, where, None)
-    if prec["kv_cache"] == "int8" and data["calibration"]["source"] != "builtin":
+    if scheme_of(prec).needs_calibration and data["calibration"]["source"] != "builtin":
         src = Path(data["calibration"]["source"])
         if not src.is_file():
             raise ConfigError(f"{at('calibration.source')}: calibration.source: {src} does not exist")
@@ -551,7 +577,11 @@ def _check_cuda(data: dict, where: dict, arch: Any) -> None:
     """The cuda target: what the engine cannot hold (glmc.artifact.cuda_unsupported), named by key."""
     from glmc.artifact import cuda_unsupported as unsupported
     prec = data["precision"]
-    why = unsupported(arch, prec["dtype"], prec["kv_cache"] == "int8")
+    if prec["weights"] in ("sq8", "fp8"):
+        raise ConfigError(f"{where.get('precision.weights', 'config')}: precision.weights: the cuda target cannot "
+                          f"run {prec['weights']} weights yet; or drop 'cuda' from targets "
+                          f"({where.get('targets', 'config')})")
+    why = unsupported(arch, prec["dtype"], prec["kv_cache"])
     if why is not None:
         key, reason = why
         raise ConfigError(f"{where.get(key, where.get('targets', 'config'))}: {key}: the cuda target cannot run "
@@ -626,8 +656,10 @@ def validate(tree: dict, where: dict, files: list | None = None, check_files: bo
     trt["opt_input_length"] = trt["opt_input_length"] or min(128, lim["max_input_length"])
     if trt["opt_past_length"] is None:
         trt["opt_past_length"] = lim["max_sequence_length"] // 2
+    if prec["kv_granularity"] is None and prec["kv_cache"] != "float":
+        prec["kv_granularity"] = DEFAULT_KV_GRANULARITY[prec["kv_cache"]]
     if prec["int8_activations"] is None:  # the fast CPU path wherever there are integer weights to use it
-        prec["int8_activations"] = prec["weights"] != "float"
+        prec["int8_activations"] = prec["weights"] in ("int8", "int4")
     if data["onnxruntime"]["padded_batches"] is None:
         data["onnxruntime"]["padded_batches"] = lim["max_batch"] > 1
     if check_files:

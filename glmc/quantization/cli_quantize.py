@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a precision name such as int8, int4, int4-g128, int8+kv8, fp16+int4-g64+kv8-head "
                         "(default: int4-g128; the float dtype defaults to fp16)")
     p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
+                   help="calibration text (kv8, awq, sq8, fp8), .txt or .jsonl with {\"text\": ...} "
+                        "(default: the shipped set)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="calibration samples (default: calibration.samples of a compile config, 16)")
     p.add_argument("--calibration-length", type=int, default=None,

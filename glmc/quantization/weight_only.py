@@ -13,12 +13,17 @@ replaces it, so peak memory is the float model plus one layer's fp32 temporaries
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
 from glmc.modeling_patches.ops.quantized_linear import pack_int4
+
+if TYPE_CHECKING:
+    from glmc.quantization.scheme import Scheme
 
 BITS = (8, 4)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = one scale per output channel
@@ -99,4 +104,14 @@ def quantize_model(model: GLMForCausalLM, bits: int, group_size: int = 0, includ
             progress(i + 1, len(layers))
     if include_output:
         _swap(model.transformer, "output_layer", bits, group_size)
+    return model
+
+
+def apply_rtn(model: GLMForCausalLM, scheme: Scheme, calibration_ids: list[torch.Tensor] | None = None
+              ) -> GLMForCausalLM:
+    """METHODS["rtn"] (scheme.py): cast a float32 model to the scheme's dtype, then round-to-nearest weight-only
+    quantization when the scheme has integer weights. Needs no calibration."""
+    model.to(scheme.torch_dtype)
+    if scheme.weight_bits:
+        quantize_model(model, scheme.weight_bits, scheme.group_size, scheme.include_output)
     return model

@@ -346,6 +346,36 @@ def test_index_symlink_escaping_refused(tmp_path):
         load_model(path)
 
 
+def test_single_file_symlink_escaping_refused(tmp_path):
+    _, path = saved(tmp_path)
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    outside.parent.mkdir()
+    (path / "model.safetensors").rename(outside)
+    (path / "model.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a symlink to .*elsewhere.*, outside the "
+                                              "checkpoint directory"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("tensor, value, what", [("self_attention.k_scale", 0.0, "positive"),
+                                                 ("self_attention.v_scale", -1e-3, "positive"),
+                                                 ("mlp.dense_4h_to_h.weight_scale", -0.5, "non-negative")])
+def test_bad_quantization_scales_refused(tmp_path, tensor, value, what):
+    from glmc.quantization.scheme import apply_scheme, parse_precision, save_quantized
+    model = tiny_model("chatglm3-6b")
+    scheme = parse_precision("fp32+int8+kv8-head")
+    apply_scheme(model, scheme, [torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))])
+    path = save_quantized(model, tmp_path / "q", scheme)
+    name = f"transformer.encoder.layers.1.{tensor}"
+
+    def poison(state):
+        state[name] = state[name].clone()
+        state[name].view(-1)[1] = value
+    _edit_single(path, poison)
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}' holds 1 scales that are not {what}"):
+        load_model(path)
+
+
 def test_index_symlinks_inside_allowed(tmp_path):
     """Symlinks that stay inside (and a hub cache snapshot's links into its repository's blobs) still load."""
     model, path = saved(tmp_path, "sharded-safetensors")

@@ -123,6 +123,10 @@ def _checkpoint_files(d: Path) -> list[Path]:
             return paths
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (d / single).is_file():
+            resolved = (d / single).resolve()
+            if not any(resolved.is_relative_to(r) for r in _allowed_roots(d)):
+                raise CheckpointError(f"{d / single} is a symlink to {resolved}, outside the checkpoint directory "
+                                      f"{d}; refused")
             return [d / single]
     raise CheckpointError(f"{d}: no model.safetensors, pytorch_model.bin or shard index found")
 
@@ -257,6 +261,20 @@ def _check_finite(path: Path, name: str, source: torch.Tensor, dest: torch.Tenso
     raise CheckpointError(f"{path}: tensor '{name}' holds {int(bad.sum())} NaN/inf values (first at {where})")
 
 
+def _check_scales(d: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Quantization scales as the ops need them: KV-cache scales > 0 (the cache divides by them), weight scales
+    >= 0 (0 only for an all-zero group, whose codes are 0)."""
+    for name, t in tensors.items():
+        kv = name.endswith(("k_scale", "v_scale"))
+        if not (kv or name.endswith("weight_scale")) or not t.is_floating_point():
+            continue
+        bad = ~(t > 0) if kv else ~(t >= 0)  # NaN fails both
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise CheckpointError(f"{d}: tensor '{name}' holds {int(bad.sum())} scales that are not "
+                                  f"{'positive' if kv else 'non-negative'} (first {t[first].item()} at {first})")
+
+
 def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                family: str | None = None, max_positions: int | None = None) -> GLMForCausalLM:
     """Load a ChatGLM2/3 / GLM-4 (or transformers GLM, or glmc-quantized) checkpoint directory."""
@@ -315,6 +333,7 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
     if missing:
         raise CheckpointError(f"{d}: missing tensor '{missing[0]}'" + (f" and {len(missing) - 1} more" if
                                                                        len(missing) > 1 else ""))
+    _check_scales(d, filled)
     model.load_state_dict(filled, strict=False, assign=True)
     model.init_rotary(device)
     return model.eval()

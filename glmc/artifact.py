@@ -377,15 +377,16 @@ def describe_target(build: Build, name: str) -> tuple[Path, Target]:
     return path, spec
 
 
-def cuda_unsupported(config: Any, dtype: str, kv8: bool) -> tuple[str, str] | None:
+def cuda_unsupported(config: Any, dtype: str, kv_cache: str = "float") -> tuple[str, str] | None:
     """What the cuda engine cannot hold, as (the compile-config key at fault, why), else None: the one list of
     refusals that the cuda backend, `save_cuda_build` and the compile config's cross-checks share. `config` (the
-    model's architecture) may be None when only the precision is known."""
+    model's architecture) may be None when only the precision is known; `kv_cache` is precision.kv_cache (float,
+    int8 or another quantized cache's name)."""
     if dtype.replace("torch.", "") not in ("float16", "bfloat16", "fp16", "bf16"):
         return "precision.dtype", (f"it runs float16 or bfloat16 models, not {dtype.replace('torch.', '')} (use "
                                    "fp16 or bf16)")
-    if kv8:
-        return "precision.kv_cache", "an int8 KV cache is not supported yet (use a float KV cache)"
+    if kv_cache not in ("float", "int8"):
+        return "precision.kv_cache", f"it holds a float or int8 KV cache, not {kv_cache} (use float or int8)"
     if config is None:
         return None
     if config.residual_post_layernorm:

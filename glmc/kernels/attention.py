@@ -1,9 +1,14 @@
-"""Decode attention on CUDA over the static KV cache: split-K (flash-decoding) with grouped-query heads.
+"""Decode attention on CUDA over the static KV cache (fp16/bf16 or int8): split-K (flash-decoding) with grouped-query
+heads; prefill attention over the same cache.
 
 Op and reference: the attention half of `glmc::group_query_attention` (`ops.attention.gqa_reference`) for one new
 token per row (S = 1), after `rotary.qkv_rotary_append` wrote its key and value at slot `past`: the query of row b
 sees keys j with start[b] <= j <= past (start[b] = the row's left padding: its attention mask is zeros then ones).
-Scores scaled, softmax in float32 (here everything is float32 inside; probabilities meet V in the cache dtype).
+Scores scaled, softmax in float32 (here everything is float32 inside; probabilities meet V in the model dtype).
+
+int8 cache (`rotary.KV8`): as the model (SelfAttention) computes it, the cached keys and values j < past are
+`glmc::kv_cache_dequantize`d (float32(code) * float32(scale), rounded to the model dtype; ops/kv_cache.py) and the
+new token's own key and value (slot past) are its unquantized ones (KV8.k_new / v_new), not the codes just written.
 
 Stage 1, program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one
 [G, D] tile (padded to 16 rows for the tensor cores) against the chunk's keys, online softmax; writes the chunk's
@@ -16,13 +21,15 @@ from __future__ import annotations
 import torch
 
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
+from glmc.kernels.rotary import KV8
 
 
 @jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_ptr, acc_ptr, scale,
+                             ks_ptr, vs_ptr, kn_ptr, vn_ptr,
                              stride_cb, stride_ch, stride_ct, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                             BLOCK_T: tl.constexpr):
+                             BLOCK_T: tl.constexpr, KV8: tl.constexpr):
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HKV
@@ -41,10 +48,18 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
     acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
     base = b * stride_cb + hk * stride_ch
     t0 = c * CHUNK
+    if KV8:
+        ks = tl.load(ks_ptr + hk * D + rd)[None, :]
+        vs = tl.load(vs_ptr + hk * D + rd)[None, :]
+        new = bh * D + rd[None, :]  # the new token's row of k_new / v_new ([B, HKV, 1, D])
     for tt in range(0, CHUNK, BLOCK_T):
         rt = t0 + tt + tl.arange(0, BLOCK_T)
         tmask = (rt >= lo) & (rt < hi)
-        k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0.0)
+        k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0)
+        if KV8:
+            is_new = (rt == last)[:, None]
+            k = tl.where(is_new, tl.load(kn_ptr + new + 0 * rt[:, None], mask=is_new, other=0.0),
+                         (k.to(tl.float32) * ks).to(q.dtype))
         s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_T]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -52,8 +67,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0)
+        if KV8:
+            v = tl.where(is_new, tl.load(vn_ptr + new + 0 * rt[:, None], mask=is_new, other=0.0),
+                         (v.to(tl.float32) * vs).to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     o = (b * HQ + heads) * NCHUNK + c
     tl.store(m_ptr + o, m_i, mask=gmask)
@@ -79,20 +97,51 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLO
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
                      past: torch.Tensor, num_heads: int, scale: float, chunk: int = 256, block_t: int = 64,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D], start int32 [B], past int32 [1] (the new token's slot)
-    -> attention output [B, Hq D] in q's dtype."""
+                     out: torch.Tensor | None = None, kv8: KV8 | None = None) -> torch.Tensor:
+    """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D] (int8 with `kv8`, whose k_new/v_new [B, Hkv, 1, D] hold the
+    new token's unquantized key/value), start int32 [B], past int32 [1] (the new token's slot) -> attention output
+    [B, Hq D] in q's dtype."""
     b = q.shape[0]
     _, hkv, smax, d = k_cache.shape
+    if (k_cache.dtype == torch.int8) != (kv8 is not None):
+        raise ValueError(f"decode_attention: a {k_cache.dtype} cache {'without' if kv8 is None else 'with'} KV8")
     g = num_heads // hkv
     nchunk = cdiv(smax, chunk)
     ml = torch.empty((2, b, num_heads, nchunk), dtype=torch.float32, device=q.device)
     acc = torch.empty((b, num_heads, nchunk, d), dtype=torch.float32, device=q.device)
+    ks, vs, kn, vn = (kv8.k_scale, kv8.v_scale, kv8.k_new, kv8.v_new) if kv8 is not None else (q,) * 4
     _decode_attention_kernel[(b * hkv, nchunk)](
-        q, k_cache, v_cache, start, past, ml[0], ml[1], acc, scale, k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, CHUNK=chunk,
-        BLOCK_T=block_t, num_warps=4)
+        q, k_cache, v_cache, start, past, ml[0], ml[1], acc, scale, ks, vs, kn, vn, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d,
+        CHUNK=chunk, BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4)
     out = torch.empty_like(q) if out is None else out
     _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, nchunk, D=d, BLOCK_C=max(2, next_pow2(nchunk)),
                                       num_warps=2)
     return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, b: int,
+                      s: int, p: int, num_heads: int, scale: float, kv8: KV8 | None = None) -> torch.Tensor:
+    """Prompt tokens (torch SDPA over the cache) after `qkv_rotary_append` wrote them at slots p..p+s-1: q [B S, Hq D]
+    -> [B S, Hq D]. Query i of row b sees keys start[b] <= j <= p + i; a padding query (no such key) sees its own
+    slot instead, so no row is fully masked (its output is never read). With `kv8` the cached keys j < p are
+    dequantized and the new ones are k_new/v_new [B, Hkv, s, D] (unquantized), as the model computes them."""
+    hkv, d = k_cache.shape[1], k_cache.shape[-1]
+    t = p + s
+    g = num_heads // hkv
+    qh = q.view(b, s, num_heads, d).transpose(1, 2)
+    if kv8 is None:
+        k, v = k_cache[:, :, :t], v_cache[:, :, :t]
+    else:
+        def past(cache: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+            return (cache[:, :, :p].float() * sc[None, :, None, :]).to(q.dtype)
+        k = torch.cat([past(k_cache, kv8.k_scale), kv8.k_new], dim=2)
+        v = torch.cat([past(v_cache, kv8.v_scale), kv8.v_new], dim=2)
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    j = torch.arange(t, device=q.device)
+    i = p + torch.arange(s, device=q.device)
+    allowed = (j[None, None, :] <= i[None, :, None]) & (j[None, None, :] >= start[:b, None, None])
+    allowed |= j[None, None, :] == i[None, :, None]
+    out = torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=allowed[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(b * s, num_heads * d)

@@ -7,9 +7,11 @@ dense GEMV, residual add + RMSNorm, the gate/up GEMV, SwiGLU, the down GEMV, res
 the output layer and the logits (and greedy ids) on the device. Decode steps of each batch size run as one CUDA
 graph whose inputs (ids, positions, the cache slot `past`) are device buffers.
 
-The KV cache is one preallocated [layers, max_batch, Hkv, max_length, D] buffer per K and V, shared by the caches
-`new_cache` hands out: only the newest cache is live (an older one is refused). Left-padded batches work: a row's
-attention mask must be zeros then ones (the generation loop's left padding); other masks are refused.
+The KV cache is one preallocated [layers, max_batch, Hkv, max_length, D] buffer per K and V (the model dtype, or int8
+when the model has K/V scales: quantized on append, dequantized in attention, as glmc::kv_cache_quantize/dequantize
+do; half the memory), shared by the caches `new_cache` hands out: only the newest cache is live (an older one is
+refused). Left-padded batches work: a row's attention mask must be zeros then ones (the generation loop's left
+padding); other masks are refused.
 
 `save_cuda_build(model, dir)` writes what a build of this target holds (the weights in the op's layout +
 quantization.json + cuda.json); `load_cuda_build(dir)` makes the backend from it.
@@ -32,6 +34,7 @@ from glmc.kernels import norm as k_norm
 from glmc.kernels import rotary as k_rotary
 from glmc.kernels import sampling as k_sampling
 from glmc.kernels.quantized_linear import PackedLinear, linear_partials, pack_linear
+from glmc.kernels.rotary import KV8
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
 from glmc.runtime.generate import check_step
 
@@ -70,7 +73,9 @@ class _Graph:
 
 
 def _check_model(model: GLMForCausalLM) -> None:
-    why = unsupported(model.config, str(model.dtype), model.kv_dtype == torch.int8)
+    kv = model.kv_dtype
+    why = unsupported(model.config, str(model.dtype), "int8" if kv == torch.int8 else
+                      "float" if kv.is_floating_point and kv.itemsize >= 2 else str(kv).replace("torch.", ""))
     if why is not None:
         raise GlmcError(f"cuda backend: {why[1]}")
 
@@ -104,8 +109,16 @@ class CudaBackend:
         self.vocab_size = c.vocab_size
         self.scale = 1.0 / math.sqrt(c.head_dim)
         shape = (c.num_layers, max_batch, c.num_kv_heads, self.max_length, c.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv8 = model.kv_dtype == torch.int8
+        self.k_cache = torch.zeros(shape, dtype=model.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=model.kv_dtype, device=self.device)
+        # int8 cache: per layer float32 [Hkv, D] scales; the new tokens' unquantized k/v, [B, Hkv, S, D] (one
+        # buffer for every layer: a layer's attention reads them before the next layer's append writes them)
+        self.kv_scales = [(KV8.scale(a.k_scale, c.num_kv_heads, c.head_dim),
+                           KV8.scale(a.v_scale, c.num_kv_heads, c.head_dim))
+                          for a in (blk.self_attention for blk in blocks)] if self.kv8 else []
+        new = max_batch * c.num_kv_heads * self.max_input_length * c.head_dim if self.kv8 else 0
+        self.kv_new = torch.zeros((2, new), dtype=self.dtype, device=self.device)
         self.start = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _Graph] = {}
@@ -120,7 +133,8 @@ class CudaBackend:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the static KV cache (K and V, every layer, max_batch rows, max_length tokens)."""
+        """Bytes of the static KV cache (K and V, every layer, max_batch rows, max_length tokens; int8 with scales:
+        half the fp16 cache's)."""
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     # ------------------------------------------------------------------------------------------ Backend Protocol
@@ -213,15 +227,18 @@ class CudaBackend:
         c = self.config
         x = torch.nn.functional.embedding(ids, self.embedding)  # [M, H]: the residual stream, updated in place
         h = k_norm.add_rmsnorm(None, x, self.layers[0].ln1 if self.layers else self.final_ln, self.eps)
+        new = (b, c.num_kv_heads, s, c.head_dim)
         for i, lay in enumerate(self.layers):
             kc, vc = self.k_cache[i, :b], self.v_cache[i, :b]
+            kv8 = KV8(*self.kv_scales[i], self.kv_new[0, :math.prod(new)].view(new),
+                      self.kv_new[1, :math.prod(new)].view(new)) if self.kv8 else None
             part = linear_partials(h, lay.qkv)
             q = k_rotary.qkv_rotary_append(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, past, s,
-                                           c.num_heads, c.num_kv_heads)
+                                           c.num_heads, c.num_kv_heads, kv8=kv8)
             if s == 1:
-                a = k_attention.decode_attention(q, kc, vc, self.start[:b], past, c.num_heads, self.scale)
+                a = k_attention.decode_attention(q, kc, vc, self.start[:b], past, c.num_heads, self.scale, kv8=kv8)
             else:
-                a = self._prefill_attention(q, kc, vc, b, s, p)
+                a = k_attention.prefill_attention(q, kc, vc, self.start, b, s, p, c.num_heads, self.scale, kv8)
             h = k_norm.add_rmsnorm(linear_partials(a, lay.dense), x, lay.ln2, self.eps)
             act = k_norm.swiglu(linear_partials(h, lay.up), self.dtype)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_ln
@@ -229,23 +246,6 @@ class CudaBackend:
         if s > 1:
             h = h.view(b, s, -1)[:, -1].contiguous()
         return k_sampling.logits_argmax(linear_partials(h, self.output), self.dtype)
-
-    def _prefill_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, b: int, s: int, p: int
-                           ) -> torch.Tensor:
-        """Prompt tokens (torch SDPA over the cache): query i of row b sees keys start[b] <= j <= p + i. A padding
-        query (no such key) sees its own slot instead, so no row is fully masked (its output is never read)."""
-        c = self.config
-        t = p + s
-        g = c.num_heads // c.num_kv_heads
-        qh = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
-        k = kc[:, :, :t].repeat_interleave(g, dim=1)
-        v = vc[:, :, :t].repeat_interleave(g, dim=1)
-        j = torch.arange(t, device=q.device)
-        i = p + torch.arange(s, device=q.device)
-        allowed = (j[None, None, :] <= i[None, :, None]) & (j[None, None, :] >= self.start[:b, None, None])
-        allowed |= j[None, None, :] == i[None, :, None]
-        out = torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=allowed[:, None], scale=self.scale)
-        return out.transpose(1, 2).reshape(b * s, c.num_heads * c.head_dim)
 
     # ------------------------------------------------------------------------------------------ device-side greedy
 
@@ -294,10 +294,15 @@ def quantization_of(model: GLMForCausalLM) -> dict:
     """The quantization.json scheme of a loaded model (what load_model needs to rebuild its layers)."""
     first: Any = model.transformer.encoder.layers[0]
     qkv = first.self_attention.query_key_value
-    if not isinstance(qkv, QuantLinear):
-        return {}
-    return {"weights": {"bits": qkv.bits, "group_size": qkv.group_size,
-                        "include_output": isinstance(model.transformer.output_layer, QuantLinear)}}
+    out: dict = {}
+    if isinstance(qkv, QuantLinear):
+        out["weights"] = {"bits": qkv.bits, "group_size": qkv.group_size,
+                          "include_output": isinstance(model.transformer.output_layer, QuantLinear)}
+    ks = first.self_attention.k_scale
+    if ks is not None:
+        out["kv_cache"] = {"granularity": "tensor" if ks.numel() == 1 else ("head" if ks.dim() == 1 else "channel"),
+                           "dtype": "int8"}
+    return out
 
 
 # What a cuda build needs to run (manifest["engines"]["cuda"]): the kernels are Triton's, compiled on first use

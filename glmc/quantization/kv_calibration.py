@@ -1,9 +1,9 @@
-"""KV-cache int8 calibration: run text through the float model and turn per-layer K/V absolute maxima into scales.
+"""KV-cache int8 / fp8 calibration: run text through the float model and turn per-layer K/V absolute maxima into scales.
 
 What is measured is exactly what goes into the cache: the `presents` of a prefill, i.e. K after rotary and V.
 Granularity: "tensor" (scale [1]), "head" (one per KV head, [Hkv]) or "channel" (per KV head and head
-channel, [Hkv, D]). scale = absmax / 127, floored at the dtype's smallest normal number and rounded *up* to the
-dtype the model runs in, so that 127 * scale bounds every calibration value.
+channel, [Hkv, D]). scale = absmax / QMAX (127 for int8, 448 for fp8 e4m3), floored at the dtype's smallest
+normal number and rounded *up* to the dtype the model runs in, so that QMAX * scale bounds every calibration value.
 
 Calibration text: `calibration.txt` next to this module (module docstrings of the Python standard library,
 about 4.5 KB) by default, or a user's `.txt` (one text: tokenized whole and cut into windows of max_length) or
@@ -23,6 +23,7 @@ from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
 QMAX = 127
+QMAX_OF = {"int8": QMAX, "fp8": 448.0}  # a KV cache dtype's largest code: int8, and float8 e4m3's largest finite
 # Dims of a present [B, Hkv, T, D] reduced away per granularity; the rest is the scale's shape.
 REDUCE_DIMS = {"tensor": (0, 1, 2, 3), "head": (0, 2, 3), "channel": (0, 2)}
 
@@ -76,6 +77,8 @@ def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granu
         raise GlmcError(f"calibration: granularity '{granularity}' is not one of {', '.join(REDUCE_DIMS)}")
     if model.kv_dtype == torch.int8:
         raise GlmcError("calibration: the model already has an int8 KV cache; calibrate the float model")
+    if model.kv_dtype == torch.float8_e4m3fn:
+        raise GlmcError("calibration: the model already has an fp8 KV cache; calibrate the float model")
     dims = REDUCE_DIMS[granularity]
     device = model.cos_cache.device
     k_max: list[torch.Tensor] = []
@@ -98,19 +101,23 @@ def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granu
     return k_max, v_max
 
 
-def scales_from_absmax(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """absmax / 127 in `dtype`, floored at the dtype's smallest normal and rounded up so 127 * scale >= absmax."""
+def scales_from_absmax(absmax: torch.Tensor, dtype: torch.dtype, qmax: float = QMAX) -> torch.Tensor:
+    """absmax / qmax in `dtype`, floored at the dtype's smallest normal and rounded up so qmax * scale >= absmax."""
     info = torch.finfo(dtype)
-    scale = (absmax.float() / QMAX).clamp(min=info.tiny) * (1 + info.eps)  # casting rounds by <= eps / 2
+    scale = (absmax.float() / qmax).clamp(min=info.tiny) * (1 + info.eps)  # casting rounds by <= eps / 2
     return scale.to(dtype)
 
 
 def calibrate_kv(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granularity: str,
-                 dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer K and V scales for an int8 cache of `granularity`, for a model running in `dtype`.
+                 dtype: torch.dtype | None = None, kv_dtype: str = "int8"
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V scales for a `kv_dtype` (int8 | fp8) cache of `granularity`, for a model running in `dtype`.
 
-    Apply them with modeling_chatglm.enable_kv_int8(model, k_scales, v_scales).
+    Apply them with modeling_chatglm.enable_kv_int8(model, k_scales, v_scales, dtype=the cache's torch dtype).
     """
     dtype = dtype or model.dtype
+    if kv_dtype not in QMAX_OF:
+        raise GlmcError(f"calibration: KV cache dtype '{kv_dtype}' is not one of {', '.join(QMAX_OF)}")
+    qmax = QMAX_OF[kv_dtype]
     k_max, v_max = collect_absmax(model, samples, granularity)
-    return [scales_from_absmax(m, dtype) for m in k_max], [scales_from_absmax(m, dtype) for m in v_max]
+    return [scales_from_absmax(m, dtype, qmax) for m in k_max], [scales_from_absmax(m, dtype, qmax) for m in v_max]

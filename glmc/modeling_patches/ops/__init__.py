@@ -4,6 +4,7 @@ Importing this package registers every op with torch (`torch.ops.glmc.*`) and ON
 """
 
 from glmc.modeling_patches.ops.attention import gqa_reference, group_query_attention, rotary_tables
+from glmc.modeling_patches.ops.fp8_linear import fp8_linear
 from glmc.modeling_patches.ops.kv_cache import kv_cache_dequantize, kv_cache_quantize
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN, OPSET_VERSION
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, quantized_linear, unpack_int4
@@ -11,6 +12,7 @@ from glmc.modeling_patches.ops.quantized_linear import pack_int4, quantized_line
 __all__ = [
            "DOMAIN",
            "OPSET_VERSION",
+           "fp8_linear",
            "gqa_reference",
            "group_query_attention",
            "kv_cache_dequantize",

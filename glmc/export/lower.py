@@ -38,7 +38,7 @@ TARGETS = {
         "GroupQueryAttention": attention.lower_ort_gqa,  # RotaryEmbedding + com.microsoft.GroupQueryAttention
     },
     "tensorrt": {
-        "QuantizedLinear": quantized_linear.lower_dequantize_matmul,
+        "QuantizedLinear": quantized_linear.lower_dequantize_matmul_symmetric,  # zero points as a MatMul term
         "KVCacheQuantize": kv_cache.lower_quantize_qdq,  # QuantizeLinear
         "KVCacheDequantize": kv_cache.lower_dequantize_qdq,  # DequantizeLinear
         "GroupQueryAttention": attention.lower_attention23,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import CheckpointError
+from glmc.modeling_patches import awq_checkpoint
 from glmc.modeling_patches.config import (
     QKV_PER_HEAD,
     GLMConfig,
@@ -49,7 +50,7 @@ _GLM_NAMES = [
 _IGNORED = re.compile(r"(transformer\.)?rotary_pos_emb\.inv_freq|model\.rotary_emb\.inv_freq")
 # The fused QKV tensors whose rows a QKV_PER_HEAD checkpoint orders per head (config.qkv_layout): float weight and
 # bias, and a quantized layer's int8/int4 codes and scales (quantized per output row, so rows move whole).
-_QKV = re.compile(r".*\.self_attention\.query_key_value\.(weight|bias|weight_scale)")
+_QKV = re.compile(r".*\.self_attention\.query_key_value\.(weight|bias|weight_scale|weight_zero)")
 
 
 @dataclass
@@ -184,7 +185,8 @@ def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None
     quantization = quantization or {}
     w = quantization.get("weights")
     if w:
-        replace_linears(model, int(w["bits"]), int(w.get("group_size", 0)), bool(w.get("include_output", False)))
+        replace_linears(model, int(w["bits"]), int(w.get("group_size", 0)), bool(w.get("include_output", False)),
+                        zero_point=bool(w.get("zero_point", False)))
     kv = quantization.get("kv_cache")
     if kv:
         shape = {"tensor": (1,), "head": (config.num_kv_heads,),
@@ -285,7 +287,8 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
     config = from_hf(raw, d, family=family, where=str(d / "config.json"))
     per_head = qkv_layout(raw, str(d / "config.json")) == QKV_PER_HEAD  # num_kv_heads == num_heads then
     dtype = torch_dtype(dtype, "load_model") if isinstance(dtype, str) else dtype
-    quant = read_quantization(d, config)
+    quant = awq_checkpoint.quantization(raw, d) or read_quantization(d, config)  # AutoAWQ's config, else glmc's
+    awq = quant.get("weights", {}).get("format") == awq_checkpoint.FORMAT
     model = build_model(config, dtype, quant, max_positions)
     official_int4 = quant.get("weights", {}).get("format") == "chatglm" and quant["weights"]["bits"] == 4
 
@@ -295,6 +298,8 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
     coverage: dict[str, int] = {}  # rows filled so far, for fused tensors
     for path in _checkpoint_files(d):
         for name, tensor in iter_tensors(path):
+            if awq:  # AutoAWQ's qweight / qzeros / scales -> glmc's weight / weight_zero / weight_scale
+                name, tensor = awq_checkpoint.convert(path, name, tensor, quant["weights"])
             target = map_name(config, name)
             if target is None or target.name not in expected:
                 if _IGNORED.fullmatch(name):

@@ -33,13 +33,15 @@ class RMSNorm(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized linear layer: `weight` int8 [N, K] or packed int4, `weight_scale` [N] or [N, groups]."""
+    """A weight-only quantized linear layer: `weight` int8 [N, K] or packed int4, `weight_scale` [N] or [N, groups],
+    and with `zero_point` a `weight_zero` int8 of the scales' shape (asymmetric checkpoints: AutoAWQ's)."""
 
     weight: torch.Tensor  # buffers (register_buffer in __init__)
     weight_scale: torch.Tensor
+    weight_zero: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype = torch.float16, zero_point: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         cols = in_features if bits == 8 else (in_features + 1) // 2
@@ -48,11 +50,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, cols, dtype=wdtype))
         self.register_buffer("weight_scale", torch.ones((out_features, groups) if groups else (out_features,),
                                                         dtype=dtype))
+        self.register_buffer("weight_zero", torch.zeros(self.weight_scale.shape, dtype=torch.int8)
+                             if zero_point else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.quantized_linear(x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size,
-                                    self.in_features)
+                                    self.in_features, self.weight_zero)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -208,12 +212,14 @@ class GLMForCausalLM(nn.Module):
         return self.transformer.output_layer(x), presents
 
 
-def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, include_output: bool = False) -> None:
-    """Swap the block linears (and optionally the output layer) for QuantLinear placeholders of the same shape."""
+def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, include_output: bool = False,
+                    zero_point: bool = False) -> None:
+    """Swap the block linears (and optionally the output layer) for QuantLinear placeholders of the same shape
+    (with zero points for an asymmetric checkpoint)."""
     def swap(parent: nn.Module, name: str) -> None:
         lin = getattr(parent, name)
         setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
-                                          dtype=lin.weight.dtype).to(lin.weight.device))
+                                          dtype=lin.weight.dtype, zero_point=zero_point).to(lin.weight.device))
     for layer in model.transformer.encoder.blocks():
         swap(layer.self_attention, "query_key_value")
         swap(layer.self_attention, "dense")

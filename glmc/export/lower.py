@@ -21,24 +21,32 @@ from glmc.modeling_patches.ops.onnx_defs import DOMAIN, Builder, GraphView
 
 attention, kv_cache, quantized_linear = (importlib.import_module(f"glmc.modeling_patches.ops.{m}")
                                          for m in ("attention", "kv_cache", "quantized_linear"))
+fp8_linear = importlib.import_module("glmc.modeling_patches.ops.fp8_linear")
+w8a8_linear = importlib.import_module("glmc.modeling_patches.ops.w8a8_linear")
 
 # target -> glmc op -> lowering (each lowering's docstring says what it emits)
 TARGETS = {
     "onnx": {},
     "reference": {
         "QuantizedLinear": quantized_linear.lower_dequantize_matmul,  # DequantizeLinear (int8/INT4) + MatMul
+        "Fp8Linear": fp8_linear.lower_qdq_matmul,  # QuantizeLinear/DequantizeLinear FLOAT8E4M3FN + MatMul
+        "W8A8Linear": w8a8_linear.lower_matmul_integer,  # per-token QuantizeLinear (uint8) + MatMulInteger
         "KVCacheQuantize": kv_cache.lower_quantize_plain,  # Div, Round, Clip, Cast
         "KVCacheDequantize": kv_cache.lower_dequantize_plain,  # Cast, Mul
         "GroupQueryAttention": attention.lower_attention23,  # RotaryEmbedding + Concat + Attention-23
     },
     "onnxruntime": {
         "QuantizedLinear": quantized_linear.lower_matmul_nbits,  # com.microsoft.MatMulNBits
+        "Fp8Linear": fp8_linear.lower_qdq_matmul,  # float8 Q/DQ + MatMul (ORT 1.32 runs float8 Q/DQ on CPU)
+        "W8A8Linear": w8a8_linear.lower_matmul_integer_to_float,  # com.microsoft.MatMulIntegerToFloat
         "KVCacheQuantize": kv_cache.lower_quantize_plain,
         "KVCacheDequantize": kv_cache.lower_dequantize_plain,
         "GroupQueryAttention": attention.lower_ort_gqa,  # RotaryEmbedding + com.microsoft.GroupQueryAttention
     },
     "tensorrt": {
         "QuantizedLinear": quantized_linear.lower_dequantize_matmul_symmetric,  # zero points as a MatMul term
+        "Fp8Linear": fp8_linear.lower_qdq_matmul,  # FP8 Q/DQ + MatMul: an FP8 GEMM on sm89/sm120
+        "W8A8Linear": w8a8_linear.lower_qdq,  # X/sx through unit-scale int8 Q/DQ: an int8 GEMM, then * sx
         "KVCacheQuantize": kv_cache.lower_quantize_qdq,  # QuantizeLinear
         "KVCacheDequantize": kv_cache.lower_dequantize_qdq,  # DequantizeLinear
         "GroupQueryAttention": attention.lower_attention23,

@@ -186,14 +186,15 @@ def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None
     w = quantization.get("weights")
     if w:
         replace_linears(model, int(w["bits"]), int(w.get("group_size", 0)), bool(w.get("include_output", False)),
-                        zero_point=bool(w.get("zero_point", False)))
+                        method=w.get("method", "rtn"), zero_point=bool(w.get("zero_point", False)))
     kv = quantization.get("kv_cache")
     if kv:
         shape = {"tensor": (1,), "head": (config.num_kv_heads,),
                  "channel": (config.num_kv_heads, config.head_dim)}[kv["granularity"]]
         with torch.device(device):
             scales = [torch.ones(shape) for _ in range(config.num_layers)]
-        enable_kv_int8(model, scales, [s.clone() for s in scales])  # k, v distinct: named_buffers dedups
+        enable_kv_int8(model, scales, [s.clone() for s in scales],  # k, v distinct: named_buffers dedups
+                       dtype=torch.float8_e4m3fn if kv.get("dtype") == "fp8" else torch.int8)
     return model
 
 
@@ -232,8 +233,14 @@ def _shape_keys(config: GLMConfig, target: str) -> str:
 
 
 def _check_dtype(path: Path, name: str, tensor: torch.Tensor, want: torch.dtype) -> None:
-    """Float weights must be floats; quantized codes int8/uint8 (either: they are reinterpreted, not converted)."""
-    if want.is_floating_point:
+    """Float weights must be floats; quantized codes int8/uint8 (either: they are reinterpreted, not converted);
+    fp8 codes float8_e4m3fn (never converted from another float: that would quantize them here)."""
+    if want == torch.float8_e4m3fn or tensor.dtype == torch.float8_e4m3fn:
+        if tensor.dtype != want:
+            raise CheckpointError(f"{path}: tensor '{name}' is {str(tensor.dtype).replace('torch.', '')}; "
+                                  f"{str(want).replace('torch.', '')} belongs here"
+                                  + (" (fp8 e4m3 codes)" if want == torch.float8_e4m3fn else ""))
+    elif want.is_floating_point:
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor '{name}' is {str(tensor.dtype).replace('torch.', '')}; a float "
                                   "weight belongs here (float32, float16 or bfloat16)")
@@ -267,7 +274,7 @@ def _check_scales(d: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Quantization scales as the ops need them: KV-cache scales > 0 (the cache divides by them), weight scales
     >= 0 (0 only for an all-zero group, whose codes are 0)."""
     for name, t in tensors.items():
-        kv = name.endswith(("k_scale", "v_scale"))
+        kv = name.endswith(("k_scale", "v_scale", "input_scale"))  # divisors (input_scale: fp8 activations)
         if not (kv or name.endswith("weight_scale")) or not t.is_floating_point():
             continue
         bad = ~(t > 0) if kv else ~(t >= 0)  # NaN fails both
@@ -316,7 +323,7 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
                                       f"{_shape_keys(config, target.name)})")
             _check_dtype(path, name, tensor, ref.dtype)
             if target.name not in filled:
-                want_dtype = ref.dtype if not ref.dtype.is_floating_point else dtype
+                want_dtype = ref.dtype if not ref.dtype.is_floating_point or ref.dtype == torch.float8_e4m3fn else dtype
                 filled[target.name] = torch.empty(ref.shape, dtype=want_dtype, device=device)
             dest = filled[target.name]
             if target.rows is not None:
@@ -330,7 +337,11 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
                 tensor = _per_head_view(tensor, config.num_heads)  # copied below into [q | k | v] order
                 dest = dest.view(tensor.shape)
             dest.copy_(tensor)
-            if dest.is_floating_point():
+            if dest.dtype == torch.float8_e4m3fn:  # e4m3 has no infinities; its NaN is S.1111.111
+                nan = (dest.view(torch.uint8) & 0x7F) == 0x7F
+                if nan.any():
+                    raise CheckpointError(f"{path}: tensor '{name}' holds {int(nan.sum())} NaN fp8 codes")
+            elif dest.is_floating_point():
                 _check_finite(path, name, tensor, dest)
             coverage[target.name] = coverage.get(target.name, 0) + rows
             del tensor

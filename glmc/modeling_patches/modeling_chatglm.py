@@ -62,7 +62,63 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-LinearLayer = nn.Linear | QuantLinear  # a float linear, or its weight-only quantized replacement (replace_linears)
+class Fp8Linear(nn.Module):
+    """An FP8 (e4m3) linear layer, ops.fp8_linear: `weight` float8_e4m3fn [N, K], `weight_scale` [N] and the
+    activations' static `input_scale` [1], both in the model dtype."""
+
+    weight: torch.Tensor  # buffers (register_buffer in __init__)
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype))
+        self.register_buffer("input_scale", torch.ones(1, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype), .half() and .float() cast every floating buffer, float8 included: the codes go back to
+        float8 (exactly: every e4m3 value is a float16, bfloat16 and float32 value); devices move as asked."""
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float8_e4m3fn:
+            self.weight = self.weight.to(torch.float8_e4m3fn)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3"
+
+
+class W8A8Linear(nn.Module):
+    """A SmoothQuant linear layer, ops.w8a8_linear: `weight` int8 [N, K] (the smoothed weight, per output channel),
+    `weight_scale` [N], `inv_smooth` [K] (the activations' smoothing divisor; all ones where it was folded into the
+    previous RMSNorm), int8 activations per token."""
+
+    weight: torch.Tensor  # buffers (register_buffer in __init__)
+    weight_scale: torch.Tensor
+    inv_smooth: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype))
+        self.register_buffer("inv_smooth", torch.ones(in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self.inv_smooth, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8a8 (SmoothQuant)"
+
+
+# a float linear, or its quantized replacement (replace_linears)
+LinearLayer = nn.Linear | QuantLinear | Fp8Linear | W8A8Linear
 
 
 class SelfAttention(nn.Module):
@@ -76,9 +132,10 @@ class SelfAttention(nn.Module):
         self.query_key_value: LinearLayer = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
                                                       bias=config.qkv_bias)
         self.dense: LinearLayer = nn.Linear(config.q_size, config.hidden_size, bias=False)
-        # Set by KV-cache quantization: [1], [Hkv] or [Hkv, D] scales; the cache is then int8.
+        # Set by KV-cache quantization: [1], [Hkv] or [Hkv, D] scales; the cache is then int8 (or kv_cache_dtype).
         self.register_buffer("k_scale", None)
         self.register_buffer("v_scale", None)
+        self.kv_cache_dtype = torch.int8  # the quantized cache's element type: int8 | float8_e4m3fn
 
     def forward(self, x, position_ids, attention_mask, cos, sin, past_key, past_value):
         qkv = self.query_key_value(x)  # [B, S, (Hq + 2 Hkv) D]
@@ -93,8 +150,12 @@ class SelfAttention(nn.Module):
             q, k, v, past_key, past_value, position_ids, attention_mask, cos, sin,
             self.num_heads, self.num_kv_heads, 1.0 / math.sqrt(self.head_dim))
         if self.k_scale is not None:
-            present_key = ops.kv_cache_quantize(present_key, self.k_scale)
-            present_value = ops.kv_cache_quantize(present_value, self.v_scale)
+            if self.kv_cache_dtype == torch.int8:
+                present_key = ops.kv_cache_quantize(present_key, self.k_scale)
+                present_value = ops.kv_cache_quantize(present_value, self.v_scale)
+            else:  # fp8 (e4m3)
+                present_key = ops.kv_cache_quantize(present_key, self.k_scale, "float8e4m3fn")
+                present_value = ops.kv_cache_quantize(present_value, self.v_scale, "float8e4m3fn")
         return self.dense(out), present_key, present_value
 
 
@@ -190,7 +251,8 @@ class GLMForCausalLM(nn.Module):
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        return torch.int8 if self.transformer.encoder.block(0).self_attention.k_scale is not None else self.dtype
+        attn = self.transformer.encoder.block(0).self_attention
+        return attn.kv_cache_dtype if attn.k_scale is not None else self.dtype
 
     def empty_cache(self, batch: int, device: torch.device | str | None = None) -> KVCache:
         """A past of length 0 for every layer (what prefill takes)."""
@@ -213,13 +275,20 @@ class GLMForCausalLM(nn.Module):
 
 
 def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, include_output: bool = False,
-                    zero_point: bool = False) -> None:
+                    method: str = "rtn", zero_point: bool = False) -> None:
     """Swap the block linears (and optionally the output layer) for QuantLinear placeholders of the same shape
-    (with zero points for an asymmetric checkpoint)."""
+    (Fp8Linear ones for method fp8, W8A8Linear for sq8; with zero points for an asymmetric checkpoint)."""
     def swap(parent: nn.Module, name: str) -> None:
         lin = getattr(parent, name)
-        setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
-                                          dtype=lin.weight.dtype, zero_point=zero_point).to(lin.weight.device))
+        new: nn.Module
+        if method == "fp8":
+            new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=lin.weight.dtype)
+        elif method == "sq8":
+            new = W8A8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=lin.weight.dtype)
+        else:
+            new = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None,
+                              dtype=lin.weight.dtype, zero_point=zero_point)
+        setattr(parent, name, new.to(lin.weight.device))
     for layer in model.transformer.encoder.blocks():
         swap(layer.self_attention, "query_key_value")
         swap(layer.self_attention, "dense")
@@ -229,8 +298,13 @@ def replace_linears(model: GLMForCausalLM, bits: int, group_size: int = 0, inclu
         swap(model.transformer, "output_layer")
 
 
-def enable_kv_int8(model: GLMForCausalLM, k_scales: list[torch.Tensor], v_scales: list[torch.Tensor]) -> None:
-    """Give every layer its K/V scales ([1], [Hkv] or [Hkv, D]); the cache becomes int8."""
+def enable_kv_int8(model: GLMForCausalLM, k_scales: list[torch.Tensor], v_scales: list[torch.Tensor],
+                   dtype: torch.dtype = torch.int8) -> None:
+    """Give every layer its K/V scales ([1], [Hkv] or [Hkv, D]); the cache becomes int8 (or `dtype`:
+    torch.float8_e4m3fn for the fp8 cache)."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"enable_kv_int8: a quantized KV cache is int8 or float8_e4m3fn, not {dtype}")
     for layer, ks, vs in zip(model.transformer.encoder.blocks(), k_scales, v_scales, strict=False):
         layer.self_attention.k_scale = ks.to(model.dtype)
         layer.self_attention.v_scale = vs.to(model.dtype)
+        layer.self_attention.kv_cache_dtype = dtype

@@ -35,6 +35,7 @@ KV_GRANULARITIES = ("tensor", "head", "channel")
 # int8: K after rotary has outlier channels (docs/quantization.md); fp8 keeps them by its exponent
 DEFAULT_KV_GRANULARITY = {"int8": "channel", "fp8": "tensor"}
 KV_DTYPES = ("int8", "fp8")
+KV_TORCH_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # the quantized cache's element type
 # How weights are quantized -> the function that turns a float32 model into the scheme ("module:function", imported
 # when used). rtn/awq are weight-only int8/int4 in one stored format; sq8 and fp8 also quantize activations.
 METHODS = {
@@ -209,11 +210,12 @@ def apply_scheme(model, scheme: Scheme, calibration_ids: list[torch.Tensor] | No
                         "method's activation statistics)")
     scales = None
     if scheme.kv_granularity and calibration_ids:
-        scales = calibrate_kv(model, calibration_ids, scheme.kv_granularity, dtype=scheme.torch_dtype)
+        scales = calibrate_kv(model, calibration_ids, scheme.kv_granularity, dtype=scheme.torch_dtype,
+                              kv_dtype=scheme.kv_dtype)
     module, function = METHODS[scheme.method].split(":")
     getattr(importlib.import_module(module), function)(model, scheme, calibration_ids)
     if scales is not None:
-        enable_kv_int8(model, *scales)
+        enable_kv_int8(model, *scales, dtype=KV_TORCH_DTYPES[scheme.kv_dtype])
     return model
 
 

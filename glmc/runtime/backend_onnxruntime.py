@@ -43,7 +43,7 @@ from glmc.runtime.generate import check_step
 _TYPES: dict[str, tuple[type[np.generic] | int, int, torch.dtype]] = {
     "tensor(float)": (np.float32, 4, torch.float32), "tensor(float16)": (np.float16, 2, torch.float16),
     "tensor(bfloat16)": (16, 2, torch.bfloat16), "tensor(int8)": (np.int8, 1, torch.int8),
-    "tensor(uint8)": (np.uint8, 1, torch.uint8)}
+    "tensor(uint8)": (np.uint8, 1, torch.uint8), "tensor(float8e4m3fn)": (17, 1, torch.float8_e4m3fn)}
 
 
 def past_feeds_gqa_only(onnx_path: str | Path, past_names: list[str]) -> bool:

@@ -80,8 +80,12 @@ def _(q, scale):
 
 # ---------------------------------------------------------------------------------------------- ONNX schema
 
+def _dtype_attribute(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # ONNX STRING attributes read back as bytes
+
+
 def _infer_quantize(ctx) -> None:
-    set_output(ctx, 0, ONNX_KV_TYPES[attribute(ctx, "dtype", "int8")], input_dims(ctx, 0))
+    set_output(ctx, 0, ONNX_KV_TYPES[_dtype_attribute(attribute(ctx, "dtype", "int8"))], input_dims(ctx, 0))
 
 
 def _infer_dequantize(ctx) -> None:
@@ -127,7 +131,7 @@ def _scale(b: Builder) -> tuple[np.ndarray, int]:
 def _is_fp8(b: Builder) -> bool:
     """Whether this quantize (its dtype attribute) or dequantize (its input's type) node is the fp8 cache."""
     if b.node.op_type == "KVCacheQuantize":
-        return b.attr("dtype", "int8") == "float8e4m3fn"
+        return _dtype_attribute(b.attr("dtype", "int8")) == "float8e4m3fn"
     return b.view.elem_type(b.input(0)) == TensorProto.FLOAT8E4M3FN
 
 

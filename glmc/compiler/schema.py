@@ -558,7 +558,12 @@ def _cross_checks(data: dict, where: dict) -> None:
                               f"(limits.{limit} = {lim[limit]})")
     if data["onnxruntime"]["fold_kv8"] and prec["kv_cache"] != "int8":
         raise ConfigError(f"{at('onnxruntime.fold_kv8')}: onnxruntime.fold_kv8 folds an int8 KV cache into "
-                          "GroupQueryAttention, but precision.kv_cache is float")
+                          f"GroupQueryAttention, but precision.kv_cache is {prec['kv_cache']}")
+    old = [cc for cc in trt["compute_capabilities"] if cc in ("sm75", "sm80", "sm86")]
+    if "tensorrt" in data["targets"] and "fp8" in (prec["weights"], prec["kv_cache"]) and old:
+        raise ConfigError(f"{at('tensorrt.compute_capabilities')}: tensorrt.compute_capabilities: {', '.join(old)} "
+                          "cannot run FP8 (e4m3 needs Ada sm89 or newer; TensorRT refuses to build it): use [sm89, "
+                          "sm120], or drop 'tensorrt' from targets")
     if "tensorrt" in data["targets"] and tensorrt_available() is None:
         raise ConfigError(f"{at('targets')}: targets: 'tensorrt' needs TensorRT, and neither `tensorrt` nor "
                           "TensorRT for RTX (`tensorrt_rtx_bindings`) is importable; install one "

@@ -25,7 +25,7 @@ from glmc.errors import GlmcError
 from glmc.runtime.generate import check_step
 
 _TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "FP8": torch.float8_e4m3fn}
 
 
 @dataclasses.dataclass

@@ -1,13 +1,27 @@
 """Decode tokens/s of the cuda backend (glmc's Triton kernels + CUDA graphs) at ChatGLM3-6B shape against the
-memory-bandwidth bound, for fp16, int8 (per channel) and int4 (group 128), batch 1 and 16.
+memory-bandwidth bound, for fp16, int8 (per channel) and int4 (group 128), batch 1 and 16; the int8 KV cache against
+the fp16 one at batch 16 and an 8k context; and the torch.compile peers of issue 12, all in one process.
 
-    python3 benchmarks/bench_cuda.py --out OUTDIR [--layers 28] [--tuned OUTDIR/tuned_h200.json]
+    python3 benchmarks/bench_cuda.py --out OUTDIR [--layers 28] [--tuned OUTDIR/tuned_h200.json] [--no-peers]
 
 Random fp16 weights are made on the GPU in memory (normal(0, 0.02), norms 1), then quantized on the GPU with
 glmc.quantization (the same code the compile pipeline runs). Each run: prefill a 128-token prompt, one decode step
 that captures the batch's CUDA graph, then NEW steps timed with CUDA events, each one graph replay plus three tiny
 device updates (greedy ids stay on the device). The bound at batch 1: copy bandwidth over the bytes one step must
 read (every linear with its scales and bias, the fp16 output layer, the KV cache at the mean context).
+
+kv8 rows (`fp16 kv16 @8k` / `fp16 kv8 @8k`): fp16 weights, batch 16, the cache filled with random values (codes) up
+to slot KV_CONTEXT - KV_NEW, then KV_NEW decode steps timed (mean context ~8k); int8 cache scales per KV head and
+channel. Cache bytes are the backend's whole static cache (K and V, every layer, 16 rows, 8192 slots).
+
+Peers (batch 1, prompt 128 + NEW, the same random fp16 weights through `hf_glm.to_transformers`), each decode step
+`torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs) over transformers' `GlmForCausalLM` with a
+`StaticCache`, greedy on the device, as transformers' documentation writes the loop:
+- fp16: the model as it is;
+- int8: gpt-fast's `WeightOnlyInt8Linear` (int8 weights, one fp16 scale per output channel:
+  `F.linear(x, w.to(x.dtype)) * scales`) for every block linear; output layer fp16 (as glmc's int8 build);
+- int4: bf16 model, every block linear through torch's tinygemm `_weight_int4pack_mm` (gpt-fast's int4: group 128,
+  asymmetric scale + zero, inner k tiles 8); output layer bf16.
 """
 
 from __future__ import annotations
@@ -25,17 +39,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPT, NEW = 128, 256
+KV_CONTEXT, KV_NEW, KV_BATCH = 8192, 128, 16
 PRECISIONS = {"fp16": (16, 0), "int8": (8, 0), "int4-g128": (4, 128)}
+PEERS = {"fp16": "transformers GlmForCausalLM + StaticCache, torch.compile",
+         "int8": "gpt-fast WeightOnlyInt8Linear, torch.compile",
+         "int4-g128": "tinygemm _weight_int4pack_mm bf16 g128, torch.compile"}
 
 
-def random_model_on_gpu(layers: int, seed: int = 0):
+def random_model_on_gpu(layers: int, seed: int = 0, max_positions: int = PROMPT + NEW + 8):
     from glmc.modeling_patches import variant
     from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM
 
     cfg = variant("chatglm3-6b", num_layers=layers, hidden_size=4096, ffn_hidden_size=13696, num_heads=32,
-                  head_dim=128, vocab_size=65024, seq_length=8192)
+                  head_dim=128, vocab_size=65024, seq_length=max(8192, max_positions))
     with torch.device("meta"):
-        model = GLMForCausalLM(cfg, max_positions=PROMPT + NEW + 8)
+        model = GLMForCausalLM(cfg, max_positions=max_positions)
     model = model.to_empty(device="cuda").to(torch.float16)
     g = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
@@ -48,8 +66,9 @@ def random_model_on_gpu(layers: int, seed: int = 0):
     return model.eval()
 
 
-def decode_rate(backend, batch: int, new: int) -> tuple[float, float]:
-    """(tokens/s, ms per step) of `new` greedy decode steps after a PROMPT-token prefill, CUDA-graph replays."""
+def decode_rate(backend, batch: int, new: int, context: int = 0) -> tuple[float, float]:
+    """(tokens/s, ms per step) of `new` greedy decode steps after a PROMPT-token prefill, CUDA-graph replays. With
+    `context`, the steps start at that cache slot, the cache before it filled with random values."""
     ids = torch.randint(100, 60000, (batch, PROMPT))
     mask = torch.ones(batch, PROMPT, dtype=torch.int64)
     pos = torch.arange(PROMPT)[None].expand(batch, -1)
@@ -58,6 +77,14 @@ def decode_rate(backend, batch: int, new: int) -> tuple[float, float]:
     mask1 = torch.ones(batch, PROMPT + 1, dtype=torch.int64)
     _, nxt = backend._forward(nxt[:, None], pos[:, -1:] + 1, mask1, cache)  # captures this batch's graph
     g = backend.graphs[batch]
+    if context:
+        for c in (backend.k_cache, backend.v_cache):
+            if c.dtype == torch.int8:
+                c.random_(-100, 100)
+            else:
+                c.normal_(0.0, 1.0)
+        g.past.fill_(context)
+        g.pos.fill_(context)
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
@@ -72,13 +99,168 @@ def decode_rate(backend, batch: int, new: int) -> tuple[float, float]:
     return batch * new / sec, 1e3 * sec / new
 
 
+def with_kv8(model, granularity: str = "channel"):
+    """An int8 KV cache on `model` with fixed scales (speed does not depend on them): 0.05 / 127 per KV head and
+    channel, as a calibrated absmax of 0.05 would give."""
+    from glmc.modeling_patches.modeling_chatglm import enable_kv_int8
+    c = model.config
+    shape = {"tensor": (1,), "head": (c.num_kv_heads,), "channel": (c.num_kv_heads, c.head_dim)}[granularity]
+    scales = [torch.full(shape, 0.05 / 127, device="cuda") for _ in range(c.num_layers)]
+    enable_kv_int8(model, scales, [s.clone() for s in scales])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile peers
+
+class Int8Linear(torch.nn.Module):
+    """gpt-fast's WeightOnlyInt8Linear: int8 weights, a scale per output channel, dequantized in the matmul."""
+
+    weight: torch.Tensor  # buffers (register_buffer in __init__)
+    scales: torch.Tensor
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scales = w.abs().amax(1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(lin.weight.dtype))
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(torch.nn.Module):
+    """gpt-fast's WeightOnlyInt4Linear: torch's tinygemm kernel, bf16, asymmetric groups of 128 along K."""
+
+    weight: torch.Tensor  # buffers (register_buffer in __init__)
+    scales_and_zeros: torch.Tensor
+
+    def __init__(self, lin: torch.nn.Linear, group: int = 128, inner_k_tiles: int = 8):
+        super().__init__()
+        w = lin.weight.detach().float()
+        n, k = w.shape
+        wg = w.reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scales = (hi - lo).clamp(min=1e-6) / 15
+        zeros = lo + scales * 8
+        q = ((wg - lo) / scales).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles))
+        self.register_buffer("scales_and_zeros", torch.cat([scales.reshape(n, -1, 1), zeros.reshape(n, -1, 1)], 2)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.group, self.out_features = group, n
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.group,
+                                               self.scales_and_zeros).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def swap_linears(hf, make) -> float:
+    """Every nn.Linear of the decoder layers -> make(linear); returns the first swap's relative output error."""
+    err = None
+    for layer in hf.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    new = make(lin)
+                    if err is None:
+                        with torch.no_grad():
+                            x = torch.randn(4, lin.in_features, device=lin.weight.device, dtype=lin.weight.dtype)
+                            ref = lin(x).float()
+                            err = float((new(x).float() - ref).norm() / ref.norm())
+                    setattr(parent, name, new)
+    return err if err is not None else float("nan")
+
+
+def peer_rate(hf, new: int) -> dict:
+    """Batch-1 greedy decode tok/s of `hf` with a StaticCache, each step torch.compile'd (reduce-overhead)."""
+    from transformers import StaticCache
+    torch._dynamo.reset()
+    dev = hf.device
+
+    def decode_one(tok, cache_position, cache):
+        logits = hf(tok, cache_position=cache_position, past_key_values=cache, return_dict=False, use_cache=True)[0]
+        return torch.argmax(logits[:, -1], dim=-1)[:, None]
+    step = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True)
+    out: dict = {}
+    with torch.inference_mode():
+        for rnd in range(2):  # round 0 compiles (and is timed as compile time), round 1 is measured
+            cache = StaticCache(config=hf.config, max_cache_len=PROMPT + new + 8)
+            ids = torch.randint(100, 60000, (1, PROMPT), device=dev)
+            t0 = time.perf_counter()
+            logits = hf(ids, cache_position=torch.arange(PROMPT, device=dev), past_key_values=cache,
+                        return_dict=False, use_cache=True)[0]
+            tok = torch.argmax(logits[:, -1], dim=-1)[:, None]
+            pos = torch.tensor([PROMPT], device=dev)
+            steps = 8 if rnd == 0 else new
+            torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(steps):
+                tok = step(tok.clone(), pos, cache)
+                pos += 1
+            e.record()
+            e.synchronize()
+            if rnd == 0:
+                out["compile_s"] = time.perf_counter() - t0
+            else:
+                out["tok_s"] = new / (s.elapsed_time(e) / 1e3)
+                out["ms_step"] = s.elapsed_time(e) / new
+    return out
+
+
+def run_peers(args, results: dict, save) -> None:
+    from glmc.modeling_patches.hf_glm import to_transformers
+    model = random_model_on_gpu(args.layers)
+    with torch.device("cuda"):
+        hf = to_transformers(model)
+    del model
+    torch.cuda.empty_cache()
+    for prec in args.peers:
+        t0 = time.time()
+        try:
+            run: dict = {"peer": PEERS[prec]}
+            if prec == "int8":
+                run["linear_rel_err"] = swap_linears(hf, Int8Linear)
+            elif prec == "int4-g128":
+                torch.nn.Module.to(hf, torch.bfloat16)
+                run["linear_rel_err"] = swap_linears(hf, Int4Linear)
+            run.update(peer_rate(hf, NEW))
+            print(f"peer {prec} ({PEERS[prec]}): batch 1: {run['tok_s']:.1f} tok/s, {run['ms_step']:.3f} ms/step "
+                  f"(compile + 8 steps {run['compile_s']:.0f} s; swapped linear rel err "
+                  f"{run.get('linear_rel_err', 0):.2g})", flush=True)
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the table still printed
+            run = {"peer": PEERS[prec], "error": f"{type(e).__name__}: {e}"[-1500:]}
+            print(f"peer {prec}: {run['error'][:400]}", flush=True)
+        run["seconds"] = time.time() - t0
+        results["peers"][prec] = run
+        save()
+        if prec == "int8" and "int4-g128" in args.peers:  # int4 starts from float weights again
+            del hf
+            torch.cuda.empty_cache()
+            model = random_model_on_gpu(args.layers)
+            with torch.device("cuda"):
+                hf = to_transformers(model)
+            del model
+
+
+# ---------------------------------------------------------------------------------------------- main
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("cuda-out"))
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--tuned", type=Path, help="GEMV config table (bench_kernels.py's tuned_h200.json)")
-    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--kv8", nargs="*", default=["fp16"], choices=list(PRECISIONS),
+                    help="weights of the kv8 rows (fp16 vs int8 cache at batch 16, 8k context); none to skip")
+    ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                    help="torch.compile peers to run (batch 1); none to skip")
     ap.add_argument("--copy-bw", type=float, help="bytes/s (else measured)")
     args = ap.parse_args()
     if args.tuned:
@@ -90,7 +272,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bw = args.copy_bw or copy_bandwidth()
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
-               "layers": args.layers, "command": " ".join(sys.argv), "runs": {}}
+               "layers": args.layers, "command": " ".join(sys.argv), "runs": {}, "kv8": {}, "peers": {}}
+
+    def save() -> None:
+        (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")
+
     for prec in args.precisions:
         bits, group = PRECISIONS[prec]
         t0 = time.time()
@@ -111,16 +297,47 @@ def main() -> int:
         results["runs"][prec] = run
         del backend
         torch.cuda.empty_cache()
-        (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")
+        save()
+    for prec in args.kv8:
+        bits, group = PRECISIONS[prec]
+        for kv in ("kv16", "kv8"):
+            model = random_model_on_gpu(args.layers, max_positions=KV_CONTEXT)
+            if bits != 16:
+                quantize_model(model, bits, group)
+            if kv == "kv8":
+                with_kv8(model)
+            backend = CudaBackend(model, max_batch=KV_BATCH, max_length=KV_CONTEXT, max_input_length=PROMPT)
+            del model
+            tps, ms = decode_rate(backend, KV_BATCH, KV_NEW, context=KV_CONTEXT - KV_NEW)
+            name = f"{prec} {kv} @{KV_CONTEXT // 1024}k"
+            results["kv8"][name] = {"tok_s": tps, "ms_step": ms, "cache_bytes": backend.cache_bytes,
+                                    "weight_bytes": backend.weight_bytes, "batch": KV_BATCH,
+                                    "context": KV_CONTEXT - KV_NEW // 2}
+            print(f"{name}: batch {KV_BATCH}: {tps:.1f} tok/s, {ms:.3f} ms/step, cache "
+                  f"{backend.cache_bytes / 2**30:.2f} GiB", flush=True)
+            del backend
+            torch.cuda.empty_cache()
+            save()
+    if args.peers:
+        run_peers(args, results, save)
+    save()
     print(f"\n{results['gpu']}, {results['date']}, {args.layers} layers, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"prompt {PROMPT} + {NEW} new tokens")
-    print("| build | decode b1 tok/s | bound b1 | % of bound | ms/step b1 | decode b16 tok/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| build | decode b1 tok/s | bound b1 | % of bound | ms/step b1 | decode b16 tok/s | torch.compile peer b1 "
+          "tok/s | x peer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for prec, r in results["runs"].items():
         b1, b16 = r.get("b1", {}), r.get("b16", {})
-        print(f"| {prec} | {b1.get('tok_s', 0):.1f} | {r['bound_b1']:.1f} | "
-              f"{100 * b1.get('tok_s', 0) / r['bound_b1']:.0f}% | {b1.get('ms_step', 0):.3f} | "
-              f"{b16.get('tok_s', 0):.0f} |")
+        tps = b1.get("tok_s", 0.0)
+        peer = results["peers"].get(prec, {}).get("tok_s")
+        vs = (f"{peer:.1f} | {tps / peer:.2f}x") if peer else "- | -"
+        print(f"| {prec} | {tps:.1f} | {r['bound_b1']:.1f} | {100 * tps / r['bound_b1']:.0f}% | "
+              f"{b1.get('ms_step', 0):.3f} | {b16.get('tok_s', 0):.0f} | {vs} |")
+    if results["kv8"]:
+        print(f"\n| KV cache (batch {KV_BATCH}, context ~{KV_CONTEXT}) | decode tok/s | ms/step | cache GiB |")
+        print("| --- | --- | --- | --- |")
+        for name, r in results["kv8"].items():
+            print(f"| {name} | {r['tok_s']:.0f} | {r['ms_step']:.3f} | {r['cache_bytes'] / 2**30:.2f} |")
     return 0
 
 

@@ -229,6 +229,46 @@ def small_kernels(bw: float, rows: list) -> None:
         add("logits_argmax", f"M={m} V={V}", bench(lambda i: sampling.logits_argmax(partv, dt)), m * V * 8)
 
 
+def kv_kernels(bw: float, rows: list) -> None:
+    """The KV-cache kernels with an fp16 and an int8 cache (scales per KV head and channel): QKV bias + rotary +
+    append, and decode attention + combine at batch 1 and 16, contexts 256 to 8192 (bytes: the cache read)."""
+    from glmc.kernels import attention, rotary
+    from glmc.modeling_patches.ops.attention import rotary_tables
+    dt = torch.float16
+    cos, sin = (t.to("cuda", dt) for t in rotary_tables(D // 2, 8192, 10000.0))
+    for m in (1, 16):
+        partq = torch.randn(1, m, (HQ + 2 * HKV) * D, device="cuda")
+        bias = torch.zeros((HQ + 2 * HKV) * D, device="cuda", dtype=dt)
+        q = torch.empty(m, HQ * D, device="cuda", dtype=dt)
+        start = torch.zeros(m, dtype=torch.int32, device="cuda")
+        for cache in ("fp16", "int8"):
+            kc = torch.randn(m, HKV, 8192, D, device="cuda").to(dt)
+            kv8 = None
+            if cache == "int8":
+                kc = torch.randint(-100, 100, kc.shape, device="cuda", dtype=torch.int8)
+                sc = torch.full((HKV, D), 0.05 / 127, device="cuda")
+                kv8 = rotary.KV8(sc, sc, torch.empty(m, HKV, 1, D, device="cuda", dtype=dt),
+                                 torch.empty(m, HKV, 1, D, device="cuda", dtype=dt))
+            vc = kc.clone()
+            pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
+            past = torch.tensor([200], device="cuda", dtype=torch.int32)
+            t = bench(lambda i: rotary.qkv_rotary_append(partq, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV,
+                                                         q_out=q, kv8=kv8))
+            moved = m * (HQ + 2 * HKV) * D * (4 + 2)
+            rows.append(dict(kernel=f"qkv_rotary_append {cache} cache", shape=f"M={m}", us=t * 1e6,
+                             gbs=moved / t / 1e9, pct=100 * moved / t / bw))
+            print(rows[-1], flush=True)
+            for ctx in (256, 2048, 8192):
+                pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
+                o = torch.empty_like(q)
+                t = bench(lambda i, pst=pst, o=o: attention.decode_attention(
+                    q, kc, vc, start, pst, HQ, 1 / math.sqrt(D), out=o, kv8=kv8))
+                moved = 2 * m * HKV * ctx * D * kc.element_size() + 2 * m * HQ * D * 2
+                rows.append(dict(kernel=f"decode_attention+combine {cache} cache", shape=f"B={m} ctx={ctx}",
+                                 us=t * 1e6, gbs=moved / t / 1e9, pct=100 * moved / t / bw))
+                print(rows[-1], flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("kernels-out"))
@@ -239,6 +279,8 @@ def main() -> int:
                                                                "winner instead of the whole grid of the old ones")
     ap.add_argument("--base-tuned", type=Path, help="table to start from (default: the shipped tuned_h200.json)")
     ap.add_argument("--no-small", action="store_true", help="skip the small kernels' micro-benchmarks")
+    ap.add_argument("--kv-only", action="store_true", help="only the KV-cache kernels, fp16 vs int8 cache (no "
+                                                           "GEMV sweep, no other small kernels)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -251,10 +293,14 @@ def main() -> int:
     def save() -> None:
         (args.out / "tuned_h200.json").write_text(json.dumps(tuned, indent=1) + "\n")
         (args.out / "kernels.json").write_text(json.dumps({"rows": rows, "partial": True}, indent=1) + "\n")
-    sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save)
-    save()
-    if not args.no_small:
-        small_kernels(bw, rows)
+    if args.kv_only:
+        kv_kernels(bw, rows)
+    else:
+        sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save)
+        save()
+        if not args.no_small:
+            small_kernels(bw, rows)
+            kv_kernels(bw, rows)
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
               "command": " ".join(sys.argv), "rows": rows, "seconds": time.time() - t0}
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -2,9 +2,13 @@
 # One device visit for issue 12: GPU tests of glmc.kernels + the cuda backend + the cuda build target, the kernel
 # micro-benchmarks and GEMV sweep (-> $OUT/tuned_h200.json), then the cuda backend's decode tok/s at ChatGLM3-6B
 # shape with the tuned table.
-# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [SWEEP: full|quick|words]
+# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [MODE: full|quick|words|kv8|table]
 #   words: sweep only int8/int4's word-variant GEMVs beside the shipped table's winners (no small kernels), and run
-#   only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch)
+#     only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch)
+#   kv8: the int8 KV cache's GPU tests (kernels vs reference, greedy vs torch, the cuda target built and verified
+#     with kv8), the KV-cache kernels fp16 vs int8 (bench_kernels.py --kv-only), then bench_cuda.py (the shipped
+#     GEMV table, kv8 rows, torch.compile peers) at LAYERS
+#   table: bench_cuda.py alone at LAYERS (the shipped GEMV table): precisions, kv8 rows and peers in one process
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -16,7 +20,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv;
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$OUT/visit.log"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+  'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/visit.log"
+if [ "$SWEEP" = kv8 ] || [ "$SWEEP" = table ]; then
+  if [ "$SWEEP" = kv8 ]; then
+    timeout 170 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs \
+      -k "int8_cache or cuda_backend_greedy or cuda_target_runs" 2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+    timeout 45 python3 benchmarks/bench_kernels.py --out "$OUT" --kv-only 2>&1 | tee "$OUT/kernels.log" \
+      | grep -v "^{\|^  " | tail -22
+  fi
+  timeout "${BENCH_TIMEOUT:-380}" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" 2>&1 \
+    | tee "$OUT/cuda.log" | tail -30
+  exit
+fi
 if [ "$SWEEP" = words ]; then
   TESTS=(-k "quantized_linear_kernel or cuda_backend_greedy")
   KARGS=(--precisions int8 int4-g128 --words-only --no-small)

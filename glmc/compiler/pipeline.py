@@ -323,7 +323,9 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
     model = ctx.model(inp.source)
     lowered = {t: ctx.outputs[f"lower:{t}"] / "model.onnx" for t in inp.targets}
     fp8 = inp.source.scheme.activations == "fp8" or model.kv_dtype == torch.float8_e4m3fn  # e4m3 at run time
-    tol = verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, model.kv_dtype == torch.int8, fp8)
+    w8a8 = inp.source.scheme.activations == "int8"  # sq8: int8 per token at run time
+    tol = verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits, model.kv_dtype == torch.int8, fp8,
+                                   w8a8)
 
     def configured(t: verify_mod.Tolerance) -> verify_mod.Tolerance:  # the config's bounds where it gives them
         return dataclasses.replace(
@@ -344,7 +346,7 @@ def run_verify(ctx: Context, inp: VerifyInputs, out: Path) -> dict:
         engine = ctx.outputs["engine:cuda"]
         backends["cuda"] = lambda length: load_cuda_build(engine, max_batch=lim.max_batch, max_length=length)
         tolerances["cuda"] = configured(verify_mod.tolerance_for(model.dtype, inp.source.scheme.weight_bits,
-                                                                 model.kv_dtype == torch.int8, fp8))
+                                                                 model.kv_dtype == torch.int8, fp8, w8a8))
     report = verify_mod.verify(model, lowered, prompts, steps=v.steps, tolerance=tol, max_batch=lim.max_batch,
                                backends=backends, tolerances=tolerances)
     if inp.cuda not in (None, "here"):

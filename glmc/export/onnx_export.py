@@ -26,6 +26,7 @@ from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM
 attention, kv_cache, quantized_linear = (importlib.import_module(f"glmc.modeling_patches.ops.{m}")
                                          for m in ("attention", "kv_cache", "quantized_linear"))
 fp8_linear = importlib.import_module("glmc.modeling_patches.ops.fp8_linear")
+w8a8_linear = importlib.import_module("glmc.modeling_patches.ops.w8a8_linear")
 
 OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization are standard from opset 23
 IR_VERSION = 11  # the IR version of opset 23; ONNX Runtime 1.31 rejects 14 (what onnx 1.23 writes by default)
@@ -34,6 +35,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # models with more weight bytes than this keep th
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {  # torch custom op -> its ONNX translation (glmc:: node)
     torch.ops.glmc.quantized_linear.default: quantized_linear.onnx_translation,
     torch.ops.glmc.fp8_linear.default: fp8_linear.onnx_translation,
+    torch.ops.glmc.w8a8_linear.default: w8a8_linear.onnx_translation,
     torch.ops.glmc.kv_cache_quantize.default: kv_cache.quantize_translation,
     torch.ops.glmc.kv_cache_dequantize.default: kv_cache.dequantize_translation,
     torch.ops.glmc.group_query_attention.default: attention.onnx_translation,

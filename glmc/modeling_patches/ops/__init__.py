@@ -8,6 +8,7 @@ from glmc.modeling_patches.ops.fp8_linear import fp8_linear
 from glmc.modeling_patches.ops.kv_cache import kv_cache_dequantize, kv_cache_quantize
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN, OPSET_VERSION
 from glmc.modeling_patches.ops.quantized_linear import pack_int4, quantized_linear, unpack_int4
+from glmc.modeling_patches.ops.w8a8_linear import w8a8_linear
 
 __all__ = [
            "DOMAIN",
@@ -21,4 +22,5 @@ __all__ = [
            "quantized_linear",
            "rotary_tables",
            "unpack_int4",
+           "w8a8_linear",
 ]

@@ -63,7 +63,7 @@ def test_shipped_config_set_is_complete():
     for model in ("chatglm2-6b", "chatglm3-6b", "chatglm3-6b-32k", "glm-4-9b-chat", "glm-4-9b-chat-1m"):
         for precision in ("fp16", "int8", "int4", "kv8", "int8-kv8"):
             assert f"{model}-{precision}.yaml" in SHIPPED
-    for precision in ("fp32", "int8", "int4", "kv8"):
+    for precision in ("fp32", "int8", "int4", "kv8", "sq8"):  # sq8 compiled in tests/test_smoothquant.py
         assert f"glmc-tiny-{precision}.yaml" in SHIPPED
 
 
@@ -90,7 +90,7 @@ def test_shipped_config_validates(name, checkpoints, tmp_path):
 def test_precision_overlays_validate_alone(overlay, checkpoints):
     cfg = schema.load(CONFIGS / "precisions" / overlay, [f"model.checkpoint={checkpoints['chatglm3']}"])
     expected = {"fp16": "fp16", "fp32": "fp32", "int8": "int8", "int4": "int4-g128", "kv8": "fp16-kv8",
-                "int8-kv8": "int8-kv8"}
+                "int8-kv8": "int8-kv8", "sq8": "sq8"}
     assert cfg.precision_tag == expected[overlay.removesuffix(".yaml")]
 
 

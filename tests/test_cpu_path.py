@@ -146,5 +146,8 @@ def test_readme_main_command_verifies_with_the_default_cpu_path(tmp_path):
         assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
                 if a.name == "accuracy_level"} == {level}
         v = m["verification"]["targets"]["onnxruntime"]
-        assert m["verification"]["passed"] and v["prefill_rel"] < bound and v["greedy_agree"] == v["steps"]
+        # The int8-activation path may diverge from torch at a near-tie (the shipped model's greedy continuation
+        # of the verify prompts meets one at step 5); the exact path agrees all the way.
+        greedy_ok = v["greedy_agree"] == v["steps"] or (level == 4 and v["greedy_diverged_at_tie"])
+        assert m["verification"]["passed"] and v["prefill_rel"] < bound and greedy_ok
         assert (out / "onnx" / "onnxruntime" / "model.onnx.data").is_file()

@@ -63,7 +63,7 @@ def test_shipped_config_set_is_complete():
     for model in ("chatglm2-6b", "chatglm3-6b", "chatglm3-6b-32k", "glm-4-9b-chat", "glm-4-9b-chat-1m"):
         for precision in ("fp16", "int8", "int4", "kv8", "int8-kv8"):
             assert f"{model}-{precision}.yaml" in SHIPPED
-    for precision in ("fp32", "int8", "int4", "kv8", "sq8"):  # sq8 compiled in tests/test_smoothquant.py
+    for precision in ("fp32", "int8", "int4", "kv8", "sq8", "fp8"):  # sq8 compiled in tests/test_smoothquant.py
         assert f"glmc-tiny-{precision}.yaml" in SHIPPED
 
 
@@ -90,7 +90,7 @@ def test_shipped_config_validates(name, checkpoints, tmp_path):
 def test_precision_overlays_validate_alone(overlay, checkpoints):
     cfg = schema.load(CONFIGS / "precisions" / overlay, [f"model.checkpoint={checkpoints['chatglm3']}"])
     expected = {"fp16": "fp16", "fp32": "fp32", "int8": "int8", "int4": "int4-g128", "kv8": "fp16-kv8",
-                "int8-kv8": "int8-kv8", "sq8": "sq8"}
+                "int8-kv8": "int8-kv8", "sq8": "sq8", "fp8": "fp8", "fp8-kvfp8": "fp8-kvfp8"}
     assert cfg.precision_tag == expected[overlay.removesuffix(".yaml")]
 
 
@@ -613,7 +613,7 @@ SHIPPED_MODEL = schema.shipped_model()
 
 @needs_trt
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="the shipped model is not in the package")
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "kv8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "kv8", "fp8"])
 def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
     """The CI configs: the shipped model, every target, TensorRT for RTX included; verification passes."""
     root = tmp_path_factory.getbasetemp() / "shipped"
@@ -630,7 +630,8 @@ def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
     assert cache_type == ("int8" if kv8 else "float")
     layers = json.loads((out / e["layers"]).read_text())
     net_types = {x["type"] for x in layers["network_layers"]}
-    assert ("DEQUANTIZE" in net_types) == (precision != "fp32") and ("QUANTIZE" in net_types) == kv8
+    assert ("DEQUANTIZE" in net_types) == (precision != "fp32")
+    assert ("QUANTIZE" in net_types) == (kv8 or precision == "fp8")  # fp8: activations quantized to e4m3
     if kv8:
         assert m["precision"]["quantization"]["kv_cache"]["granularity"] == "head"
         assert m["verification"]["prompts"] and json.loads((out / "verify.json").read_text())["passed"]

@@ -22,6 +22,7 @@ Peers (batch 1, prompt 128 + NEW, the same random fp16 weights through `hf_glm.t
   `F.linear(x, w.to(x.dtype)) * scales`) for every block linear; output layer fp16 (as glmc's int8 build);
 - int4: bf16 model, every block linear through torch's tinygemm `_weight_int4pack_mm` (gpt-fast's int4: group 128,
   asymmetric scale + zero, inner k tiles 8); output layer bf16.
+fp8 (e4m3 weights with a per-row scale, activations with a static scale: glmc::fp8_linear) has no peer here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT, NEW = 128, 256
 KV_CONTEXT, KV_NEW, KV_BATCH = 8192, 128, 16
-PRECISIONS = {"fp16": (16, 0), "int8": (8, 0), "int4-g128": (4, 128)}
+PRECISIONS = {"fp16": (16, 0), "int8": (8, 0), "int4-g128": (4, 128), "fp8": (8, -1)}  # fp8: e4m3 W8A8
 PEERS = {"fp16": "transformers GlmForCausalLM + StaticCache, torch.compile",
          "int8": "gpt-fast WeightOnlyInt8Linear, torch.compile",
          "int4-g128": "tinygemm _weight_int4pack_mm bf16 g128, torch.compile"}
@@ -109,6 +110,14 @@ def with_kv8(model, granularity: str = "channel"):
     scales = [torch.full(shape, 0.05 / 127, device="cuda") for _ in range(c.num_layers)]
     enable_kv_int8(model, scales, [s.clone() for s in scales])
     return model
+
+
+def fp8_model(model):
+    """fp8 weights and activations (glmc.quantization.fp8 through apply_scheme, as the pipeline runs it) on the
+    float32 model, activation scales from 4 random 128-token samples."""
+    from glmc.quantization.scheme import apply_scheme, parse_precision
+    ids = [torch.randint(100, 60000, (1, PROMPT)) for _ in range(4)]
+    return apply_scheme(model.float(), parse_precision("fp16+fp8"), ids)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile peers
@@ -261,9 +270,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("cuda-out"))
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--tuned", type=Path, help="GEMV config table (bench_kernels.py's tuned_h200.json)")
-    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
+    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--kv8", nargs="*", default=["fp16"], choices=list(PRECISIONS),
+    ap.add_argument("--kv8", nargs="*", default=["fp16"], choices=["fp16", "int8", "int4-g128"],
                     help="weights of the kv8 rows (fp16 vs int8 cache at batch 16, 8k context); none to skip")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                     help="torch.compile peers to run (batch 1); none to skip")
@@ -287,7 +296,9 @@ def main() -> int:
         bits, group = PRECISIONS[prec]
         t0 = time.time()
         model = random_model_on_gpu(args.layers)
-        if bits != 16:
+        if prec == "fp8":
+            model = fp8_model(model)
+        elif bits != 16:
             quantize_model(model, bits, group)
         backend = CudaBackend(model, max_batch=max(args.batches), max_length=PROMPT + NEW + 8)
         del model

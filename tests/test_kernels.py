@@ -220,6 +220,39 @@ def test_quantized_linear_kernel(bits, group, m):
 
 
 @gpu
+@runs_kernels
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_fp8_linear_kernel(m):
+    """fp8 weights and activations (glmc::fp8_linear): the GEMV variants (and prefill's dequantize + matmul) against
+    the op, per-row and per-tensor weight scales, activations spanning e4m3's range (ties, subnormals, saturation)."""
+    from glmc.kernels.quantized_linear import GemvConfig, linear
+    from glmc.modeling_patches.modeling_chatglm import Fp8Linear
+    from glmc.modeling_patches.ops.fp8_linear import fp8_linear
+    from glmc.quantization.fp8 import quantize_weight as fp8_weight
+    torch.manual_seed(m)
+    for n, k, per_tensor in [(4608, 4096, False), (300, 1000, True)]:
+        f = Fp8Linear(k, n, True, dtype=DT).to(DEV)
+        w = torch.randn(n, k, device=DEV)
+        f.weight, f.weight_scale = fp8_weight(w, DT)
+        if per_tensor:
+            f.weight_scale = f.weight_scale.amax().reshape(1)
+            f.weight = (w / f.weight_scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
+        f.input_scale = torch.tensor([0.01], device=DEV, dtype=DT)
+        f.bias = torch.nn.Parameter((0.1 * torch.randn(n, device=DEV)).to(DT))
+        lin = pack_linear(f)
+        assert lin.fp8 and lin.input_scale is not None
+        x = (torch.randn(m, k, device=DEV) * torch.exp(2 * torch.randn(m, k, device=DEV))).clamp(-6e4, 6e4).to(DT)
+        ref = fp8_linear(x, f.weight, f.weight_scale, f.input_scale, f.bias)
+        cfgs: list[GemvConfig | None] = [None]
+        if m <= 16:
+            cfgs += [GemvConfig("dot", 32, 128, 3, 4, 2)] + ([GemvConfig("fma", 64, 256, 2, 4, 2)] if m == 1 else [])
+        for cfg in cfgs:
+            assert rel(linear(x, lin, cfg), ref) < TOL, (n, k, cfg)
+    with pytest.raises(GlmcError, match="fp8 weights take the fma or dot"):
+        linear(x[:1], lin, GemvConfig("wo", 64, 256, 1, 4, 3))
+
+
+@gpu
 @needs_gpu
 def test_norm_and_swiglu_kernels():
     from glmc.kernels import norm
@@ -242,34 +275,34 @@ def test_norm_and_swiglu_kernels():
 
 
 @gpu
-@needs_gpu
+@runs_kernels
 @pytest.mark.parametrize("hq,hkv,d,p", [(32, 2, 128, 300), (4, 2, 64, 5), (32, 2, 128, 1000)])
 def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
     from glmc.kernels import attention, rotary
     b, smax = 3, 1100
-    cos, sin = (t.to("cuda", DT) for t in rotary_tables(d // 2, 2048, 10000.0))
-    start = torch.tensor([0, min(7, p - 1), min(50, p - 1)][:b], dtype=torch.int32, device="cuda")
-    mask = (torch.arange(p + 1, device="cuda")[None] >= start[:, None].long()).long()
+    cos, sin = (t.to(DEV, DT) for t in rotary_tables(d // 2, 2048, 10000.0))
+    start = torch.tensor([0, min(7, p - 1), min(50, p - 1)][:b], dtype=torch.int32, device=DEV)
+    mask = (torch.arange(p + 1, device=DEV)[None] >= start[:, None].long()).long()
     pos = (p - start).long()
-    past_k = torch.randn(b, hkv, p, d, device="cuda").to(DT)
-    past_v = torch.randn(b, hkv, p, d, device="cuda").to(DT)
+    past_k = torch.randn(b, hkv, p, d, device=DEV).to(DT)
+    past_v = torch.randn(b, hkv, p, d, device=DEV).to(DT)
     nq = (hq + 2 * hkv) * d
-    part = torch.randn(2, b, nq, device="cuda")
-    bias = (0.1 * torch.randn(nq, device="cuda")).to(DT)
+    part = torch.randn(2, b, nq, device=DEV)
+    bias = (0.1 * torch.randn(nq, device=DEV)).to(DT)
     q, k, v = (part.sum(0).to(DT) + bias).split([hq * d, hkv * d, hkv * d], -1)
     out_ref, pk, pv = gqa_reference(q[:, None], k[:, None], v[:, None], past_k, past_v, pos[:, None], mask, cos, sin,
                                     hq, hkv, 1 / math.sqrt(d))
-    kc = torch.full((b, hkv, smax, d), float("nan"), device="cuda", dtype=DT)
+    kc = torch.full((b, hkv, smax, d), float("nan"), device=DEV, dtype=DT)
     vc = kc.clone()
     kc[:, :, :p], vc[:, :, :p] = past_k, past_v
-    past = torch.tensor([p], dtype=torch.int32, device="cuda")
+    past = torch.tensor([p], dtype=torch.int32, device=DEV)
     qo = rotary.qkv_rotary_append(part, bias, pos, cos, sin, kc, vc, past, 1, hq, hkv)
     assert rel(kc[:, :, :p + 1], pk) < 1e-3 and rel(vc[:, :, :p + 1], pv) < 1e-3
     for row in range(b):  # padding keys must not count: make them huge
         kc[row, :, :int(start[row])] = 300.0
     kc[:, :, p + 1:] = float("nan")  # slots past the new token must never be read
     vc[:, :, p + 1:] = float("nan")
-    out = torch.full((b, hq * d), float("nan"), device="cuda", dtype=DT)
+    out = torch.full((b, hq * d), float("nan"), device=DEV, dtype=DT)
     attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), out=out)
     assert rel(out, out_ref[:, 0]) < 5e-3
 
@@ -353,7 +386,7 @@ def test_logits_argmax_kernel():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int4", "fp16-kv8", "int4-kv8-head"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4", "fp16-kv8", "int4-kv8-head", "fp8"])
 def test_cuda_backend_greedy_equals_torch(precision):
     """The shipped model on CUDA: 32 greedy steps of a left-padded batch of 2 equal the torch backend's (same fp16
     weights, same quantization, same int8 KV-cache scales), with CUDA graphs and without; the device-side greedy loop
@@ -365,11 +398,17 @@ def test_cuda_backend_greedy_equals_torch(precision):
     from glmc.runtime.backend_torch import TorchBackend
     from glmc.runtime.generate import SamplingConfig, generate, left_pad
 
-    m = load_model(SHIPPED_MODEL, dtype="float16", device="cuda", max_positions=512)
-    weights, kv8, granularity = precision.partition("-kv8")
-    if weights != "fp16":
-        quantize_model(m, *{"int8": (8, 0), "int4": (4, 128)}[weights])
     tok = load_tokenizer(SHIPPED_MODEL)
+    if precision == "fp8":  # fp8 weights and activations (calibrated on the float32 model, as the pipeline does)
+        from glmc.quantization.kv_calibration import calibration_samples
+        from glmc.quantization.scheme import apply_scheme, parse_precision
+        m = apply_scheme(load_model(SHIPPED_MODEL, dtype="float32", device="cuda", max_positions=512),
+                         parse_precision("fp16+fp8"), calibration_samples(tok.encode, num_samples=8, max_length=128))
+    else:
+        m = load_model(SHIPPED_MODEL, dtype="float16", device="cuda", max_positions=512)
+    weights, kv8, granularity = precision.partition("-kv8")
+    if weights not in ("fp16", "fp8"):
+        quantize_model(m, *{"int8": (8, 0), "int4": (4, 128)}[weights])
     if kv8:
         from glmc.modeling_patches.modeling_chatglm import enable_kv_int8
         from glmc.quantization.kv_calibration import calibrate_kv, calibration_samples
@@ -393,17 +432,18 @@ REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "compile_configs"
 
 
-@pytest.fixture(scope="module", params=["fp16", "fp16-kv8"])
+@pytest.fixture(scope="module", params=["fp16", "fp16-kv8", "fp16-fp8"])
 def cuda_build(request, tmp_path_factory):
-    """The shipped model compiled at fp16 for [onnxruntime, cuda], with a float and with an int8 KV cache (scales
-    per KV head), on whatever machine runs the tests."""
+    """The shipped model compiled at fp16 for [onnxruntime, cuda]: float weights and cache, with an int8 KV cache
+    (scales per KV head), and fp8 weights and activations; on whatever machine runs the tests."""
     from rich.console import Console
 
     from glmc.artifact import read_manifest
     from glmc.compiler import pipeline, schema
 
     root = tmp_path_factory.mktemp("cuda-target")
-    config = "glmc-tiny-kv8.yaml" if request.param == "fp16-kv8" else "glmc-tiny-fp32.yaml"
+    config = {"fp16-kv8": "glmc-tiny-kv8.yaml", "fp16-fp8": "glmc-tiny-fp8.yaml"}.get(request.param,
+                                                                                     "glmc-tiny-fp32.yaml")
     cfg = schema.load(CONFIGS / config, ["precision.dtype=fp16", "targets=[onnxruntime,cuda]",
                                          f"output={root}/build", f"cache_dir={root}/cache"])
     out = pipeline.compile_config(cfg, console=Console(stderr=True, quiet=True))
@@ -421,8 +461,8 @@ def test_cuda_target_builds_without_a_gpu(cuda_build):
     assert set(m["targets"]) == {"onnxruntime"} and not (out / "onnx" / "cuda").exists()
     e = m["engines"]["cuda"]
     assert e["path"] == "cuda/" and e["dtype"] == "float16" and e["needs"]["compute_capability"] == ">= sm80"
-    kv8 = m["precision"]["kv_cache"] == "int8"
-    extra = {"quantization.json"} if kv8 else set()  # float weights and cache: nothing to say
+    kv8, fp8 = m["precision"]["kv_cache"] == "int8", m["precision"]["weights"] == "fp8"
+    extra = {"quantization.json"} if kv8 or fp8 else set()  # float weights and cache: nothing to say
     assert set(e["files"]) == {"config.json", BUILD_FILE, "model.safetensors"} | extra
     files = m["files"] if isinstance(m["files"], (list, dict)) else []
     for name in e["files"]:
@@ -431,6 +471,7 @@ def test_cuda_target_builds_without_a_gpu(cuda_build):
     meta = json.loads((out / "cuda" / BUILD_FILE).read_text())
     assert (meta["max_batch"], meta["max_length"], meta["max_input_length"]) == (2, 256, 64)
     assert meta["quantization"].get("kv_cache") == ({"granularity": "head", "dtype": "int8"} if kv8 else None)
+    assert meta["quantization"].get("weights", {}).get("method") == ("fp8" if fp8 else None)
     if kv8:  # the scales travel in the engine's weights: loading it gives the int8 cache back
         from glmc.modeling_patches.checkpoint import load_model
         back = load_model(out / "cuda", dtype="float16", max_positions=64)
@@ -499,6 +540,7 @@ def test_cuda_target_runs_and_verifies_on_the_gpu(cuda_build):
     cuda = glmc.load(out, backend="cuda")
     assert cuda.backend.name == "cuda" and glmc.load(out, device="cuda").backend.name == "cuda"
     assert (cuda.backend.k_cache.dtype == torch.int8) == kv8
+    assert cuda.backend.layers[0].qkv.fp8 == (m["precision"]["weights"] == "fp8")
     assert (cuda.backend.max_batch, cuda.backend.max_length, cuda.backend.max_input_length) == (2, 256, 64)
     torch_model = glmc.load(out, backend="torch", device="cuda")
     prompts = [cuda.prompt_ids("def read_file(path):"), cuda.prompt_ids("Return the sum of a and b.")]

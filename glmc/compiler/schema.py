@@ -90,7 +90,8 @@ FIELDS: dict[str, Field] = {
                                                                "kept), reference (standard ONNX), onnxruntime "
                                                                "(com.microsoft fast ops), tensorrt (+ engine), "
                                                                "cuda (glmc's own CUDA kernels: fp16/bf16, "
-                                                               "float or int8 KV cache; needs .[cuda] to run)",
+                                                               "int8/int4/fp8 weights, float or int8 KV cache; "
+                                                               "needs .[cuda] to run)",
                      choices=TARGETS),
     "onnxruntime.padded_batches": Field("bool", None, "onnxruntime target: rows of one batch may differ in length "
                                                       "(left padding, an attention bias in every GroupQueryAttention)."
@@ -582,7 +583,7 @@ def _check_cuda(data: dict, where: dict, arch: Any) -> None:
     """The cuda target: what the engine cannot hold (glmc.artifact.cuda_unsupported), named by key."""
     from glmc.artifact import cuda_unsupported as unsupported
     prec = data["precision"]
-    if prec["weights"] in ("sq8", "fp8"):
+    if prec["weights"] == "sq8":
         raise ConfigError(f"{where.get('precision.weights', 'config')}: precision.weights: the cuda target cannot "
                           f"run {prec['weights']} weights yet; or drop 'cuda' from targets "
                           f"({where.get('targets', 'config')})")

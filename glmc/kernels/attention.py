@@ -7,13 +7,16 @@ sees keys j with start[b] <= j <= past (start[b] = the row's left padding: its a
 Scores scaled, softmax in float32 (here everything is float32 inside; probabilities meet V in the model dtype).
 
 int8 cache (`rotary.KV8`): as the model (SelfAttention) computes it, the cached keys and values j < past are
-`glmc::kv_cache_dequantize`d (float32(code) * float32(scale), rounded to the model dtype; ops/kv_cache.py) and the
-new token's own key and value (slot past) are its unquantized ones (KV8.k_new / v_new), not the codes just written.
+`glmc::kv_cache_dequantize`d (float32(code) * float32(scale); ops/kv_cache.py) and the new token's own key and value
+(slot past) are its unquantized ones (KV8.k_new / v_new), not the codes just written. The scales are applied outside
+the products (to q, and to the chunk's output), so the rounding differs from the model's fp16 dequantized cache by
+the model dtype's rounding (within the kv8 verification bound).
 
 Stage 1, program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one
 [G, D] tile (padded to 16 rows for the tensor cores) against the chunk's keys, online softmax; writes the chunk's
-max, sum and un-normalised output. Chunks past `past` exit at once, so one launch shape (and one CUDA graph) serves
-every length up to the cache's. Stage 2, program (row b, query head): merges the chunks.
+max, sum and un-normalised output. Chunks past `past` (and tiles before the row's padding) are skipped, so one launch
+shape (and one CUDA graph) serves every length up to the cache's. Stage 2, program (row b, query head): merges the
+chunks.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
                              stride_cb, stride_ch, stride_ct, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                              BLOCK_T: tl.constexpr, KV8: tl.constexpr):
+    """int8 cache: the codes meet the tensor cores as fp16 (exact), the K scale is folded into q (per channel:
+    q.(s*k) = (q*s).k) and the V scale applied to the chunk's output (sum_j p_j (s*v_j) = s * sum_j p_j v_j); the new
+    token (slot `past`, unquantized) joins the online softmax once, in the chunk that holds it."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HKV
@@ -39,40 +45,48 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
     rd = tl.arange(0, D)
     heads = hk * G + rg  # query heads of this KV head
     q = tl.load(q_ptr + b * HQ * D + heads[:, None] * D + rd[None, :], mask=gmask[:, None], other=0.0)
+    dt = q.dtype
     start = tl.load(start_ptr + b)
     last = tl.load(past_ptr)  # the new token's slot: keys start..last
-    lo = tl.maximum(c * CHUNK, start)
-    hi = tl.minimum((c + 1) * CHUNK, last + 1)
+    t0 = c * CHUNK
+    lo = tl.maximum(t0, start)
+    if KV8:
+        hi = tl.minimum(t0 + CHUNK, last)  # cached keys start..last-1; the new one after the loop
+        qk = (q.to(tl.float32) * tl.load(ks_ptr + hk * D + rd)[None, :]).to(dt)
+    else:
+        hi = tl.minimum(t0 + CHUNK, last + 1)
+        qk = q
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
     base = b * stride_cb + hk * stride_ch
-    t0 = c * CHUNK
-    if KV8:
-        ks = tl.load(ks_ptr + hk * D + rd)[None, :]
-        vs = tl.load(vs_ptr + hk * D + rd)[None, :]
-        new = bh * D + rd[None, :]  # the new token's row of k_new / v_new ([B, HKV, 1, D])
-    for tt in range(0, CHUNK, BLOCK_T):
+    # only the tiles that hold keys of this row: chunks past the new token (or before the row's padding) loop 0 times
+    for tt in range((lo - t0) // BLOCK_T * BLOCK_T, hi - t0, BLOCK_T):
         rt = t0 + tt + tl.arange(0, BLOCK_T)
         tmask = (rt >= lo) & (rt < hi)
-        k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0)
-        if KV8:
-            is_new = (rt == last)[:, None]
-            k = tl.where(is_new, tl.load(kn_ptr + new + 0 * rt[:, None], mask=is_new, other=0.0),
-                         (k.to(tl.float32) * ks).to(q.dtype))
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_T]
+        k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0).to(dt)
+        s = tl.dot(qk, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_T]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0)
-        if KV8:
-            v = tl.where(is_new, tl.load(vn_ptr + new + 0 * rt[:, None], mask=is_new, other=0.0),
-                         (v.to(tl.float32) * vs).to(q.dtype))
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        v = tl.load(v_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
+    if KV8:
+        acc = acc * tl.load(vs_ptr + hk * D + rd)[None, :]
+        if (last >= t0) & (last < t0 + CHUNK):  # the new token's unquantized key and value
+            kn = tl.load(kn_ptr + bh * D + rd).to(tl.float32)
+            vn = tl.load(vn_ptr + bh * D + rd).to(tl.float32)
+            s_new = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * scale  # [BLOCK_G]
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp(m_i - m_new)
+            p_new = tl.exp(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn[None, :]
+            m_i = m_new
     o = (b * HQ + heads) * NCHUNK + c
     tl.store(m_ptr + o, m_i, mask=gmask)
     tl.store(l_ptr + o, l_i, mask=gmask)
@@ -96,16 +110,18 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLO
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
-                     past: torch.Tensor, num_heads: int, scale: float, chunk: int = 256, block_t: int = 64,
+                     past: torch.Tensor, num_heads: int, scale: float, chunk: int | None = None, block_t: int = 64,
                      out: torch.Tensor | None = None, kv8: KV8 | None = None) -> torch.Tensor:
     """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D] (int8 with `kv8`, whose k_new/v_new [B, Hkv, 1, D] hold the
     new token's unquantized key/value), start int32 [B], past int32 [1] (the new token's slot) -> attention output
-    [B, Hq D] in q's dtype."""
+    [B, Hq D] in q's dtype. `chunk` (cache slots per program) defaults to S_max / 64 within 64..256: short caches get
+    more programs in flight at batch 1, long ones fewer partials to combine."""
     b = q.shape[0]
     _, hkv, smax, d = k_cache.shape
     if (k_cache.dtype == torch.int8) != (kv8 is not None):
         raise ValueError(f"decode_attention: a {k_cache.dtype} cache {'without' if kv8 is None else 'with'} KV8")
     g = num_heads // hkv
+    chunk = chunk or min(256, max(block_t, next_pow2(cdiv(smax, 64))))
     nchunk = cdiv(smax, chunk)
     ml = torch.empty((2, b, num_heads, nchunk), dtype=torch.float32, device=q.device)
     acc = torch.empty((b, num_heads, nchunk, d), dtype=torch.float32, device=q.device)

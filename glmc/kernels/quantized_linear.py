@@ -17,6 +17,10 @@ low and high nibbles separately (no interleave). Grouped scales: a tile never st
 group), so the scale multiplies the tile's partial sum, not every weight. Per-channel scales multiply at the end.
 Prefill (M > 16): the weight is dequantized to the activation dtype by a kernel and multiplied by cuBLAS.
 
+FP8 (`glmc::fp8_linear`, ops/fp8_linear.py): e4m3 weights [N, K] with a per-row scale go through the fma/dot
+variants (the e4m3 byte converted to float like an int8 code, the row scale at the end), each X tile quantized to
+e4m3 with the layer's static input scale and dequantized as the op does (`_fp8_activations`) as it is loaded.
+
 `wo` variants (weight-only, fp16 activations; the decode path of int8/int4 builds): the weights are read as 32-bit
 words and decoded with a few bit operations and packed fp16x2 math in inline PTX instead of an int->float conversion
 per weight (FasterTransformer's trick). int8 words are the op's bytes, 4 codes; each byte is permuted into the
@@ -57,6 +61,12 @@ class PackedLinear:
     n: int
     k: int
     words: torch.Tensor | None = None  # int4: int32 [N, K/8] in the interleaved order (interleave_int4)
+    input_scale: torch.Tensor | None = None  # fp8 (glmc::fp8_linear): the activations' static scale [1]
+
+    @property
+    def fp8(self) -> bool:
+        """FP8 e4m3 weights [N, K] with a per-row scale; the activations are quantized to e4m3 with input_scale."""
+        return self.weight.dtype == torch.float8_e4m3fn
 
     @property
     def nbytes(self) -> int:
@@ -100,9 +110,25 @@ def _int8_magic(w):
 
 
 @jit
-def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, k_split,
+def _fp8_activations(x, xs_ptr):
+    """glmc::fp8_linear's activations: cast_to_x_dtype(float32(e4m3(x / s)) * float32(s)), the division in x's
+    dtype (float32 division correctly rounded, then rounded to x's dtype: the same as the dtype's own division),
+    e4m3 saturating to +-448 with round-to-nearest-even."""
+    s = tl.load(xs_ptr).to(tl.float32)
+    v = tl.div_rn(x.to(tl.float32), s).to(x.dtype).to(tl.float32)
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    # e4m3 rounding in float32 arithmetic (no float8 conversion: Triton's CPU interpreter rounds those wrongly): the
+    # quantum is 2^(max(exponent, -6) - 3); v / quantum (exact, a power of two) rounded to an integer, ties to even
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    q = ((v * inv + 12582912.0) - 12582912.0) * ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return (q * s).to(x.dtype)
+
+
+@jit
+def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, xs_ptr, N, K, stride_xm, stride_wn, stride_sn, k_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     MAGIC: tl.constexpr):
+                     MAGIC: tl.constexpr, FP8X: tl.constexpr):
     """One row of X (program axis 2) times BLOCK_N weight rows over this split's K range -> partials[split, m, n]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -137,8 +163,13 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, s
             rk = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
                         other=0)
+            if FP8X:  # e4m3 bytes (read as uint8: a masked byte 0 is +0.0)
+                w = w.to(tl.float8e4nv, bitcast=True)
             w = _int8_magic(w).to(tl.float32) if MAGIC else w.to(tl.float32)
-            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_row + rk, mask=rk < K, other=0.0)
+            if FP8X:
+                xk = _fp8_activations(xk, xs_ptr)
+            xk = xk.to(tl.float32)
             tile = w * xk[None, :]
             if MAGIC:
                 xt = tl.sum(xk, axis=0)
@@ -163,9 +194,9 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xm, stride_wn, s
 
 
 @jit
-def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
+def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, xs_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, FP8X: tl.constexpr):
     """BLOCK_M rows of X (tensor-core dots, rows past M masked) times BLOCK_N weight rows -> partials[split]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -199,8 +230,12 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn
             rk = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :],
                          other=0.0)
+            if FP8X:
+                xk = _fp8_activations(xk, xs_ptr)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
                         other=0)
+            if FP8X:
+                w = w.to(tl.float8e4nv, bitcast=True)
             if MAGIC:
                 w = _int8_magic(w)
                 xt = tl.sum(xk.to(tl.float32), axis=1)
@@ -494,9 +529,10 @@ def words_ok(bits: int, k: int) -> bool:
     return bits in (4, 8) and k % (8 if bits == 4 else 4) == 0
 
 
-def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132) -> GemvConfig:
-    """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it)."""
-    if words_ok(bits, k) and (m == 1 or (bits == 4 and (group == 0 or group >= 128))):
+def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132, fp8: bool = False) -> GemvConfig:
+    """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it; fp8 weights take the
+    fma/dot variants, which convert e4m3 to float, never the int8 words)."""
+    if not fp8 and words_ok(bits, k) and (m == 1 or (bits == 4 and (group == 0 or group >= 128))):
         variant = "wo" if m == 1 else "wodot"
         block_n = 64
         block_k = min(group or 256, 256 if bits == 8 else 128)
@@ -518,6 +554,8 @@ def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132
 
 
 def pick_config(m: int, lin: PackedLinear, sms: int = 132) -> GemvConfig:
+    if lin.fp8:  # the tuned table's keys are int8's
+        return default_config(m, lin.n, lin.k, lin.bits, lin.group_size, sms, fp8=True)
     hit = _tuned().get(config_key(m, lin.n, lin.k, lin.bits, lin.group_size))
     if hit:
         return GemvConfig(*hit)
@@ -525,6 +563,8 @@ def pick_config(m: int, lin: PackedLinear, sms: int = 132) -> GemvConfig:
 
 
 def check_config(cfg: GemvConfig, lin: PackedLinear) -> None:
+    if lin.fp8 and (cfg.variant not in ("fma", "dot") or cfg.magic):
+        raise GlmcError(f"gemv config {cfg}: fp8 weights take the fma or dot variant without magic")
     if lin.group_size and (cfg.block_k > lin.group_size or lin.group_size % cfg.block_k):
         raise GlmcError(f"gemv config {cfg}: block_k must divide the group size {lin.group_size}")
     if cfg.variant in ("wo", "wodot") and not words_ok(lin.bits, lin.k):
@@ -551,6 +591,8 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     scale = lin.scale if lin.scale is not None else lin.weight
     stride_sn = scale.stride(0) if scale.dim() == 2 and lin.group_size else 0
     magic = cfg.magic and lin.bits != 16 and x.dtype == torch.float16  # 1152 + q is exact in fp16 only
+    xs = lin.input_scale if lin.input_scale is not None else scale
+    weight = lin.weight.view(torch.uint8) if lin.fp8 else lin.weight
     if cfg.variant in ("wo", "wodot"):
         # the PTX decode computes in fp16x2 for int4: fp16 activations only (bf16 takes the pure-Triton twin)
         use_asm = not INTERPRET and (lin.bits == 8 or x.dtype == torch.float16)
@@ -573,16 +615,16 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
         return out
     if cfg.variant == "fma":
         grid = (cdiv(lin.n, cfg.block_n), split, m)
-        _gemv_fma_kernel[grid](x, lin.weight, scale, out, lin.n, lin.k, x.stride(0), lin.weight.stride(0), stride_sn,
-                               k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n,
-                               BLOCK_K=cfg.block_k, MAGIC=magic, num_warps=cfg.num_warps,
+        _gemv_fma_kernel[grid](x, weight, scale, out, xs, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
+                               stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n,
+                               BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
     else:
         block_m = 16
         grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
-        _gemv_dot_kernel[grid](x, lin.weight, scale, out, m, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
+        _gemv_dot_kernel[grid](x, weight, scale, out, xs, m, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
                                stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_M=block_m,
-                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic,
+                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -612,6 +654,9 @@ def dequantize(lin: PackedLinear) -> torch.Tensor:
     if lin.bits == 16:
         return lin.weight
     assert lin.scale is not None
+    if lin.fp8:  # the op's own dequantization (torch ops on the device; prefill only)
+        from glmc.modeling_patches.ops.fp8_linear import dequantize_weight
+        return dequantize_weight(lin.weight, lin.scale, lin.scale.dtype)
     out = torch.empty((lin.n, lin.k), dtype=lin.scale.dtype, device=lin.weight.device)
     bn, bk = 32, 128
     stride_sn = lin.scale.stride(0) if lin.group_size else 0
@@ -629,6 +674,10 @@ def linear_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None =
     x = x.contiguous()
     if x.shape[0] <= DECODE_MAX_M:
         return gemv_partials(x, lin, cfg)
+    if lin.fp8:  # the op's own activation quantization (ops/fp8_linear.py), then the dequantized weight
+        from glmc.modeling_patches.ops.fp8_linear import dequantize_e4m3, to_e4m3
+        assert lin.input_scale is not None
+        x = dequantize_e4m3(to_e4m3(x / lin.input_scale.to(x.dtype)), lin.input_scale, x.dtype)
     return torch.nn.functional.linear(x, dequantize(lin).to(x.dtype))[None]
 
 
@@ -641,8 +690,9 @@ def linear(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) ->
 
 
 def pack_linear(module: torch.nn.Module, device: torch.device | str | None = None) -> PackedLinear:
-    """An nn.Linear or a glmc QuantLinear -> PackedLinear (the same tensors; moved to `device` if given)."""
-    from glmc.modeling_patches.modeling_chatglm import QuantLinear
+    """An nn.Linear, a glmc QuantLinear or Fp8Linear -> PackedLinear (the same tensors; moved to `device` if given;
+    an fp8 per-tensor weight scale expanded to one per row)."""
+    from glmc.modeling_patches.modeling_chatglm import Fp8Linear, QuantLinear
 
     def mv(t: object) -> torch.Tensor | None:
         return t.detach().to(device or t.device).contiguous() if isinstance(t, torch.Tensor) else None
@@ -654,8 +704,13 @@ def pack_linear(module: torch.nn.Module, device: torch.device | str | None = Non
         if lin.bits == 4 and words_ok(4, lin.k):
             int4_words(lin)  # made now, outside any CUDA-graph capture
         return lin
+    if isinstance(module, Fp8Linear):
+        w, s, b, xs = mv(module.weight), mv(module.weight_scale), mv(module.bias), mv(module.input_scale)
+        assert w is not None and s is not None
+        return PackedLinear(w, s.expand(module.out_features).contiguous(), b, 8, 0, module.out_features,
+                            module.in_features, input_scale=xs)
     if isinstance(module, torch.nn.Linear):
         w, b = mv(module.weight), mv(module.bias)
         assert w is not None
         return PackedLinear(w, None, b, 16, 0, module.out_features, module.in_features)
-    raise GlmcError(f"pack_linear: {type(module).__name__} is not an nn.Linear or a QuantLinear")
+    raise GlmcError(f"pack_linear: {type(module).__name__} is not an nn.Linear, a QuantLinear or an Fp8Linear")

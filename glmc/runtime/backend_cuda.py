@@ -35,7 +35,7 @@ from glmc.kernels import rotary as k_rotary
 from glmc.kernels import sampling as k_sampling
 from glmc.kernels.quantized_linear import PackedLinear, linear_partials, pack_linear
 from glmc.kernels.rotary import KV8
-from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
+from glmc.modeling_patches.modeling_chatglm import Fp8Linear, GLMForCausalLM, QuantLinear
 from glmc.runtime.generate import check_step
 
 BUILD_FILE = "cuda.json"
@@ -73,6 +73,14 @@ class _Graph:
 
 
 def _check_model(model: GLMForCausalLM) -> None:
+    for blk in model.transformer.encoder.blocks():
+        for lin in (blk.self_attention.query_key_value, blk.self_attention.dense, blk.mlp.dense_h_to_4h,
+                    blk.mlp.dense_4h_to_h):
+            if not isinstance(lin, (torch.nn.Linear, QuantLinear, Fp8Linear)) or \
+                    getattr(lin, "weight_zero", None) is not None:
+                what = "zero points" if isinstance(lin, QuantLinear) else type(lin).__name__
+                raise GlmcError(f"cuda backend: its kernels run float, int8/int4 weight-only (symmetric) and fp8 "
+                                f"linears, not {what}")
     kv = model.kv_dtype
     why = unsupported(model.config, str(model.dtype), "int8" if kv == torch.int8 else
                       "float" if kv.is_floating_point and kv.itemsize >= 2 else str(kv).replace("torch.", ""))
@@ -298,6 +306,8 @@ def quantization_of(model: GLMForCausalLM) -> dict:
     if isinstance(qkv, QuantLinear):
         out["weights"] = {"bits": qkv.bits, "group_size": qkv.group_size,
                           "include_output": isinstance(model.transformer.output_layer, QuantLinear)}
+    elif isinstance(qkv, Fp8Linear):
+        out["weights"] = {"bits": 8, "group_size": 0, "include_output": False, "method": "fp8"}
     ks = first.self_attention.k_scale
     if ks is not None:
         out["kv_cache"] = {"granularity": "tensor" if ks.numel() == 1 else ("head" if ks.dim() == 1 else "channel"),

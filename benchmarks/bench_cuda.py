@@ -292,7 +292,7 @@ def main() -> int:
     def save() -> None:
         (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
-    for prec in args.precisions:
+    def one(prec: str) -> dict:
         bits, group = PRECISIONS[prec]
         t0 = time.time()
         model = random_model_on_gpu(args.layers)
@@ -311,13 +311,20 @@ def main() -> int:
             run[f"b{b}"] = {"tok_s": tps, "ms_step": ms}
             print(prec, f"batch {b}: {tps:.1f} tok/s, {ms:.3f} ms/step" +
                   (f", {100 * tps / bound:.0f}% of bound {bound:.1f}" if b == 1 else ""), flush=True)
-        results["runs"][prec] = run
-        del backend
+        return run
+
+    for prec in args.precisions:
+        try:
+            results["runs"][prec] = one(prec)
+        except Exception as e:  # noqa: BLE001 - reported; the other rows still run
+            results.setdefault("errors", {})[prec] = f"{type(e).__name__}: {e}"[-1500:]
+            print(f"{prec}: {results['errors'][prec][:400]}", flush=True)
+        gc.collect()
         torch.cuda.empty_cache()
         save()
-    for prec in args.kv8:
-        bits, group = PRECISIONS[prec]
-        for kv in ("kv16", "kv8"):
+    for prec, kv in ((p, kv) for p in args.kv8 for kv in ("kv16", "kv8")):
+        try:
+            bits, group = PRECISIONS[prec]
             model = random_model_on_gpu(args.layers, max_positions=KV_CONTEXT)
             if bits != 16:
                 quantize_model(model, bits, group)
@@ -329,12 +336,16 @@ def main() -> int:
             name = f"{prec} {kv} @{KV_CONTEXT // 1024}k"
             results["kv8"][name] = {"tok_s": tps, "ms_step": ms, "cache_bytes": backend.cache_bytes,
                                     "weight_bytes": backend.weight_bytes, "batch": KV_BATCH,
-                                    "context": KV_CONTEXT - KV_NEW // 2}
+                                    "context": KV_CONTEXT - KV_NEW // 2 - 8}
             print(f"{name}: batch {KV_BATCH}: {tps:.1f} tok/s, {ms:.3f} ms/step, cache "
                   f"{backend.cache_bytes / 2**30:.2f} GiB", flush=True)
             del backend
-            torch.cuda.empty_cache()
-            save()
+        except Exception as e:  # noqa: BLE001 - reported; the peers still run
+            results.setdefault("errors", {})[f"{prec} {kv}"] = f"{type(e).__name__}: {e}"[-1500:]
+            print(f"{prec} {kv}: {results['errors'][f'{prec} {kv}'][:400]}", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
     if args.peers:
         run_peers(args, results, save)
     save()

@@ -9,6 +9,9 @@
 #     with kv8), the KV-cache kernels fp16 vs int8 (bench_kernels.py --kv-only), then bench_cuda.py (the shipped
 #     GEMV table, kv8 rows, torch.compile peers) at LAYERS
 #   table: bench_cuda.py alone at LAYERS (the shipped GEMV table): precisions, kv8 rows and peers in one process
+#   final: the GPU tests of what changed after the kv8 visit (attention kernels, fp8 GEMV, greedy vs torch for every
+#     precision, the fp8 cuda target), the KV-cache kernels, then bench_cuda.py at LAYERS until DEADLINE seconds
+#     after the start (default 405)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -22,6 +25,20 @@ fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv;
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
   'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/visit.log"
+T0=$(date +%s)
+if [ "$SWEEP" = final ]; then
+  timeout 115 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "int8_cache or \
+rotary_append_and or fp8_linear_kernel or cuda_backend_greedy or (cuda_target_runs and fp8)" 2>&1 \
+    | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  timeout 30 python3 benchmarks/bench_kernels.py --out "$OUT" --kv-only 2>&1 | tee "$OUT/kernels.log" \
+    | grep -v "^{\|^  " | tail -20
+  LEFT=$(( ${DEADLINE:-405} - ($(date +%s) - T0) ))
+  echo "bench_cuda: $LEFT s left"
+  timeout "$LEFT" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" 2>&1 | tee "$OUT/cuda.log" \
+    | grep -v "^|" | tail -16
+  grep "^|" "$OUT/cuda.log"
+  exit
+fi
 if [ "$SWEEP" = kv8 ] || [ "$SWEEP" = table ]; then
   if [ "$SWEEP" = kv8 ]; then
     timeout 170 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs \

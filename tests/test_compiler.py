@@ -63,7 +63,8 @@ def test_shipped_config_set_is_complete():
     for model in ("chatglm2-6b", "chatglm3-6b", "chatglm3-6b-32k", "glm-4-9b-chat", "glm-4-9b-chat-1m"):
         for precision in ("fp16", "int8", "int4", "kv8", "int8-kv8"):
             assert f"{model}-{precision}.yaml" in SHIPPED
-    for precision in ("fp32", "int8", "int4", "kv8", "sq8", "fp8"):  # sq8 compiled in tests/test_smoothquant.py
+    # sq8 compiled in tests/test_smoothquant.py
+    for precision in ("fp32", "int8", "int4", "int4-awq", "kv8", "sq8", "fp8"):
         assert f"glmc-tiny-{precision}.yaml" in SHIPPED
 
 
@@ -613,7 +614,7 @@ SHIPPED_MODEL = schema.shipped_model()
 
 @needs_trt
 @pytest.mark.skipif(not (SHIPPED_MODEL / "config.json").is_file(), reason="the shipped model is not in the package")
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "kv8", "fp8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "int4-awq", "kv8", "fp8"])
 def test_shipped_configs_compile_and_verify(precision, tmp_path_factory):
     """The CI configs: the shipped model, every target, TensorRT for RTX included; verification passes."""
     root = tmp_path_factory.getbasetemp() / "shipped"

@@ -61,13 +61,12 @@ FEEDS = ("float", "quantized")
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Float32 [N, K] -> what glmc stores for it, dequantized to float32: the weight rounded to `dtype`, then
-    weight_only.quantize_weight's codes times its `dtype` scales."""
+    """Float32 [N, K] -> the weight glmc computes with after storing it, in float32: the weight rounded to `dtype`,
+    weight_only.quantize_weight's codes times its `dtype` scales, the product in `dtype` (as the op dequantizes)."""
     q, scale = quantize_weight(weight.to(dtype), bits, group_size, scale_dtype=dtype)
-    s = scale.float()
     k = weight.shape[1]
-    s = s[:, None] if group_size == 0 else s.repeat_interleave(group_size, dim=1)[:, :k]
-    return q.float() * s
+    s = scale[:, None] if group_size == 0 else scale.repeat_interleave(group_size, dim=1)[:, :k]
+    return (q.to(dtype) * s).float()
 
 
 def awq_scales(mean_abs: torch.Tensor, a: float) -> torch.Tensor:

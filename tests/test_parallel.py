@@ -125,10 +125,10 @@ def test_tp2_same_tokens_and_logits_as_tp1(precision, checkpoints, tag):
 
 
 def test_tp4_holds_one_kv_group_per_rank(tag):
-    """N = 4 > 2 KV groups: each rank holds the group its one query head reads (a copy on two ranks)."""
+    """N = 4 > 2 KV groups: each rank holds the group its two query heads read (a copy on two ranks)."""
     model = load_model(SHIPPED, dtype="fp32")
     plans = [plan(model, 4, r) for r in range(4)]
-    assert [p.heads for p in plans] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [p.heads for p in plans] == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert [p.kv_groups for p in plans] == [(0, 1), (0, 1), (1, 2), (1, 2)]
     ref_logits, ref_tokens = trace(TorchBackend(model), steps=3)
     with start(SHIPPED, 4) as tp:
@@ -138,17 +138,17 @@ def test_tp4_holds_one_kv_group_per_rank(tag):
 
 def test_invalid_sizes_are_refused_by_name(tmp_path):
     base = [f"output={tmp_path}/b", "limits.max_sequence_length=1024"]
-    with pytest.raises(GlmcError, match=r"tensor_parallel: tensor-parallel size 3 does not divide the model's 4 "
-                                        r"attention heads.*1, 2, 4"):
+    with pytest.raises(GlmcError, match=r"tensor_parallel: tensor-parallel size 3 does not divide the model's 8 "
+                                        r"attention heads.*1, 2, 4, 8"):
         start(SHIPPED, 3)
     with pytest.raises(ConfigError, match=r"--set parallel.tensor=3: parallel.tensor: 3 does not divide the "
-                                          r"model's 4 attention heads"):
+                                          r"model's 8 attention heads"):
         schema.load([], ["parallel.tensor=3", *base])
     with pytest.raises(ConfigError, match=r"parallel.tensor: 0 is below the minimum 1"):
         schema.load([], ["parallel.tensor=0", *base])
-    with pytest.raises(ConfigError, match=r"parallel.tensor: 4 gives each rank 64 attention columns, which cut the "
+    with pytest.raises(ConfigError, match=r"parallel.tensor: 8 gives each rank 64 attention columns, which cut the "
                                           r"groups of precision.group_size 128"):
-        schema.load([], ["parallel.tensor=4", "precision.weights=int4", "precision.group_size=128",
+        schema.load([], ["parallel.tensor=8", "precision.weights=int4", "precision.group_size=128",
                          *base])
     cfg = schema.load([], ["parallel.tensor=2", *base])
     assert cfg.tensor_parallel == 2 and cfg.data["parallel"] == {"tensor": 2}

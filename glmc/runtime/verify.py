@@ -51,18 +51,31 @@ def tolerance_for(dtype: torch.dtype, weight_bits: int, kv8: bool, fp8: bool = F
     boundary (one quantization step, absmax/127, in one element): 1e-3. fp16/bf16 - unit roundoff 2^-11 / 2^-8,
     two engines accumulate GEMMs differently: 1e-2 / 4e-2; fp16 + int8 cache: code flips are then common, 2e-2.
     Quantized weights add no error of their own (both sides use the same integer codes and scales).
-    `fp8`: activations or the cache re-quantized to e4m3 at run time. A flip there moves one element by one e4m3
-    step, up to 2^-3 of its own magnitude (an int8 flip moves it by absmax/127), so: fp32 5e-3 (measured 1.2e-3 on
-    glmc-tiny's decode steps, 1e-6 where nothing flipped), fp16/bf16 3x their base (measured 2.0e-2 on glmc-tiny
-    fp16, 1.5x torch fp16's own error against the fp32 oracle). A lowering bug (a scale missed or applied twice,
-    the weight transposed, no saturation) is off by O(1) or NaN.
-    `w8a8` (sq8): activations quantized to int8 per token at run time; a flip moves one element by one step,
-    max|row| / 127, the int8 cache's argument, so its bounds (measured on glmc-tiny sq8 fp32: 1.5e-4 through the
-    TensorRT lowering, 1.6e-6 where nothing flipped; an ORT fusion that scaled the bias wrongly gave 3e-2)."""
-    kv8 = kv8 or w8a8
+    `fp8`: activations (or the cache) re-quantized to e4m3 at run time. A flip there moves one element by one e4m3
+    step, up to 2^-3 of its own magnitude, and the next layers' inputs by ~1e-4, which flips further codes: two
+    correct FP8 executions differ by a cascade (glmc-tiny v2, fp32, ORT vs torch on one 8-token prompt: 1 code of
+    4096 flipped in the 2nd linear, 700 of 6144 in the 12th; logits 0.8% apart, 2.0% over the verify prompts),
+    i.e. by FP8's own rounding noise. So the bound is that noise, 5e-2 (8e-2 bf16), with top-1 and greedy
+    disagreements excused only where the measured error explains them (ties_within_error); a lowering bug (a
+    scale missed or applied twice, the weight transposed, no saturation) is off by O(1) or NaN.
+    `w8a8` (sq8): every linear's input quantized to int8 per token at run time. A flip moves one element by one
+    step of its token, max|row| / 127, which an outlier channel makes large for every other element of the row,
+    and a flip in a decode step stays in the KV cache for the steps after it: measured on glmc-tiny v2 sq8, fp32
+    7.4e-3 (reference lowering: one flip at decode step 1, 4e-7 before it; ORT's lowering happened to round like
+    torch), fp16 1.5e-2. So fp32 2e-2, fp16/bf16 3x their base, disagreements excused only where the measured
+    error explains them. A lowering bug touches every token, prefill included (a missed or doubled scale, a
+    transposed weight: O(1); ORT's bias fusion, docs/ops.md: 3e-2 at every position of glmc-tiny v1 fp32)."""
+    if w8a8 and not fp8:
+        rel = 2e-2 if dtype == torch.float32 else {torch.float16: 3e-2, torch.bfloat16: 1.2e-1}[dtype]
+        half = dtype != torch.float32
+        return Tolerance(rel, top1=0.95 if half else 1.0, greedy_fraction=0.5 if half else 1.0,
+                         ties_within_error=True)
+    if fp8:
+        return Tolerance(8e-2 if dtype == torch.bfloat16 else 5e-2, top1=0.95, greedy_fraction=0.5,
+                         ties_within_error=True)
     if dtype == torch.float32:
-        return Tolerance(5e-3 if fp8 else 1e-3 if kv8 else 1e-4)
-    rel = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype] * (3 if fp8 else 2 if kv8 else 1)
+        return Tolerance(1e-3 if kv8 else 1e-4)
+    rel = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype] * (2 if kv8 else 1)
     return Tolerance(rel, top1=0.95, greedy_fraction=0.5)
 
 

@@ -535,8 +535,10 @@ def test_cuda_target_runs_and_verifies_on_the_gpu(cuda_build):
 
     out, m = cuda_build
     row = m["verification"]["targets"]["cuda"]
-    kv8 = m["precision"]["kv_cache"] == "int8"
-    assert row["passed"] and row["tolerance"]["rel"] == (2e-2 if kv8 else 1e-2)
+    kv8, fp8 = m["precision"]["kv_cache"] == "int8", m["precision"]["weights"] == "fp8"
+    # fp8: its own bound (verify.tolerance_for: e4m3 rounding noise, or the config's verify.max_rel_error)
+    assert row["passed"] and (row["tolerance"]["rel"] <= 5e-2 if fp8 else row["tolerance"]["rel"] == (
+        2e-2 if kv8 else 1e-2))
     cuda = glmc.load(out, backend="cuda")
     assert cuda.backend.name == "cuda" and glmc.load(out, device="cuda").backend.name == "cuda"
     assert (cuda.backend.k_cache.dtype == torch.int8) == kv8

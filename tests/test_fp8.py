@@ -298,6 +298,7 @@ def test_apply_fp8_scales_codes_and_accuracy():
     assert len(lins) == 4 * 2 and not any(isinstance(m, QuantLinear) for m in model.modules())
     assert isinstance(model.transformer.output_layer, torch.nn.Linear)  # the output layer stays float
     qkv = model.transformer.encoder.block(0).self_attention.query_key_value
+    assert isinstance(qkv, Fp8Linear)
     w = base.transformer.encoder.block(0).self_attention.query_key_value.weight.detach()
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale.dtype == torch.float16
     # per-row scale absmax / 448, rounded up: the row maximum lands within one e4m3 step below 448
@@ -480,7 +481,7 @@ def test_glmc_compile_fp8_kv_cache_every_target(tmp_path):
     """glmc-tiny-fp8 with the fp8 cache: every target lowered, the TensorRT for RTX engine built with FP8 cache
     I/O, and verification through ONNX Runtime passes."""
     from glmc.cli import main
-    from glmc.compiler.builddir import read_manifest
+    from glmc.artifact import read_manifest
     cfg = REPO / "compile_configs" / "glmc-tiny-fp8.yaml"
     sets = ["precision.kv_cache=fp8", f"output={tmp_path / 'b'}", f"cache_dir={tmp_path / 'cache'}"]
     assert main(["compile", str(cfg)] + [a for s in sets for a in ("--set", s)]) == 0

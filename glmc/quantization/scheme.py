@@ -28,8 +28,9 @@ import torch
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.config import torch_dtype
-from glmc.quantization.weight_only import check_scheme
 
+BITS = (8, 4)  # integer weight widths
+GROUP_SIZES = (0, 32, 64, 128)  # 0 = one scale per output channel
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")  # the float names of the precision grammar (config.DTYPE_NAMES maps them)
 KV_GRANULARITIES = ("tensor", "head", "channel")
 # int8: K after rotary has outlier channels (docs/quantization.md); fp8 keeps them by its exponent
@@ -46,6 +47,14 @@ METHODS = {
 }
 WEIGHT_ONLY_METHODS = ("rtn", "awq")
 DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength (the paper's and TensorRT-LLM's default)
+
+
+def check_scheme(bits: int, group_size: int) -> None:
+    if bits not in BITS:
+        raise GlmcError(f"quantization: weight bits {bits} is not one of {', '.join(map(str, BITS))}")
+    if group_size not in GROUP_SIZES:
+        raise GlmcError(f"quantization: group_size {group_size} is not one of "
+                        f"{', '.join(map(str, GROUP_SIZES))} (0 = per output channel)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,29 +13,15 @@ replaces it, so peak memory is the float model plus one layer's fp32 temporaries
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
 from glmc.modeling_patches.ops.quantized_linear import pack_int4
+from glmc.quantization.scheme import Scheme, check_scheme
 
-if TYPE_CHECKING:
-    from glmc.quantization.scheme import Scheme
-
-BITS = (8, 4)
-GROUP_SIZES = (0, 32, 64, 128)  # 0 = one scale per output channel
 BLOCK_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
-
-def check_scheme(bits: int, group_size: int) -> None:
-    if bits not in BITS:
-        raise GlmcError(f"quantization: weight bits {bits} is not one of {', '.join(map(str, BITS))}")
-    if group_size not in GROUP_SIZES:
-        raise GlmcError(f"quantization: group_size {group_size} is not one of "
-                        f"{', '.join(map(str, GROUP_SIZES))} (0 = per output channel)")
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0, scale_dtype: torch.dtype | None = None,

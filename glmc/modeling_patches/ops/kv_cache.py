@@ -108,9 +108,7 @@ DEQUANTIZE_SCHEMA = register(
 
 
 def quantize_translation(x, scale, dtype: str = "int8"):
-    """torch.ops.glmc.kv_cache_quantize -> glmc::KVCacheQuantize (the int8 default leaves the attribute out)."""
-    if dtype == "int8":
-        return onnxscript_opset().KVCacheQuantize(x, scale)
+    """torch.ops.glmc.kv_cache_quantize -> glmc::KVCacheQuantize (with its dtype attribute, int8 included)."""
     return onnxscript_opset().KVCacheQuantize(x, scale, dtype=dtype)
 
 

@@ -45,7 +45,8 @@ SHAPE = dict(num_layers=5, hidden_size=2048, ffn_hidden_size=6848, num_heads=16,
              vocab_size=8192, seq_length=1024)
 QUICK = dict(num_layers=2, hidden_size=256, ffn_hidden_size=768, num_heads=2, head_dim=128, num_kv_heads=2,
              vocab_size=1024, seq_length=256)
-PRECISIONS = {"fp32": "fp32", "int8": "fp32+int8", "int4": "fp32+int4-g128"}  # ORT builds (fp32 activations)
+PRECISIONS = {"fp32": "fp32", "int8": "fp32+int8", "int4": "fp32+int4-g128",  # ORT builds (fp32 activations)
+              "sq8": "fp32+sq8"}  # sq8: calibrated on 4 random 128-token samples (random weights: no outliers)
 
 
 def bandwidth(mib: int = 1024, repeats: int = 5) -> dict:
@@ -170,7 +171,10 @@ def main() -> None:
                 backend = TorchBackend(base, max_length)
             else:
                 prec, _, acc = engine.removeprefix("ort-").partition("-acc")
-                model = base if prec == "fp32" else apply_scheme(copy.deepcopy(base), parse_precision(PRECISIONS[prec]))
+                scheme = parse_precision(PRECISIONS[prec])
+                calib = [torch.randint(0, config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(i))
+                         for i in range(4)] if scheme.needs_calibration else None
+                model = base if prec == "fp32" else apply_scheme(copy.deepcopy(base), scheme, calib)
                 t = time.perf_counter()
                 # export.onnx, not model.onnx: lower_file deletes a same-named external data file it just copied
                 export(model, Path(tmp) / prec / "export" / "export.onnx")

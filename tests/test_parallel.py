@@ -195,6 +195,18 @@ def test_quantized_splits_fall_on_group_boundaries():
     assert [plan(model, 4, r).kv_groups for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
 
 
+@pytest.mark.parametrize(("precision", "kind"), [("fp32+sq8", "W8A8Linear"), ("fp32+fp8", "Fp8Linear")])
+def test_precisions_that_do_not_split_are_refused_by_name(precision, kind):
+    """sq8's per-token activation scale and fp8's per-tensor one belong to a whole row of the input: refused."""
+    model = tiny_model(head_dim=64)
+    calibration = [torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))]
+    apply_scheme(model, parse_precision(precision), calibration)
+    with pytest.raises(GlmcError, match=rf"parallel.tensor: tensor parallelism splits float and symmetric weight-only "
+                                        rf"int8/int4 linears; transformer.encoder.layers.0.self_attention."
+                                        rf"query_key_value is a {kind} layer"):
+        plan(model, 2, 0)
+
+
 def shipped_build(tensor: object, **limits: int) -> Build:
     """The shipped model as a build whose manifest says parallel.tensor = `tensor` (what open_build returns)."""
     lim = Limits(**{"max_batch": 4, "max_input_length": 16, "max_sequence_length": 64, **limits})

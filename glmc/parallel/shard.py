@@ -107,6 +107,13 @@ def plan(model: GLMForCausalLM, world: int, rank: int, where: str = KEY) -> Shar
     check_world(c, world, where)
     if not 0 <= rank < world:
         raise GlmcError(f"{where}: rank {rank} is outside 0..{world - 1}")
+    for name, m in model.named_modules():  # what the shards below know how to split
+        if hasattr(m, "in_features") and (not isinstance(m, (nn.Linear, QuantLinear))
+                                          or getattr(m, "weight_zero", None) is not None):
+            kind = "zero-point (AutoAWQ) int4" if isinstance(m, QuantLinear) else type(m).__name__
+            raise GlmcError(f"{where}: tensor parallelism splits float and symmetric weight-only int8/int4 linears; "
+                            f"{name} is a {kind} layer (its activation or zero-point scales do not split by "
+                            f"rows and columns): use {where} 1 for this precision")
     per = c.num_heads // world
     h0, h1 = rank * per, (rank + 1) * per
     group = c.num_heads // c.num_kv_heads

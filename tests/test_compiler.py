@@ -649,7 +649,8 @@ def runs_what_was_verified(out: Path, m: dict) -> None:
     reference = glmc.load(out, backend="torch").backend
     ref = greedy_trace(reference, prompts, steps)
     for t in m["targets"]:
-        bound = m["verification"]["targets"].get(t, {}).get("tolerance", m["verification"]["tolerance"])["rel"]
+        tolerance = m["verification"]["targets"].get(t, {}).get("tolerance", m["verification"]["tolerance"])
+        bound = tolerance["rel"]
         path = out / "onnx" / t / "model.onnx"
         if t == "onnx":
             with pytest.raises(GlmcError, match="cannot run the 'onnx' lowering: it keeps the glmc:: custom ops"):
@@ -657,9 +658,14 @@ def runs_what_was_verified(out: Path, m: dict) -> None:
             continue
         backend = glmc.load(path).backend
         assert backend.name == "onnxruntime" and backend.path == path
-        got = compare(ref, greedy_trace(backend, prompts, steps, forced=ref.tokens), greedy_trace(backend, prompts,
-                                                                                                   steps))
-        assert max(got["prefill_rel"], got["decode_rel"]) <= bound and got["greedy_agree"] == steps, (t, got)
+        forced, free = greedy_trace(backend, prompts, steps, forced=ref.tokens), greedy_trace(backend, prompts, steps)
+        got = compare(ref, forced, free)
+        # a lowering verified with ties allowed (int8 activations) may leave torch's greedy path at a near-tie: a
+        # step where torch's top two logits are closer than twice the lowering's error (as the verifier counts)
+        tie_abs = 2 * max(got["prefill_max_abs"], got["decode_max_abs"]) if tolerance["ties_within_error"] else 0.0
+        tied = compare(ref, forced, free, tie_abs=tie_abs)["greedy_diverged_at_tie"]
+        greedy_ok = got["greedy_agree"] == steps or (tolerance["ties_within_error"] and tied)
+        assert max(got["prefill_rel"], got["decode_rel"]) <= bound and greedy_ok, (t, got)
 
 
 @needs_trt

@@ -15,16 +15,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=("chatglm2", "chatglm3", "glm4"), default=None)
     p.add_argument("--precisions", default=DEFAULT_PRECISIONS,
                    help="comma-separated precision names: '+'-joined fp32|fp16|bf16, int8|int4[-g32|-g64|-g128]"
-                        f"[-out], kv8[-tensor|-head|-channel] (default: {DEFAULT_PRECISIONS})")
+                        "[-awq][-out], sq8[-aALPHA], fp8, kv8|kvfp8[-tensor|-head|-channel], e.g. "
+                        f"fp16,int4-g128,int4-g128-awq,sq8,fp8,kv8,fp16+kvfp8 (default: {DEFAULT_PRECISIONS})")
     p.add_argument("--text", metavar="FILE", default=None,
                    help="held-out text to evaluate on (default: the held-out text shipped with glmc)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per evaluation window (default: 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens of the text")
     p.add_argument("--chunk", type=int, default=1,
-                   help="tokens per forward within a window for kv8 precisions; 1 (default) reads the int8 cache "
-                        "for every prediction, as generation does")
+                   help="tokens per forward within a window for kv8/kvfp8 precisions; 1 (default) reads the "
+                        "quantized cache for every prediction, as generation does")
     p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="kv8 calibration text, .txt or .jsonl with {\"text\": ...} (default: the shipped set)")
+                   help="calibration text (kv8, awq, sq8, fp8), .txt or .jsonl with {\"text\": ...} "
+                        "(default: the shipped set)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="calibration samples (default: calibration.samples of a compile config, 16)")
     p.add_argument("--calibration-length", type=int, default=None,

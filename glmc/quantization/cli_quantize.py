@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for the quantized checkpoint (new, or empty; --force replaces it)")
     p.add_argument("--force", action="store_true", help="replace --out even when it already holds files")
     p.add_argument("--precision", default="int4-g128",
-                   help="a precision name such as int8, int4, int4-g128, int8+kv8, fp16+int4-g64+kv8-head "
-                        "(default: int4-g128; the float dtype defaults to fp16)")
+                   help="a precision name such as int8, int4, int4-g128, int4-g128-awq, sq8, sq8-a0.75, fp8, "
+                        "int8+kv8, fp8+kvfp8, fp16+int4-g64+kv8-head (default: int4-g128; the float dtype defaults "
+                        "to fp16)")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration text (kv8, awq, sq8, fp8), .txt or .jsonl with {\"text\": ...} "
                         "(default: the shipped set)")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     scheme = parse_precision(args.precision)
     if not scheme.weight_bits and not scheme.kv_granularity:
-        raise GlmcError(f"--precision {args.precision}: nothing to quantize (name int8, int4... or kv8)")
+        raise GlmcError(f"--precision {args.precision}: nothing to quantize (name int8, int4, sq8, fp8... or kv8)")
     src, out = model_dir(args.model), Path(args.out)
     if out.resolve() == src.resolve():
         raise GlmcError(f"--out {out}: must differ from the model directory")

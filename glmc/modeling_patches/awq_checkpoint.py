@@ -102,6 +102,9 @@ def convert(path: Path, name: str, tensor: torch.Tensor, weights: dict) -> tuple
     pass unchanged. Shapes are checked by load_model against the model afterwards."""
     suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
     if suffix is None:
+        if name.endswith(".weight") and name[:-len(".weight")].rsplit(".", 1)[-1] in BLOCK_LINEARS:
+            raise CheckpointError(f"{path}: tensor '{name}' is a float weight, but the checkpoint's quantization "
+                                  "config says AWQ: its block linears must be qweight / qzeros / scales")
         return name, tensor
     new = name[:-len(suffix)] + SUFFIXES[suffix]
     if suffix == ".scales":

@@ -139,6 +139,13 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
     return out
 
 
+def float_linear(module: nn.Module, name: str) -> nn.Linear:
+    """The float nn.Linear AWQ works on (refused when it is already quantized)."""
+    if not isinstance(module, nn.Linear):
+        raise GlmcError(f"awq: {name} is already quantized ({module}); AWQ starts from the float model")
+    return module
+
+
 def _mean_abs(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     flat = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs])
     return flat.abs().mean(dim=0)
@@ -175,9 +182,7 @@ def awq_layer(layer: GLMBlock, model: GLMForCausalLM, xs: list[torch.Tensor], me
     the folds do not change them) and the chosen a per group."""
     cfg = model.config
     attn, mlp = layer.self_attention, layer.mlp
-    for lin in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h):
-        if not isinstance(lin, nn.Linear):
-            raise GlmcError(f"awq: {lin} is already quantized; AWQ starts from the float model")
+    qkv, dense, h_to_4h, four_h_to_h = (float_linear(layer.get_submodule(n), n) for n in _Inputs.NAMES)
     rec = _Inputs(layer)
     try:
         outs = [layer(x, pos, mask, model.cos_cache, model.sin_cache, pk, pv)[0] for x, (pos, mask, pk, pv)
@@ -193,42 +198,40 @@ def awq_layer(layer: GLMBlock, model: GLMForCausalLM, xs: list[torch.Tensor], me
         return [attn(h, pos, mask, model.cos_cache, model.sin_cache, pk, pv)[0] for h, (pos, mask, pk, pv)
                 in zip(h1, metas, strict=True)]
 
-    qkv_w, qkv_b = attn.query_key_value.weight, attn.query_key_value.bias
+    qkv_w, qkv_b = qkv.weight, qkv.bias
     v_rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
     f = cfg.ffn_hidden_size
     s_qkv = s_h4 = None
     if norms_foldable:
-        s_qkv, chosen["query_key_value"], _ = search_scale([attn.query_key_value], _mean_abs(h1), attention_out,
-                                                           bits, group_size, dtype)
-        s_h4, chosen["dense_h_to_4h"], _ = search_scale([mlp.dense_h_to_4h], _mean_abs(h2),
+        s_qkv, chosen["query_key_value"], _ = search_scale([qkv], _mean_abs(h1), attention_out, bits, group_size,
+                                                           dtype)
+        s_h4, chosen["dense_h_to_4h"], _ = search_scale([h_to_4h], _mean_abs(h2),
                                                         lambda: [mlp(h) for h in h2], bits, group_size, dtype)
     # dense: s tied over the query heads of each KV head (the fold into V is exact then)
     group = cfg.num_heads // cfg.num_kv_heads
     s_dense = None
     if fold_v:
         m = _mean_abs(att).view(cfg.num_kv_heads, group, cfg.head_dim).mean(dim=1, keepdim=True)
-        s_dense, chosen["dense"], _ = search_scale([attn.dense], m.expand(-1, group, -1).reshape(-1),
-                                                   lambda: [attn.dense(a) for a in att], bits, group_size, dtype)
-    s_4h, chosen["dense_4h_to_h"], _ = search_scale([mlp.dense_4h_to_h], _mean_abs(act),
-                                                    lambda: [mlp.dense_4h_to_h(a) for a in act], bits, group_size,
-                                                    dtype)
+        s_dense, chosen["dense"], _ = search_scale([dense], m.expand(-1, group, -1).reshape(-1),
+                                                   lambda: [dense(a) for a in att], bits, group_size, dtype)
+    s_4h, chosen["dense_4h_to_h"], _ = search_scale([four_h_to_h], _mean_abs(act),
+                                                    lambda: [four_h_to_h(a) for a in act], bits, group_size, dtype)
     # folds
     if s_qkv is not None and s_h4 is not None:
         layer.input_layernorm.weight.div_(s_qkv)
         qkv_w.mul_(s_qkv)
         layer.post_attention_layernorm.weight.div_(s_h4)
-        mlp.dense_h_to_4h.weight.mul_(s_h4)
+        h_to_4h.weight.mul_(s_h4)
     if s_dense is not None:
         s_v = s_dense.view(cfg.num_kv_heads, group, cfg.head_dim)[:, 0].reshape(-1)  # equal across the group
         qkv_w[v_rows].div_(s_v[:, None])
         if qkv_b is not None:
             qkv_b[v_rows].div_(s_v)
-        attn.dense.weight.mul_(s_dense)
-    mlp.dense_h_to_4h.weight[f:].div_(s_4h[:, None])
-    mlp.dense_4h_to_h.weight.mul_(s_4h)
+        dense.weight.mul_(s_dense)
+    h_to_4h.weight[f:].div_(s_4h[:, None])
+    four_h_to_h.weight.mul_(s_4h)
     if clip:
-        for lin, x, s in ((attn.dense, att, s_dense), (mlp.dense_h_to_4h, h2, s_h4),
-                          (mlp.dense_4h_to_h, act, s_4h)):
+        for lin, x, s in ((dense, att, s_dense), (h_to_4h, h2, s_h4), (four_h_to_h, act, s_4h)):
             flat = _flat(x) / (s if s is not None else 1.0)
             lin.weight.copy_(search_clip(lin.weight, flat, bits, group_size, dtype))
     return outs, chosen
@@ -238,7 +241,7 @@ class _FakeQuantized:
     """Context: the layer's four linears hold fake_quantize(W) (what the stored model computes), restored on exit."""
 
     def __init__(self, layer: GLMBlock, bits: int, group_size: int, dtype: torch.dtype):
-        self.linears = [layer.get_submodule(n) for n in _Inputs.NAMES]
+        self.linears = [float_linear(layer.get_submodule(n), n) for n in _Inputs.NAMES]
         self.args = (bits, group_size, dtype)
 
     def __enter__(self):
@@ -288,11 +291,11 @@ def awq_search(model: GLMForCausalLM, calibration_ids: Sequence[torch.Tensor], b
         out = model.transformer.output_layer
         assert isinstance(out, nn.Linear)
         h = [final(x) for x in xs]
-        s, a, _ = search_scale([out], _mean_abs(h), lambda: [out(x) for x in h], bits, group_size, dtype)
-        final.weight.div_(s)
-        out.weight.mul_(s)
+        scale, a, _ = search_scale([out], _mean_abs(h), lambda: [out(x) for x in h], bits, group_size, dtype)
+        final.weight.div_(scale)
+        out.weight.mul_(scale)
         if clip:
-            out.weight.copy_(search_clip(out.weight, _flat(h) / s, bits, group_size, dtype))
+            out.weight.copy_(search_clip(out.weight, _flat(h) / scale, bits, group_size, dtype))
         report.append({"output_layer": a})
     return report
 

@@ -231,7 +231,7 @@ def lower_matmul_nbits(node, b: Builder) -> None:
         zu = zu ^ np.uint8(0x80 if bits == 8 else 0x88)  # (z + 2^(bits-1)); for 4 bits the high nibble is dropped
         if bits == 4:
             zu = np.pad(zu & 0x0F, ((0, 0), (0, blocks % 2)))
-            zu = zu[:, 0::2] | (zu[:, 1::2] << 4)
+            zu = (zu[:, 0::2] | (zu[:, 1::2] << 4)).astype(np.uint8)
         zero = [b.const(np.ascontiguousarray(zu).reshape(-1), "zero_points")]
     y = b.op("MatMulNBits", b.input(0), b.const(packed.reshape(n, blocks, -1), "qweight"),
              b.const(s.reshape(-1), "scales"), *zero,

@@ -91,7 +91,8 @@ def test_shipped_config_validates(name, checkpoints, tmp_path):
 def test_precision_overlays_validate_alone(overlay, checkpoints):
     cfg = schema.load(CONFIGS / "precisions" / overlay, [f"model.checkpoint={checkpoints['chatglm3']}"])
     expected = {"fp16": "fp16", "fp32": "fp32", "int8": "int8", "int4": "int4-g128", "kv8": "fp16-kv8",
-                "int8-kv8": "int8-kv8", "sq8": "sq8", "fp8": "fp8", "fp8-kvfp8": "fp8-kvfp8"}
+                "int8-kv8": "int8-kv8", "sq8": "sq8", "fp8": "fp8", "fp8-kvfp8": "fp8-kvfp8",
+                "int4-awq": "int4-g128-awq"}
     assert cfg.precision_tag == expected[overlay.removesuffix(".yaml")]
 
 

@@ -548,4 +548,18 @@ def test_cuda_target_runs_and_verifies_on_the_gpu(cuda_build):
     prompts = [cuda.prompt_ids("def read_file(path):"), cuda.prompt_ids("Return the sum of a and b.")]
     cfg = SamplingConfig(max_new_tokens=32)
     ref = generate(torch_model.backend, prompts, cfg)
-    assert generate(cuda.backend, prompts, cfg) == ref and len(ref[0]) == 32
+    got = generate(cuda.backend, prompts, cfg)
+    assert len(ref[0]) == 32
+    if not (kv8 or fp8):
+        assert got == ref
+        return
+    # An int8 cache / e4m3 activations quantized by the kernels in another summation order can flip a code at a
+    # rounding boundary (docs/gpu.md: < 2% of a new slot's codes), which a near-tie token may follow. int8 cache:
+    # held to the verifier's greedy bound for half precision (verify.tolerance_for: half the steps agree in every
+    # row). e4m3 keeps 3 mantissa bits, so one flipped activation code moves a product by up to 6%: the first 8
+    # (the logits bound is the verify row's). Measured on the H200 with glmc-tiny v2, 2026-12-02: fp16 32/32 equal,
+    # kv8 24 and 32, fp8 17 and 13 tokens before the first difference.
+    agree = [next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b), min(len(g), len(r)))
+             for g, r in zip(got, ref, strict=True)]
+    print(f"greedy tokens equal to torch's before the first difference: {agree} of 32")
+    assert min(agree) >= (8 if fp8 else 16), (agree, got, ref)

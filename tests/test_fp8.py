@@ -23,7 +23,7 @@ from glmc.errors import CheckpointError, ConfigError, GlmcError
 from glmc.export.lower import lower_model
 from glmc.modeling_patches.checkpoint import load_model
 from glmc.modeling_patches.modeling_chatglm import Fp8Linear, QuantLinear
-from glmc.modeling_patches.ops.fp8_linear import fp8_linear, fp8_tensor, to_e4m3
+from glmc.modeling_patches.ops.fp8_linear import dequantize_weight, fp8_linear, fp8_tensor, to_e4m3
 from glmc.modeling_patches.ops.kv_cache import kv_cache_dequantize, kv_cache_quantize
 from glmc.modeling_patches.ops.onnx_defs import DOMAIN
 from glmc.quantization.fp8 import apply_fp8
@@ -175,8 +175,14 @@ def test_fp8_linear_lowerings_in_onnxruntime_equal_the_op(target, dtype):
     model = lower_model(fp8_linear_graph(q, sw, sx, bias, onnx_type), target)
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert ("", "QuantizeLinear") in ops and ("", "MatMul") in ops and not any(d == DOMAIN for d, _ in ops)
-    fp8_inits = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN and t.dims]
-    assert [list(t.dims) for t in fp8_inits if len(t.dims) == 2] == [[64, 48]]  # stored [K, N]
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2]
+    assert [list(t.dims) for t in weights] == [[64, 48]]  # stored [K, N]
+    if target == "onnxruntime":  # dequantized once at lowering: the op's own Wd values, in X's dtype
+        assert weights[0].data_type == onnx_type
+        assert torch.equal(torch.from_numpy(numpy_helper.to_array(weights[0]).copy()),
+                           dequantize_weight(q, sw, dtype).T)
+    else:  # e4m3 bytes, dequantized in the graph
+        assert weights[0].data_type == TensorProto.FLOAT8E4M3FN
     (y,) = run_ort(model, {"x": x.numpy()})
     want = fp8_linear(x, q, sw, sx, bias)
     # fp32: the same quantized values, only MatMul's summation order differs; fp16: ORT multiplies in fp16

@@ -37,7 +37,7 @@ TARGETS = {
     },
     "onnxruntime": {
         "QuantizedLinear": quantized_linear.lower_matmul_nbits,  # com.microsoft.MatMulNBits
-        "Fp8Linear": fp8_linear.lower_qdq_matmul,  # float8 Q/DQ + MatMul (ORT 1.32 runs float8 Q/DQ on CPU)
+        "Fp8Linear": fp8_linear.lower_qdq_dequantized_weight,  # float8 Q/DQ of X + MatMul by the dequantized W
         "W8A8Linear": w8a8_linear.lower_matmul_integer_to_float,  # com.microsoft.MatMulIntegerToFloat
         "KVCacheQuantize": kv_cache.lower_quantize_plain,
         "KVCacheDequantize": kv_cache.lower_dequantize_plain,

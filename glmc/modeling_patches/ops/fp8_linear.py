@@ -112,26 +112,50 @@ def fp8_zero(shape: tuple[int, ...]) -> TensorProto:
     return fp8_tensor(np.zeros(shape, np.uint8))
 
 
-def lower_qdq_matmul(node, b: Builder) -> None:
-    """reference / tensorrt / onnxruntime: QuantizeLinear(X, InputScale, FLOAT8E4M3FN zero, saturate=1) ->
-    DequantizeLinear, DequantizeLinear of the weight stored transposed [K, N] in FLOAT8E4M3FN (axis 1 for per-row
-    scales, per tensor for [1]) -> MatMul (+ Add bias): exactly the op. TensorRT (sm89/sm120) turns it into an FP8
-    GEMM; ONNX Runtime 1.32 runs float8 Q/DQ on CPU (and CUDA) and multiplies in X's dtype."""
-    w = b.array(b.input(1)).view(np.uint8)  # e4m3 bytes [N, K]
+def _parts(node, b: Builder) -> tuple[np.ndarray, np.ndarray, str]:
+    """(e4m3 bytes [N, K], WeightScale flattened, Xd: the activations through float8 QuantizeLinear(InputScale,
+    FLOAT8E4M3FN zero, saturate=1) -> DequantizeLinear)."""
+    w = b.array(b.input(1)).view(np.uint8)
     sw, sx = b.array(b.input(2)).reshape(-1), b.array(b.input(3)).reshape(())
     n = w.shape[0]
     if sw.size not in (1, n):
         raise ValueError(f"node '{node.name}' (Fp8Linear): WeightScale has {sw.size} values; expected [N] = [{n}] "
                          "or [1]")
     zx, scale = b.const(fp8_zero(()), "input_zero"), b.const(sx, "input_scale")
-    xd = b.op("DequantizeLinear", b.op("QuantizeLinear", b.input(0), scale, zx, saturate=1), scale, zx)
-    wq = b.const(fp8_tensor(np.ascontiguousarray(w.T)), "qweight")  # [K, N]: MatMul(X, W) needs no Transpose
-    if sw.size == 1:
-        wd = b.op("DequantizeLinear", wq, b.const(sw.reshape(()), "weight_scale"), b.const(fp8_zero(()), "zero"))
-    else:
-        wd = b.op("DequantizeLinear", wq, b.const(sw, "weight_scale"), b.const(fp8_zero((n,)), "zero"), axis=1)
+    return w, sw, b.op("DequantizeLinear", b.op("QuantizeLinear", b.input(0), scale, zx, saturate=1), scale, zx)
+
+
+def _matmul_bias(node, b: Builder, xd: str, wd: str) -> None:
     y = b.op("MatMul", xd, wd)
     if b.input(4):
         b.op("Add", y, b.input(4), outputs=[node.output[0]])
     else:
         b.op("Identity", y, outputs=[node.output[0]])
+
+
+def lower_qdq_matmul(node, b: Builder) -> None:
+    """reference / tensorrt: the activations' float8 Q/DQ, DequantizeLinear of the weight stored transposed [K, N]
+    in FLOAT8E4M3FN (axis 1 for per-row scales, per tensor for [1]) -> MatMul (+ Add bias): exactly the op, the
+    weights kept as e4m3 bytes. TensorRT (sm89/sm120) turns it into an FP8 GEMM."""
+    w, sw, xd = _parts(node, b)
+    n = w.shape[0]
+    wq = b.const(fp8_tensor(np.ascontiguousarray(w.T)), "qweight")  # [K, N]: MatMul(X, W) needs no Transpose
+    if sw.size == 1:
+        wd = b.op("DequantizeLinear", wq, b.const(sw.reshape(()), "weight_scale"), b.const(fp8_zero(()), "zero"))
+    else:
+        wd = b.op("DequantizeLinear", wq, b.const(sw, "weight_scale"), b.const(fp8_zero((n,)), "zero"), axis=1)
+    _matmul_bias(node, b, xd, wd)
+
+
+def lower_qdq_dequantized_weight(node, b: Builder) -> None:
+    """onnxruntime: the activations' float8 Q/DQ as above, and the weight dequantized here, once, into a [K, N]
+    initializer of X's dtype: Wd = cast_T(float32(QWeight) * float32(WeightScale)), the op's own values (so still
+    exactly the op). ONNX Runtime 1.32 runs float8 DequantizeLinear on CPU but has no float8 GEMM there and does not
+    constant-fold it: a float8 weight is dequantized again on every run (glmc-tiny v2 fp32, 1 thread: decode 48
+    tok/s against 570 for the fp32 build), so this target trades the 1-byte weights for the float build's speed."""
+    import ml_dtypes
+
+    w, sw, xd = _parts(node, b)
+    codes = np.ascontiguousarray(w.T).view(ml_dtypes.float8_e4m3fn).astype(np.float32)  # [K, N], exact
+    wd = (codes * sw.astype(np.float32).reshape(1, -1)).astype(sw.dtype)  # one float32 product, rounded once
+    _matmul_bias(node, b, xd, b.const(wd, "weight"))

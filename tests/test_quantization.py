@@ -300,6 +300,16 @@ def test_evaluate_table_numbers():
     assert r["fp16"].top1_agreement > 0.98 and r["int8"].top1_agreement > 0.9 and r["kv8"].top1_agreement > 0.9
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp32+sq8", "fp32+fp8", "fp32+kvfp8", "kv8"])
+def test_evaluate_refuses_a_quantized_base(precision):
+    model = tiny_model()
+    samples = calibration_samples(encode_bytes(300), num_samples=2, max_length=24)
+    apply_scheme(model, parse_precision(precision), samples)
+    windows = heldout_windows(encode_bytes(300), max_length=24, max_tokens=24)
+    with pytest.raises(GlmcError, match="holds a quantized checkpoint; evaluate its float original"):
+        evaluate(model, ["fp16"], windows, samples)
+
+
 def test_quantize_and_eval_commands(tmp_path, capsys):
     """`glmc quantize` then `glmc eval` on a checkpoint directory with a real SentencePiece tokenizer."""
     from test_tokenizer import build_sentencepiece

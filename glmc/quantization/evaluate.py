@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import GlmcError
-from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear
+from glmc.modeling_patches.modeling_chatglm import Fp8Linear, GLMForCausalLM, QuantLinear, W8A8Linear
 from glmc.quantization.scheme import Scheme, apply_scheme, parse_precision
 
 DEFAULT_HELDOUT = Path(__file__).with_name("heldout.txt")
@@ -103,7 +103,8 @@ def evaluate(base: GLMForCausalLM, precisions: Sequence[str], windows: Sequence[
     """
     if chunk < 1:
         raise GlmcError(f"eval: chunk {chunk} must be >= 1")
-    if any(isinstance(m, QuantLinear) for m in base.modules()) or base.kv_dtype == torch.int8:
+    if any(isinstance(m, (QuantLinear, Fp8Linear, W8A8Linear)) for m in base.modules()) \
+            or not base.kv_dtype.is_floating_point or base.kv_dtype.itemsize == 1:  # int8 / e4m3 caches
         raise GlmcError("eval: the model directory holds a quantized checkpoint; evaluate its float original")
     schemes = [parse_precision(name) for name in precisions]
     base = base.float().eval()

@@ -153,7 +153,7 @@ def test_precision_names():
         assert Scheme.from_json(scheme.to_json(), scheme.dtype) == scheme and scheme.name == name
     with pytest.raises(GlmcError, match="granularity 'row'"):
         Scheme.from_json({"kv_cache": {"granularity": "row", "dtype": "int8"}})
-    with pytest.raises(GlmcError, match="weights.method 'gptq'"):
+    with pytest.raises(GlmcError, match=r"weights\.method 'gptq'"):
         Scheme.from_json({"weights": {"bits": 4, "group_size": 128, "method": "gptq"}})
     with pytest.raises(GlmcError, match="fp8 weights are 8-bit"):
         Scheme.from_json({"weights": {"bits": 4, "group_size": 0, "method": "fp8"}})

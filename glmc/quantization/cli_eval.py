@@ -10,6 +10,8 @@ DEFAULT_PRECISIONS = "fp32,fp16,int8,int4,int4-g128,kv8,int8+kv8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from glmc.quantization.cli_quantize import add_calibration_arguments
+
     p.add_argument("--model", metavar="DIR", default=None,
                    help="float checkpoint directory with its tokenizer.model (default: the shipped model)")
     p.add_argument("--family", choices=("chatglm2", "chatglm3", "glm4"), default=None)
@@ -24,13 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=1,
                    help="tokens per forward within a window for kv8/kvfp8 precisions; 1 (default) reads the "
                         "quantized cache for every prediction, as generation does")
-    p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="calibration text (kv8, awq, sq8, fp8), .txt or .jsonl with {\"text\": ...} "
-                        "(default: the shipped set)")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="calibration samples (default: calibration.samples of a compile config, 16)")
-    p.add_argument("--calibration-length", type=int, default=None,
-                   help="tokens per calibration sample (default: calibration.max_length of a compile config, 256)")
+    add_calibration_arguments(p)
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep the pipeline's stage cache here (quantized models are reused by later runs)")
     p.add_argument("--device", default="cpu", help="torch device for every precision (cpu, cuda, cuda:1, ...)")

@@ -1,4 +1,4 @@
-"""`glmc quantize`: write a weight-only int8/int4 (and optionally int8-KV-cache) checkpoint of a float model.
+"""`glmc quantize`: write a quantized checkpoint of a float model (int8/int4 weight-only, AWQ, sq8, fp8, KV caches).
 
 It runs the compile pipeline's quantize stage (the same code and defaults as `glmc compile`; cached in
 --cache-dir when given) and copies the quantized checkpoint it writes to --out.
@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a precision name such as int8, int4, int4-g128, int4-g128-awq, sq8, sq8-a0.75, fp8, "
                         "int8+kv8, fp8+kvfp8, fp16+int4-g64+kv8-head (default: int4-g128; the float dtype defaults "
                         "to fp16)")
+    add_calibration_arguments(p)
+    p.add_argument("--layout", default="safetensors", choices=("safetensors", "sharded-safetensors"))
+    p.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep the pipeline's stage cache here (a later glmc compile with it reuses the stage)")
+
+
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """--calibration / --num-samples / --calibration-length (glmc quantize and glmc eval)."""
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration text (kv8, awq, sq8, fp8), .txt or .jsonl with {\"text\": ...} "
                         "(default: the shipped set)")
@@ -38,9 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration samples (default: calibration.samples of a compile config, 16)")
     p.add_argument("--calibration-length", type=int, default=None,
                    help="tokens per calibration sample (default: calibration.max_length of a compile config, 256)")
-    p.add_argument("--layout", default="safetensors", choices=("safetensors", "sharded-safetensors"))
-    p.add_argument("--cache-dir", metavar="DIR", default=None,
-                   help="keep the pipeline's stage cache here (a later glmc compile with it reuses the stage)")
 
 
 def calibration_section(args: argparse.Namespace) -> dict:

@@ -29,10 +29,8 @@ from onnx import TensorProto
 from glmc.modeling_patches.ops.onnx_defs import (
     FLOAT_TYPES,
     Builder,
-    input_dims,
-    input_elem_type,
+    infer_linear,
     register,
-    set_output,
 )
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -74,12 +72,6 @@ def _(x, qweight, weight_scale, input_scale, bias):
 
 # ---------------------------------------------------------------------------------------------- ONNX schema
 
-def _infer(ctx) -> None:
-    x, w = input_dims(ctx, 0), input_dims(ctx, 1)
-    dims = None if x is None or w is None else x[:-1] + [w[0]]
-    set_output(ctx, 0, input_elem_type(ctx, 0), dims)
-
-
 SCHEMA = register(
     "Fp8Linear", "Y = DQ(Q(X, InputScale)) @ DQ(QWeight, WeightScale)^T + Bias: FP8 e4m3 weights [N, K] with a "
                  "per-row (or per-tensor) scale and activations with one static scale, saturating, round to "
@@ -87,7 +79,7 @@ SCHEMA = register(
     inputs=[("X", "T", False), ("QWeight", "TQ", False), ("WeightScale", "T", False), ("InputScale", "T", False),
             ("Bias", "T", True)],
     outputs=[("Y", "T")],
-    types=[("T", FLOAT_TYPES), ("TQ", FP8_TYPES)], attributes=[], infer=_infer)
+    types=[("T", FLOAT_TYPES), ("TQ", FP8_TYPES)], attributes=[], infer=infer_linear)
 
 
 def onnx_translation(x, qweight, weight_scale, input_scale, bias=None):

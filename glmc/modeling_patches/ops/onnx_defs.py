@@ -65,6 +65,12 @@ def set_output(ctx, i: int, elem_type: int, dims: list | None) -> None:
     ctx.set_output_type(i, helper.make_tensor_type_proto(elem_type, dims))
 
 
+def infer_linear(ctx) -> None:
+    """Shape inference of the linear ops (X [..., K], QWeight [N, ...] -> Y [..., N] in X's type)."""
+    x, w = input_dims(ctx, 0), input_dims(ctx, 1)
+    set_output(ctx, 0, input_elem_type(ctx, 0), None if x is None or w is None else x[:-1] + [w[0]])
+
+
 def attribute(ctx, name: str, default=None):
     a = ctx.get_attribute(name)
     return default if a is None else helper.get_attribute_value(a)

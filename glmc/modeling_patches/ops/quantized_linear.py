@@ -27,11 +27,9 @@ from glmc.modeling_patches.ops.onnx_defs import (
     FLOAT_TYPES,
     MS_DOMAIN,
     Builder,
-    input_dims,
-    input_elem_type,
+    infer_linear,
     int4_tensor,
     register,
-    set_output,
 )
 
 
@@ -86,12 +84,6 @@ def _(x, qweight, scales, bias, bits, group_size, in_features, zero_points=None)
 
 # ---------------------------------------------------------------------------------------------- ONNX schema
 
-def _infer(ctx) -> None:
-    x, w = input_dims(ctx, 0), input_dims(ctx, 1)
-    dims = None if x is None or w is None else x[:-1] + [w[0]]
-    set_output(ctx, 0, input_elem_type(ctx, 0), dims)
-
-
 SCHEMA = register(
     "QuantizedLinear", "Y = X @ dequant(QWeight, Scales[, ZeroPoints])^T + Bias (weight-only int8/int4, symmetric "
                        "unless ZeroPoints is given; see docs/ops.md).",
@@ -101,7 +93,7 @@ SCHEMA = register(
     types=[("T", FLOAT_TYPES), ("TQ", ["tensor(int8)", "tensor(uint8)"]), ("TZ", ["tensor(int8)"])],
     attributes=[("bits", OpSchema.AttrType.INT, None), ("group_size", OpSchema.AttrType.INT, 0),
                 ("in_features", OpSchema.AttrType.INT, None)],
-    infer=_infer)
+    infer=infer_linear)
 
 
 def onnx_translation(x, qweight, scales, bias=None, bits: int = 8, group_size: int = 0, in_features: int = 0,

@@ -39,11 +39,9 @@ from glmc.modeling_patches.ops.onnx_defs import (
     FLOAT_TYPES,
     MS_DOMAIN,
     Builder,
-    input_dims,
-    input_elem_type,
+    infer_linear,
     onnxscript_opset,
     register,
-    set_output,
 )
 
 QMAX = 127
@@ -86,12 +84,6 @@ def _(x, qweight, weight_scale, inv_smooth, bias):
 
 # ---------------------------------------------------------------------------------------------- ONNX schema
 
-def _infer(ctx) -> None:
-    x, w = input_dims(ctx, 0), input_dims(ctx, 1)
-    dims = None if x is None or w is None else x[:-1] + [w[0]]
-    set_output(ctx, 0, input_elem_type(ctx, 0), dims)
-
-
 SCHEMA = register(
     "W8A8Linear", "Y = (q(X * InvSmooth) @ QWeight^T) * (sx * WScales) + Bias: int8 weights per output channel, "
                   "int8 activations per token (sx = max|row| / 127, round half to even), float32 math; see "
@@ -100,7 +92,7 @@ SCHEMA = register(
             ("Bias", "T", True)],
     outputs=[("Y", "T")],
     types=[("T", FLOAT_TYPES), ("TQ", ["tensor(int8)"])],
-    attributes=[], infer=_infer)
+    attributes=[], infer=infer_linear)
 
 
 def onnx_translation(x, qweight, weight_scale, inv_smooth=None, bias=None):

@@ -454,7 +454,8 @@ def write_asset(model, tok_path: Path, sp_vocab: int, meta: dict, dest: Path) ->
     if tmp.exists():
         shutil.rmtree(tmp)
     half = copy.deepcopy(model).to(device="cpu", dtype=torch.float16).eval()  # the fp32 master weights stay
-    save_checkpoint(half, tmp)
+    # shards of at most ~11 MB: no tracked file of the repository over the 20 MB clone-weight limit
+    save_checkpoint(half, tmp, layout="sharded-safetensors", shard_bytes=11 << 20)
     shutil.copy(tok_path, tmp / "tokenizer.model")
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(sp_vocab), indent=2) + "\n")
     (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -45,6 +45,12 @@ def frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def shipped_state() -> dict[str, torch.Tensor]:
+    """Every tensor of the shipped checkpoint (its shards, as its index lists them)."""
+    files = set(json.loads((SHIPPED / "model.safetensors.index.json").read_text())["weight_map"].values())
+    return {n: t for f in sorted(files) for n, t in load_file(str(SHIPPED / f)).items()}
+
+
 @pytest.fixture(scope="module")
 def shipped():
     """(float32 model, calibration samples, held-out windows) of the shipped model."""
@@ -243,7 +249,7 @@ def autoawq(tmp_path_factory):
     awq_dir, ref_dir = root / "awq", root / "ref"
     awq_dir.mkdir()
     ref_dir.mkdir()
-    state = load_file(str(SHIPPED / "model.safetensors"))
+    state = shipped_state()
     packed, ref = {}, {}
     for name, t in state.items():
         if name.endswith(LINEARS):
@@ -283,7 +289,7 @@ def test_autoawq_checkpoint_loads(autoawq):
 @pytest.mark.parametrize("group", [-1, 64])
 def test_autoawq_quant_config_json_and_group_sizes(tmp_path, group):
     """AutoAWQ's own quant_config.json (w_bit, q_group_size, version GEMM); group -1 = one group per row."""
-    state = load_file(str(SHIPPED / "model.safetensors"))
+    state = shipped_state()
     packed = {}
     for name, t in state.items():
         if name.endswith(LINEARS):
@@ -342,7 +348,8 @@ def _write_awq(tmp_path: Path, config_patch: dict | None = None, quant_config: s
     (d / "config.json").write_text(json.dumps(cfg))
     if quant_config is not None:
         (d / "quant_config.json").write_text(quant_config)
-    shutil.copy(SHIPPED / "model.safetensors", d / "model.safetensors")
+    for f in SHIPPED.glob("model*.safetensors*"):  # the shards and their index
+        shutil.copy(f, d / f.name)
     return d
 
 
@@ -372,14 +379,16 @@ def test_bad_awq_configs_are_refused(tmp_path, case):
 @needs_shipped
 def test_bad_awq_tensors_are_refused(tmp_path):
     d = _write_awq(tmp_path, {})  # a float checkpoint that claims AWQ: its float weights are not qweight
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'transformer\.encoder\.layers\.\d\.\w+\.\w+"
-                       r"\.weight' is a float weight, but the checkpoint's quantization config says AWQ"):
+    with pytest.raises(CheckpointError, match=r"model-\d+-of-\d+\.safetensors: tensor 'transformer\.encoder\.layers\."
+                       r"\d\.\w+\.\w+\.weight' is a float weight, but the checkpoint's quantization config says AWQ"):
         load_model(d, "float32")
     (d / "config.json").write_text((SHIPPED / "config.json").read_text())
     (d / "quant_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"quant_config\.json: not valid JSON"):
         load_model(d, "float32")
-    state = load_file(str(SHIPPED / "model.safetensors"))
+    state = shipped_state()
+    for f in d.glob("model*.safetensors*"):  # one file instead of the copied shards
+        f.unlink()
     name = "transformer.encoder.layers.0.mlp.dense_4h_to_h"
     state[name + ".qweight"] = state.pop(name + ".weight").to(torch.int16)  # not int32
     save_file(state, str(d / "model.safetensors"))

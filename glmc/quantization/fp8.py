@@ -26,7 +26,7 @@ from torch import nn
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import Fp8Linear, GLMForCausalLM
 from glmc.modeling_patches.ops.fp8_linear import E4M3_MAX, quantize_e4m3
-from glmc.quantization.kv_calibration import scales_from_absmax
+from glmc.quantization.kv_calibration import prefill, scales_from_absmax
 from glmc.quantization.weight_only import BLOCK_LINEARS
 
 if TYPE_CHECKING:
@@ -55,14 +55,9 @@ def collect_input_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor])
             m = args[0].detach().float().abs().amax()
             absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
         hooks.append(getattr(parent, attr).register_forward_hook(hook))
-    device = model.cos_cache.device
     try:
-        for ids in samples:
-            ids = ids.to(device)
-            b, s = ids.shape
-            positions = torch.arange(s, device=device).expand(b, s)
-            mask = torch.ones(b, s, dtype=torch.int64, device=device)
-            model(ids, positions, mask, model.empty_cache(b, device))
+        for _ in prefill(model, samples):
+            pass
     finally:
         for h in hooks:
             h.remove()

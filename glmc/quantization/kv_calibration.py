@@ -13,7 +13,7 @@ about 4.5 KB) by default, or a user's `.txt` (one text: tokenized whole and cut 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -69,6 +69,19 @@ def calibration_samples(encode: Callable[[str], Sequence[int]], path: str | Path
     return [torch.tensor([s], dtype=torch.int64) for s in samples]
 
 
+def prefill(model: GLMForCausalLM, samples: Sequence[torch.Tensor]) -> Iterator[list]:
+    """One prefill of each calibration sample (unpadded, from an empty cache): yields each forward's presents
+    [(k, v)] per layer. The one calibration pass that the KV scales and the activation statistics of sq8 / fp8
+    (forward hooks on the model while it runs) share."""
+    device = model.cos_cache.device
+    for ids in samples:
+        ids = ids.to(device)
+        b, s = ids.shape
+        positions = torch.arange(s, device=device).expand(b, s)
+        mask = torch.ones(b, s, dtype=torch.int64, device=device)
+        yield model(ids, positions, mask, model.empty_cache(b, device))[1]
+
+
 @torch.no_grad()
 def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granularity: str
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -80,15 +93,9 @@ def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granu
     if model.kv_dtype == torch.float8_e4m3fn:
         raise GlmcError("calibration: the model already has an fp8 KV cache; calibrate the float model")
     dims = REDUCE_DIMS[granularity]
-    device = model.cos_cache.device
     k_max: list[torch.Tensor] = []
     v_max: list[torch.Tensor] = []
-    for ids in samples:
-        ids = ids.to(device)
-        b, s = ids.shape
-        positions = torch.arange(s, device=device).expand(b, s)
-        mask = torch.ones(b, s, dtype=torch.int64, device=device)
-        _, presents = model(ids, positions, mask, model.empty_cache(b, device))
+    for presents in prefill(model, samples):
         for i, (k, v) in enumerate(presents):
             km = torch.atleast_1d(k.float().abs().amax(dim=dims))
             vm = torch.atleast_1d(v.float().abs().amax(dim=dims))

@@ -113,18 +113,38 @@ def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
     return out
 
 
+def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
+    """The `mma` configs tried: 8-row blocks per warp x warps per program x spans in flight x split-K sized for 8 to
+    64 warps per SM."""
+    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig
+    span = MMA_SPAN[bits]
+    out = set()
+    for rows in (1, 2, 4):
+        for stages in (2, 4, 8):
+            spans = k // span
+            warps_n = -(-n // (8 * rows))
+            for p in (8, 16, 32, 64):
+                split = max(1, min(spans // stages, round(p * 132 / warps_n)))
+                for warps in (4, 8):
+                    out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages))
+    return out
+
+
 def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool = False,
-               base_tuned: dict | None = None) -> list:
+               base_tuned: dict | None = None, mma_only: bool = False) -> list:
     """Configs to time: the old variants' grid (or, with words_only, only the base table's winner) plus the word
-    variants for int8/int4."""
+    variants for int8/int4; with mma_only, the base table's winner and the `mma` configs."""
     from glmc.kernels.quantized_linear import GemvConfig, config_key, default_config
     base = default_config(m, n, k, bits, group)
     out = {base}
-    if bits != 16:
-        out |= word_candidates(m, bits, group, n, k)
     hit = (base_tuned or {}).get(config_key(m, n, k, bits, group))
     if hit:
         out.add(GemvConfig(*hit))
+    if mma_only:
+        return sorted(out | mma_candidates(m, bits, group, n, k),
+                      key=lambda c: (c.variant, c.block_n, c.block_k, c.split, c.num_warps, c.num_stages))
+    if bits != 16:
+        out |= word_candidates(m, bits, group, n, k)
     if words_only:
         return sorted(out, key=lambda c: (c.variant, c.block_n, c.block_k, c.split))
     bks = [64, 128] if bits == 16 else ([128, 256] if not group else [min(128, group)])
@@ -143,7 +163,7 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
 
 
 def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list[str], words_only: bool = False,
-               base_tuned: dict | None = None, save=None) -> None:
+               base_tuned: dict | None = None, save=None, mma_only: bool = False) -> None:
     from glmc.kernels.quantized_linear import config_key, dequantize, gemv_partials
     for prec, (bits, group) in PRECISIONS.items():
         if prec not in precisions:
@@ -158,7 +178,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ dequantize(lin0).float().T
                 best = None
-                cands = candidates(m, bits, group, n, k, words_only, base_tuned)
+                cands = candidates(m, bits, group, n, k, words_only, base_tuned, mma_only)
                 if quick:
                     cands = cands[:1]
                 for cfg in cands:
@@ -277,6 +297,8 @@ def main() -> int:
                     help="GEMV precisions to sweep (the others keep --base-tuned's entries)")
     ap.add_argument("--words-only", action="store_true", help="time the word variants beside the base table's "
                                                                "winner instead of the whole grid of the old ones")
+    ap.add_argument("--mma", action="store_true", help="time the mma variant's configs beside the base table's "
+                                                        "winner (no grid of the Triton variants)")
     ap.add_argument("--base-tuned", type=Path, help="table to start from (default: the shipped tuned_h200.json)")
     ap.add_argument("--no-small", action="store_true", help="skip the small kernels' micro-benchmarks")
     ap.add_argument("--kv-only", action="store_true", help="only the KV-cache kernels, fp16 vs int8 cache (no "
@@ -296,7 +318,7 @@ def main() -> int:
     if args.kv_only:
         kv_kernels(bw, rows)
     else:
-        sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save)
+        sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save, args.mma)
         save()
         if not args.no_small:
             small_kernels(bw, rows)

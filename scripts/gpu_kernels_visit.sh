@@ -12,6 +12,8 @@
 #   final: the GPU tests of what changed after the kv8 visit (attention kernels, fp8 GEMV, greedy vs torch for every
 #     precision, the fp8 cuda target), the KV-cache kernels, then bench_cuda.py at LAYERS until DEADLINE seconds
 #     after the start (default 405)
+#   mma: the tensor-core GEMV's GPU tests, the mma configs swept beside the shipped table's winners (fp16, int8,
+#     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +28,16 @@ fi
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
   'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/visit.log"
 T0=$(date +%s)
+if [ "$SWEEP" = mma ]; then
+  timeout 120 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "mma_kernel" 2>&1 \
+    | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small 2>&1 \
+    | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -30
+  grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
+  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" \
+    --tuned "$OUT/tuned_h200.json" --precisions fp16 int8 int4-g128 --kv8 --peers 2>&1 | tee "$OUT/cuda.log" | tail -12
+  exit
+fi
 if [ "$SWEEP" = final ]; then
   timeout 115 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "int8_cache or \
 rotary_append_and or fp8_linear_kernel or cuda_backend_greedy or (cuda_target_runs and fp8)" 2>&1 \

@@ -220,6 +220,35 @@ def test_quantized_linear_kernel(bits, group, m):
 
 
 @gpu
+@needs_gpu
+@pytest.mark.parametrize("bits,group", [(16, 0), (8, 0), (8, 128), (4, 0), (4, 128)])
+@pytest.mark.parametrize("m", [1, 5, 9, 16])
+def test_quantized_linear_mma_kernel(bits, group, m):
+    """The tensor-core variant against the op, into NaN-poisoned partials: splits and stages that leave a short last
+    round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8), M on both sides of 8 (the A
+    fragment's second half); refused, naming why, where it cannot read the layer."""
+    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gemv_partials, linear
+    span = MMA_SPAN[bits]
+    for n, k in [(4608, 4096), (264, 1024)]:
+        lin, w = _linear(n, k, bits, group, True, "cuda")
+        x = torch.randn(m, k, device="cuda").to(DT)
+        ref = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k) if bits != 16 else \
+            torch.nn.functional.linear(x, w)
+        for rows, split, warps, stages in [(1, 1, 4, 2), (2, 5, 4, 4), (4, 3, 8, 8), (2, 64, 4, 2)]:
+            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages)
+            spans = k // span
+            out = torch.full((-(-spans // -(-spans // split)), m, n), math.nan, device="cuda")
+            got = gemv_partials(x, lin, cfg, out).sum(0)
+            assert rel(got, ref.float()) < TOL, (n, k, cfg)
+        assert lin.bias is not None
+        assert rel(linear(x, lin, cfg), (ref.float() + lin.bias.float()).to(DT)) < TOL
+    with pytest.raises(GlmcError, match="N a multiple of 8"):
+        linear(x, _linear(300, 1024, bits, group, False, "cuda")[0], cfg)
+    with pytest.raises(GlmcError, match="computes in fp16"):
+        linear(x.bfloat16(), lin, cfg)
+
+
+@gpu
 @runs_kernels
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_fp8_linear_kernel(m):

@@ -31,6 +31,14 @@ activations' own pair order; 4 pairs per word, fp16x2 multiply-adds over the wor
 |q| <= 8), then float32. `wo` (fma, any M, one row of X per program) and `wodot` (int4, M up to 16: the 8 decoded
 codes of each word meet the matching columns of X in 8 tensor-core dots) are config choices like the others; the
 kernels' pure-Triton twin (ASM=False) decodes the same words without PTX (the CPU interpreter runs it).
+
+`mma` variant (int4 / int8 / fp16 weights, fp16 activations and scales, M <= 16; CUDA C++ in quantized_linear_mma.cu,
+compiled at run time by NVRTC through torch, no build step): each lane loads 16 weight bytes per step, which are
+exactly its B fragments of mma.m16n8k16 once the columns are renumbered inside the span it covers (the activations
+renumbered alike), so a code is decoded straight into the tensor cores' operand registers (the int4 words above,
+int8 bytes permuted into fp16 1152 + q) and multiplied in float32 by the tensor cores, for M = 1 as for M = 16.
+Config: block_n = 8 x the 8-row blocks per warp, num_warps warps per program, num_stages spans loaded before any is
+computed, split as for the others; block_k is the span (128 int4, 64 int8, 32 fp16).
 """
 
 from __future__ import annotations
@@ -76,7 +84,8 @@ class PackedLinear:
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    variant: str  # "fma" (M = 1), "dot", "wo" (int8/int4 words, PTX decode) or "wodot" (int4, M <= 16)
+    variant: str  # "fma" (M = 1), "dot", "wo" (int8/int4 words, PTX decode), "wodot" (int4, M <= 16) or "mma"
+    # (int4/int8/fp16 on tensor cores, M <= 16, CUDA C++)
     block_n: int
     block_k: int
     split: int
@@ -481,6 +490,58 @@ def _gemv_wodot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_
     tl.store(out_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
+# ---- the `mma` variant (CUDA C++, quantized_linear_mma.cu)
+MMA_SPAN = {4: 128, 8: 64, 16: 32}  # columns of one lane-quad's 16-byte loads per weight row
+_MMA_SOURCE = Path(__file__).with_name("quantized_linear_mma.cu")
+_MMA_KERNELS: dict[tuple, object] = {}
+
+
+def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
+    """None when the `mma` variant can run this product, else why not."""
+    span = MMA_SPAN.get(lin.bits)
+    if x.device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
+        return "needs a CUDA device and torch.cuda._compile_kernel (NVRTC; torch >= 2.8)"
+    if lin.fp8 or span is None:
+        return f"reads int4, int8 or fp16 weights, not {'fp8' if lin.fp8 else f'{lin.bits}-bit'} ones"
+    if x.dtype != torch.float16 or (lin.scale is not None and lin.scale.dtype != torch.float16) \
+            or (lin.bits == 16 and lin.weight.dtype != torch.float16):
+        return "computes in fp16 (activations, scales and 16-bit weights)"
+    if lin.n % 8 or lin.k % span or (lin.group_size and lin.group_size % span):
+        return (f"needs N a multiple of 8, K and the group size multiples of {span} (this layer: N {lin.n}, K "
+                f"{lin.k}, group {lin.group_size})")
+    if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        return "needs 16-byte aligned activation rows"
+    return None
+
+
+def _mma_kernel(bits: int, group: int, rows: int, stages: int, m_tile: int):
+    key = (bits, group, rows, stages, m_tile)
+    if key not in _MMA_KERNELS:
+        _MMA_KERNELS[key] = torch.cuda._compile_kernel(_MMA_SOURCE.read_text(),
+                                                       f"gemv_mma<{bits}, {group}, {rows}, {stages}, {m_tile}>")
+    return _MMA_KERNELS[key]
+
+
+def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None) -> torch.Tensor:
+    why = mma_refusal(x, lin)
+    if why:
+        raise GlmcError(f"gemv config {cfg}: the mma variant {why}")
+    m = x.shape[0]
+    spans = lin.k // MMA_SPAN[lin.bits]
+    per_split = cdiv(spans, cfg.split)
+    split = cdiv(spans, per_split)
+    if out is None:
+        out = torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
+    rows = cfg.block_n // 8
+    weight = int4_words(lin) if lin.bits == 4 else lin.weight
+    scale = lin.scale if lin.scale is not None else x
+    stride_sn = scale.stride(0) if lin.group_size else 0
+    kernel = _mma_kernel(lin.bits, lin.group_size, rows, cfg.num_stages, 8 if m <= 8 else 16)
+    kernel(grid=(cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), block=(32 * cfg.num_warps, 1, 1),
+           args=[weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
+    return out
+
+
 @jit
 def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -572,6 +633,8 @@ def check_config(cfg: GemvConfig, lin: PackedLinear) -> None:
                         f"{8 if lin.bits == 4 else 4} (this layer: {lin.bits} bits, K {lin.k})")
     if cfg.variant == "wodot" and (lin.bits != 4 or cfg.block_k < 128):
         raise GlmcError(f"gemv config {cfg}: wodot reads int4 words with block_k >= 128 (dots of depth 16)")
+    if cfg.variant == "mma" and (cfg.block_n % 8 or lin.bits not in MMA_SPAN):
+        raise GlmcError(f"gemv config {cfg}: mma takes block_n a multiple of 8 and int4, int8 or fp16 weights")
     if cfg.variant == "dot" and cfg.block_k < (32 if lin.bits == 4 else 16):
         raise GlmcError(f"gemv config {cfg}: block_k too small for tensor-core dots")
 
@@ -582,8 +645,13 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16, contiguous rows) -> float32 partials [split, M, N] (bias not added)."""
     m = x.shape[0]
-    cfg = cfg or pick_config(m, lin, sm_count(x.device))
+    if cfg is None:
+        cfg = pick_config(m, lin, sm_count(x.device))
+        if cfg.variant == "mma" and mma_refusal(x, lin):  # a table's pick where it cannot run (CPU, bf16)
+            cfg = default_config(m, lin.n, lin.k, lin.bits, lin.group_size, sm_count(x.device), lin.fp8)
     check_config(cfg, lin)
+    if cfg.variant == "mma":
+        return _gemv_mma(x, lin, cfg, out)
     k_split = cdiv(cdiv(lin.k, cfg.split), cfg.block_k) * cfg.block_k
     split = cdiv(lin.k, k_split)
     if out is None:

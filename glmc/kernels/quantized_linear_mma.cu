@@ -1,0 +1,199 @@
+// glmc::QuantizedLinear decode GEMV on tensor cores (the `mma` variant of glmc/kernels/quantized_linear.py).
+//
+// Y[m, n] = sum_k X[m, k] * dequant(W)[n, k] for M <= 16 rows of fp16 activations, int4 / int8 / fp16 weights,
+// written as float32 split-K partials out[split, M, N] (bias not added), exactly the contract of the Triton
+// variants. Compiled at run time by NVRTC (torch.cuda._compile_kernel); no headers, every half operation is PTX.
+//
+// One warp owns R blocks of 8 weight rows and walks its split's K range in "spans": each lane loads 16 bytes of one
+// weight row per span (lane = 4 * g + t: row 8 * block + g, the t-th quarter of the span), so a span is 128 (int4),
+// 64 (int8) or 32 (fp16) columns of 8 rows, read as 8 contiguous 64-byte runs. Those 16 bytes are exactly the
+// lane's B fragments of 8 / 4 / 2 mma.m16n8k16 steps once the columns are renumbered inside the span: step s takes
+// the lane's physical columns 4s..4s+3 as the fragment's logical k = (2t, 2t+1, 2t+8, 2t+9). The activations are
+// renumbered the same way (lane t loads X[g, span + t * KS/4 ...] contiguous), so the sum is unchanged. The A
+// fragment's rows are X's rows g and g + 8 (zero past M); the C fragment holds Y[g | g+8, 8 * block + 2t | 2t+1].
+//
+// Decoding (no int->float instruction): int4 words are glmc's interleaved words (interleave_int4: nibbles k0 k2 k4
+// k6 k1 k3 k5 k7, code + 8), so lop3(w, 0x000F000F, 0x64006400) is the fp16 pair (1024 + u0, 1024 + u1) minus 1032
+// = (q0, q1); int8 bytes (two's complement, xor 0x80 = code + 128) are permuted into 0x64XX = 1152 + q. Grouped
+// scales (a group a whole number of spans) multiply each span's float32 partial; per-channel scales the final sum.
+
+typedef unsigned int u32;
+struct __align__(16) u32x4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read once, keep them out of L1
+  u32x4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u32x4 ld_x(const u32x4* p) {
+  u32x4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float ld_half(const unsigned short* p) {
+  unsigned short h;
+  float f;
+  asm("ld.global.nc.u16 %0, [%1];" : "=h"(h) : "l"(p));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {  // (a & b) | c
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+  u32 d;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The lane's 16 weight bytes of one span -> B fragments (b0, b1) of each of the span's mma steps.
+template <int BITS>
+__device__ __forceinline__ void decode(const u32x4& v, u32* b) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+  if (BITS == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i: steps 2i (k 0..3 of the word) and 2i + 1 (k 4..7)
+      const u32 w8 = w[i] >> 8;
+      b[4 * i + 0] = hsub2(lop3_and_or(w[i], 0x000F000Fu, 0x64006400u), 0x64086408u);               // k0 k1
+      b[4 * i + 1] = hfma2(lop3_and_or(w[i], 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD480D480u);  // k2 k3
+      b[4 * i + 2] = hsub2(lop3_and_or(w8, 0x000F000Fu, 0x64006400u), 0x64086408u);                 // k4 k5
+      b[4 * i + 3] = hfma2(lop3_and_or(w8, 0x00F000F0u, 0x64006400u), 0x2C002C00u, 0xD480D480u);    // k6 k7
+    }
+  } else if (BITS == 8) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i: step i
+      const u32 u = w[i] ^ 0x80808080u;
+      b[2 * i + 0] = hsub2(prmt(u, 0x64646464u, 0x5140u), 0x64806480u);  // k0 k1
+      b[2 * i + 1] = hsub2(prmt(u, 0x64646464u, 0x7362u), 0x64806480u);  // k2 k3
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) b[i] = w[i];
+  }
+}
+
+// BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. R: 8-row blocks per warp.
+// U: spans loaded before any is computed. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16.
+template <int BITS, int GROUP, int R, int U, int MT>
+__global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
+                         const unsigned short* __restrict__ scale, float* __restrict__ out, int M, int N, int K,
+                         int stride_xm, int stride_sn, int spans_per_split) {
+  constexpr int KS = BITS == 4 ? 128 : (BITS == 8 ? 64 : 32);  // columns per span
+  constexpr int STEPS = KS / 16;                               // mma steps per span
+  constexpr int XV = KS / 32;                                  // 16-byte X loads per lane and row per span
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int blocks = N >> 3;
+  if (warp * R >= blocks) return;
+  const int spans = K / KS;
+  const int sp0 = blockIdx.y * spans_per_split;
+  const int sp1 = min(sp0 + spans_per_split, spans);
+  const int row_vecs = K * BITS / 128;  // 16-byte vectors per weight row
+  const u32x4* wl[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int blk = min(warp * R + r, blocks - 1);  // a warp's blocks past N re-read the last one, never stored
+    wl[r] = w + (size_t)(blk * 8 + g) * row_vecs + t;
+  }
+  const bool x0ok = g < M, x1ok = MT == 16 && g + 8 < M;
+  const u32x4* xl0 = reinterpret_cast<const u32x4*>(x + (size_t)(x0ok ? g : 0) * stride_xm) + t * XV;
+  const u32x4* xl1 = reinterpret_cast<const u32x4*>(x + (size_t)(x1ok ? g + 8 : 0) * stride_xm) + t * XV;
+  float acc[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+
+  for (int sp = sp0; sp < sp1; sp += U) {  // U spans: every load first, then the math (the last ones may be fewer)
+    const int uc = min(U, sp1 - sp);
+    u32x4 wv[U][R];
+    u32x4 xv0[U][XV], xv1[U][XV];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (u < uc) wv[u][r] = ld_stream(wl[r] + (size_t)(sp + u) * 4);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int i = 0; i < XV; ++i) {
+        xv0[u][i] = x0ok && u < uc ? ld_x(xl0 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
+        xv1[u][i] = x1ok && u < uc ? ld_x(xl1 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u >= uc) break;
+      const u32* a0 = reinterpret_cast<const u32*>(xv0[u]);
+      const u32* a1 = reinterpret_cast<const u32*>(xv1[u]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        u32 b[2 * STEPS];
+        decode<BITS>(wv[u][r], b);
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        float* c = GROUP > 0 ? part : acc[r];
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s)
+          mma(c, a0[2 * s], MT == 16 ? a1[2 * s] : 0u, a0[2 * s + 1], MT == 16 ? a1[2 * s + 1] : 0u, b[2 * s],
+              b[2 * s + 1]);
+        if (GROUP > 0) {
+          const int blk = min(warp * R + r, blocks - 1);
+          const int col = (sp + u) * KS / (GROUP > 0 ? GROUP : 1);
+          const float s0 = ld_half(scale + (size_t)(blk * 8 + 2 * t) * stride_sn + col);
+          const float s1 = ld_half(scale + (size_t)(blk * 8 + 2 * t + 1) * stride_sn + col);
+          acc[r][0] += part[0] * s0;
+          acc[r][1] += part[1] * s1;
+          acc[r][2] += part[2] * s0;
+          acc[r][3] += part[3] * s1;
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int blk = warp * R + r;
+    if (blk >= blocks) break;
+    const int n = blk * 8 + 2 * t;
+    float s0 = 1.f, s1 = 1.f;
+    if (GROUP == 0 && BITS != 16) {
+      s0 = ld_half(scale + n);
+      s1 = ld_half(scale + n + 1);
+    }
+    float* o = out + ((size_t)blockIdx.y * M + g) * N + n;
+    if (g < M) {
+      o[0] = acc[r][0] * s0;
+      o[1] = acc[r][1] * s1;
+    }
+    if (MT == 16 && g + 8 < M) {
+      o[(size_t)8 * N] = acc[r][2] * s0;
+      o[(size_t)8 * N + 1] = acc[r][3] * s1;
+    }
+  }
+}

@@ -114,19 +114,20 @@ def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
 
 
 def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
-    """The `mma` configs tried: 8-row blocks per warp x warps per program x spans in flight x split-K sized for 8 to
-    64 warps per SM."""
+    """The `mma` configs tried: 8-row blocks per warp x warps per program x spans per round of loads x split-K sized
+    for 8 to 64 warps per SM x 256-byte L2 lines or not."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig
     span = MMA_SPAN[bits]
     out = set()
     for rows in (1, 2, 4):
-        for stages in (2, 4, 8):
+        for stages in (2, 4):
             spans = k // span
             warps_n = -(-n // (8 * rows))
             for p in (8, 16, 32, 64):
                 split = max(1, min(spans // stages, round(p * 132 / warps_n)))
                 for warps in (4, 8):
-                    out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages))
+                    for l2 in (False, True):
+                        out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2))
     return out
 
 

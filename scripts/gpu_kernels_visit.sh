@@ -14,6 +14,8 @@
 #     after the start (default 405)
 #   mma: the tensor-core GEMV's GPU tests, the mma configs swept beside the shipped table's winners (fp16, int8,
 #     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
+#   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
+#     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -36,6 +38,20 @@ if [ "$SWEEP" = mma ]; then
   grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" \
     --tuned "$OUT/tuned_h200.json" --precisions fp16 int8 int4-g128 --kv8 --peers 2>&1 | tee "$OUT/cuda.log" | tail -12
+  exit
+fi
+if [ "$SWEEP" = pdl ]; then
+  timeout 170 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "not cuda_target" 2>&1 \
+    | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \
+    --precisions int8 int4-g128 --base-tuned "${BASE_TUNED:-glmc/kernels/tuned_h200.json}" 2>&1 \
+    | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -20
+  grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
+  for P in 1 0; do
+    GLMC_PDL=$P timeout "${BENCH_TIMEOUT:-100}" python3 benchmarks/bench_cuda.py --out "$OUT/pdl$P" --layers "$LAYERS" \
+      --tuned "$OUT/tuned_h200.json" --precisions fp16 int8 int4-g128 --kv8 --peers 2>&1 | tee "$OUT/cuda_pdl$P.log" \
+      | tail -6
+  done
   exit
 fi
 if [ "$SWEEP" = final ]; then

@@ -138,9 +138,13 @@ def test_gemv_configs_respect_groups():
         check_config(GemvConfig("wo", 64, 128, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 0, 64, 100))
     with pytest.raises(GlmcError, match="block_k >= 128"):
         check_config(GemvConfig("wodot", 64, 64, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 64, 64, 512))
-    assert default_config(1, 4608, 4096, 4, 128).variant == "wo"
-    assert default_config(16, 4608, 4096, 4, 128).variant == "wodot"
-    assert default_config(16, 4608, 4096, 8, 0).variant == "dot" and default_config(1, 64, 100, 4, 0).variant == "fma"
+    assert default_config(1, 4608, 4096, 4, 128).variant == "mma"
+    assert default_config(16, 768, 512, 8, 0).variant == "mma"
+    assert default_config(1, 27392, 4096, 4, 32).variant == "wo"  # groups of 32: finer than the mma span
+    assert default_config(1, 4608, 4096, 4, 128, mma=False).variant == "wo"
+    assert default_config(16, 4608, 4096, 4, 128, mma=False).variant == "wodot"
+    assert default_config(16, 4608, 4096, 8, 0, mma=False).variant == "dot"
+    assert default_config(1, 64, 100, 4, 0).variant == "fma"
 
 
 def test_cuda_build_round_trip(tmp_path):

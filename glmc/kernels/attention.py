@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
 from glmc.kernels.rotary import KV8
 
@@ -32,10 +33,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
                              ks_ptr, vs_ptr, kn_ptr, vn_ptr,
                              stride_cb, stride_ch, stride_ct, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                             BLOCK_T: tl.constexpr, KV8: tl.constexpr):
+                             BLOCK_T: tl.constexpr, KV8: tl.constexpr, PDL: tl.constexpr):
     """int8 cache: the codes meet the tensor cores as fp16 (exact), the K scale is folded into q (per channel:
     q.(s*k) = (q*s).k) and the V scale applied to the chunk's output (sum_j p_j (s*v_j) = s * sum_j p_j v_j); the new
     token (slot `past`, unquantized) joins the online softmax once, in the chunk that holds it."""
+    pdl_prologue(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HKV
@@ -94,8 +96,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
 
 
 @jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLOCK_C: tl.constexpr):
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PDL: tl.constexpr):
     """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks of program (b, h)."""
+    pdl_prologue(PDL)
     bh = tl.program_id(0)
     rc = tl.arange(0, BLOCK_C)
     rd = tl.arange(0, D)
@@ -129,10 +133,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(b * hkv, nchunk)](
         q, k_cache, v_cache, start, past, ml[0], ml[1], acc, scale, ks, vs, kn, vn, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d,
-        CHUNK=chunk, BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4)
+        CHUNK=chunk, BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4, **pdl_kwargs(q.device))
     out = torch.empty_like(q) if out is None else out
     _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, nchunk, D=d, BLOCK_C=max(2, next_pow2(nchunk)),
-                                      num_warps=2)
+                                      num_warps=2, **pdl_kwargs(q.device))
     return out
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
 
 
 @jit
 def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HAS_PART: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """res[m] += sum_s part[s, m] (rounded as the reference); out[m] = rmsnorm(res[m]) * w."""
+    pdl_prologue(PDL)
     m = tl.program_id(0)
     rh = tl.arange(0, BLOCK_H)
     mask = rh < H
@@ -34,8 +36,9 @@ def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HA
 
 
 @jit
-def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr):
+def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, f] = silu(gate) * up with gate = sum_s part[s, m, f], up = sum_s part[s, m, F + f]."""
+    pdl_prologue(PDL)
     m = tl.program_id(0)
     rf = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = rf < F
@@ -59,7 +62,8 @@ def add_rmsnorm(part: torch.Tensor | None, residual: torch.Tensor, weight: torch
     out = torch.empty_like(residual) if out is None else out
     nsplit = part.shape[0] if part is not None else 0
     _add_rmsnorm_kernel[(m,)](part if part is not None else residual, nsplit, residual, weight, out, m, h, eps,
-                              HAS_PART=part is not None, BLOCK_H=next_pow2(h), num_warps=8 if h >= 2048 else 4)
+                              HAS_PART=part is not None, BLOCK_H=next_pow2(h), num_warps=8 if h >= 2048 else 4,
+                              **pdl_kwargs(out.device))
     return out
 
 
@@ -69,5 +73,6 @@ def swiglu(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
     f = f2 // 2
     out = torch.empty((m, f), dtype=dtype, device=part.device) if out is None else out
     block = 1024
-    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, num_warps=4)
+    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, num_warps=4,
+                                        **pdl_kwargs(out.device))
     return out

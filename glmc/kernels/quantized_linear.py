@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import GlmcError
+from glmc.kernels._cuda import compile_kernel, launch, pdl_kwargs, pdl_on, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, tl
 
 DECODE_MAX_M = 16
@@ -92,7 +93,8 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     magic: bool = False  # int4/int8: dequantize through fp16 bit patterns instead of int->float conversions
-    prefetch: bool = False  # wo: load the next tile's words and scales before computing this one's
+    prefetch: bool = False  # wo: load the next tile's words and scales before computing this one's; mma: ask L2
+    # for 256-byte lines
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -137,8 +139,9 @@ def _fp8_activations(x, xs_ptr):
 @jit
 def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, xs_ptr, N, K, stride_xm, stride_wn, stride_sn, k_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     MAGIC: tl.constexpr, FP8X: tl.constexpr):
+                     MAGIC: tl.constexpr, FP8X: tl.constexpr, PDL: tl.constexpr):
     """One row of X (program axis 2) times BLOCK_N weight rows over this split's K range -> partials[split, m, n]."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     m = tl.program_id(2)
@@ -205,8 +208,9 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, xs_ptr, N, K, stride_xm, stri
 @jit
 def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, xs_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, FP8X: tl.constexpr):
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, FP8X: tl.constexpr, PDL: tl.constexpr):
     """BLOCK_M rows of X (tensor-core dots, rows past M masked) times BLOCK_N weight rows -> partials[split]."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -362,13 +366,14 @@ def _word_codes(w, BITS: tl.constexpr, T: tl.constexpr):
 @jit
 def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, kw, stride_xm, stride_wn, stride_sn, w_split,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
+                    EVEN_K: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """One row of X (program axis 2) times BLOCK_N rows of weight words over this split's words -> partials.
     x_ptr: fp16 X (stride_xm in elements), xw_ptr: the same memory as int32 fp16 pairs; w_ptr: int32 words
     [N, kw] (kw = K / KPW words per row, stride_wn in words); w_split: words per split. EVEN_K: the words per row
     are a whole number of tiles (no mask along K, so each thread's words load as one 16-byte access). PREFETCH (with
     EVEN_K): the next tile's words (and group scales) are loaded before this tile is computed, so each warp keeps
     two tiles of loads in flight (the last tile is loaded twice rather than masked)."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     m = tl.program_id(2)
@@ -441,9 +446,10 @@ def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, kw, stride_xm, stri
 @jit
 def _gemv_wodot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, k_split,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ASM: tl.constexpr):
+                       ASM: tl.constexpr, PDL: tl.constexpr):
     """int4 words, BLOCK_M rows of X: each word's 8 decoded codes (fp16) meet X's columns 8j + t in 8 tensor-core
     dots of depth BLOCK_K / 8 -> partials[split]."""
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -492,8 +498,6 @@ def _gemv_wodot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_
 
 # ---- the `mma` variant (CUDA C++, quantized_linear_mma.cu)
 MMA_SPAN = {4: 128, 8: 64, 16: 32}  # columns of one lane-quad's 16-byte loads per weight row
-_MMA_SOURCE = Path(__file__).with_name("quantized_linear_mma.cu")
-_MMA_KERNELS: dict[tuple, object] = {}
 
 
 def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
@@ -514,14 +518,6 @@ def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
     return None
 
 
-def _mma_kernel(bits: int, group: int, rows: int, stages: int, m_tile: int):
-    key = (bits, group, rows, stages, m_tile)
-    if key not in _MMA_KERNELS:
-        _MMA_KERNELS[key] = torch.cuda._compile_kernel(_MMA_SOURCE.read_text(),
-                                                       f"gemv_mma<{bits}, {group}, {rows}, {stages}, {m_tile}>")
-    return _MMA_KERNELS[key]
-
-
 def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None) -> torch.Tensor:
     why = mma_refusal(x, lin)
     if why:
@@ -536,9 +532,11 @@ def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Te
     weight = int4_words(lin) if lin.bits == 4 else lin.weight
     scale = lin.scale if lin.scale is not None else x
     stride_sn = scale.stride(0) if lin.group_size else 0
-    kernel = _mma_kernel(lin.bits, lin.group_size, rows, cfg.num_stages, 8 if m <= 8 else 16)
-    kernel(grid=(cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), block=(32 * cfg.num_warps, 1, 1),
-           args=[weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
+    dev = x.device.index or 0
+    kernel = compile_kernel("quantized_linear_mma.cu", f"gemv_mma<{lin.bits}, {lin.group_size}, {rows}, "
+                            f"{cfg.num_stages}, {8 if m <= 8 else 16}, {int(cfg.prefetch)}, {int(pdl_on(dev))}>", dev)
+    launch(kernel, (cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), (32 * cfg.num_warps, 1, 1),
+           [weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
     return out
 
 
@@ -590,9 +588,15 @@ def words_ok(bits: int, k: int) -> bool:
     return bits in (4, 8) and k % (8 if bits == 4 else 4) == 0
 
 
-def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132, fp8: bool = False) -> GemvConfig:
-    """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it; fp8 weights take the
+def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132, fp8: bool = False,
+                   mma: bool = True) -> GemvConfig:
+    """A config from the shape alone (the device sweep's table, tuned_h200.json, overrides it): the `mma` variant for
+    int8/int4 layers it can read (with mma), sized for ~32 warps per SM; else the Triton ones (fp8 weights take the
     fma/dot variants, which convert e4m3 to float, never the int8 words)."""
+    span = MMA_SPAN.get(bits, 0)
+    if mma and not fp8 and bits in (4, 8) and n % 8 == 0 and k % span == 0 and group % span == 0:
+        split = max(1, min(k // span // 2, round(32 * sms / (n // 16))))
+        return GemvConfig("mma", 16, span, split, 4, 2, False, True)
     if not fp8 and words_ok(bits, k) and (m == 1 or (bits == 4 and (group == 0 or group >= 128))):
         variant = "wo" if m == 1 else "wodot"
         block_n = 64
@@ -647,8 +651,8 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     m = x.shape[0]
     if cfg is None:
         cfg = pick_config(m, lin, sm_count(x.device))
-        if cfg.variant == "mma" and mma_refusal(x, lin):  # a table's pick where it cannot run (CPU, bf16)
-            cfg = default_config(m, lin.n, lin.k, lin.bits, lin.group_size, sm_count(x.device), lin.fp8)
+        if cfg.variant == "mma" and mma_refusal(x, lin):  # where it cannot run (CPU, bf16): the Triton variants
+            cfg = default_config(m, lin.n, lin.k, lin.bits, lin.group_size, sm_count(x.device), lin.fp8, mma=False)
     check_config(cfg, lin)
     if cfg.variant == "mma":
         return _gemv_mma(x, lin, cfg, out)
@@ -661,6 +665,7 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     magic = cfg.magic and lin.bits != 16 and x.dtype == torch.float16  # 1152 + q is exact in fp16 only
     xs = lin.input_scale if lin.input_scale is not None else scale
     weight = lin.weight.view(torch.uint8) if lin.fp8 else lin.weight
+    pdl = pdl_kwargs(x.device)
     if cfg.variant in ("wo", "wodot"):
         # the PTX decode computes in fp16x2 for int4: fp16 activations only (bf16 takes the pure-Triton twin)
         use_asm = not INTERPRET and (lin.bits == 8 or x.dtype == torch.float16)
@@ -672,28 +677,28 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
                                   lin.n, lin.k // kpw, x.stride(0), words.stride(0), stride_sn, k_split // kpw,
                                   BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                   EVEN_K=lin.k % cfg.block_k == 0, ASM=use_asm, PREFETCH=cfg.prefetch,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
         else:
             block_m = 16
             grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
             _gemv_wodot_kernel[grid](x, words, scale, out, m, lin.n, lin.k, x.stride(0), words.stride(0), stride_sn,
                                      k_split, GROUP=lin.group_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
                                      BLOCK_K=cfg.block_k, ASM=use_asm, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages)
+                                     num_stages=cfg.num_stages, **pdl)
         return out
     if cfg.variant == "fma":
         grid = (cdiv(lin.n, cfg.block_n), split, m)
         _gemv_fma_kernel[grid](x, weight, scale, out, xs, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
                                stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n,
                                BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+                               num_stages=cfg.num_stages, **pdl)
     else:
         block_m = 16
         grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
         _gemv_dot_kernel[grid](x, weight, scale, out, xs, m, lin.n, lin.k, x.stride(0), lin.weight.stride(0),
                                stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_M=block_m,
                                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out
 
 

@@ -16,20 +16,30 @@
 // k6 k1 k3 k5 k7, code + 8), so lop3(w, 0x000F000F, 0x64006400) is the fp16 pair (1024 + u0, 1024 + u1) minus 1032
 // = (q0, q1); int8 bytes (two's complement, xor 0x80 = code + 128) are permuted into 0x64XX = 1152 + q. Grouped
 // scales (a group a whole number of spans) multiply each span's float32 partial; per-channel scales the final sum.
+//
+// Pipelining: a warp loads the weights (and group scales) of its next U spans before computing the current U, so two
+// rounds of loads are in flight; with L2HINT the loads ask L2 for 256-byte lines (the next spans of the same rows).
+// PDL (sm90+, launched with programmatic stream serialization): the first round of weights is loaded before
+// `griddepcontrol.wait`, i.e. while the kernel that writes X is still finishing; X is read only after it.
 
 typedef unsigned int u32;
 struct __align__(16) u32x4 { u32 x, y, z, w; };
 
-__device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read once, keep them out of L1
+template <int L2HINT>
+__device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read once, kept out of L1
   u32x4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  if (L2HINT)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
-__device__ __forceinline__ u32x4 ld_x(const u32x4* p) {
+__device__ __forceinline__ u32x4 ld_x(const u32x4* p) {  // volatile: never hoisted above griddepcontrol.wait
   u32x4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -99,28 +109,33 @@ __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
 }
 
 // BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. R: 8-row blocks per warp.
-// U: spans loaded before any is computed. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16.
-template <int BITS, int GROUP, int R, int U, int MT>
+// U: spans per round of loads. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16. L2HINT: 256-byte L2
+// lines. PDL: griddepcontrol (sm90+).
+template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL>
 __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
                          const unsigned short* __restrict__ scale, float* __restrict__ out, int M, int N, int K,
                          int stride_xm, int stride_sn, int spans_per_split) {
   constexpr int KS = BITS == 4 ? 128 : (BITS == 8 ? 64 : 32);  // columns per span
   constexpr int STEPS = KS / 16;                               // mma steps per span
   constexpr int XV = KS / 32;                                  // 16-byte X loads per lane and row per span
+  constexpr int NS = GROUP > 0 ? 2 : 1;                        // group scales per (span, block) and lane
+  if (PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int blocks = N >> 3;
-  if (warp * R >= blocks) return;
   const int spans = K / KS;
   const int sp0 = blockIdx.y * spans_per_split;
   const int sp1 = min(sp0 + spans_per_split, spans);
   const int row_vecs = K * BITS / 128;  // 16-byte vectors per weight row
+  const bool live = warp * R < blocks;  // a warp past N only waits (PDL) and leaves
   const u32x4* wl[R];
+  const unsigned short* sl[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int blk = min(warp * R + r, blocks - 1);  // a warp's blocks past N re-read the last one, never stored
     wl[r] = w + (size_t)(blk * 8 + g) * row_vecs + t;
+    sl[r] = scale + (size_t)(blk * 8 + 2 * t) * stride_sn;
   }
   const bool x0ok = g < M, x1ok = MT == 16 && g + 8 < M;
   const u32x4* xl0 = reinterpret_cast<const u32x4*>(x + (size_t)(x0ok ? g : 0) * stride_xm) + t * XV;
@@ -129,29 +144,43 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
 
-  for (int sp = sp0; sp < sp1; sp += U) {  // U spans: every load first, then the math (the last ones may be fewer)
-    const int uc = min(U, sp1 - sp);
-    u32x4 wv[U][R];
-    u32x4 xv0[U][XV], xv1[U][XV];
+  u32x4 wv[U][R], wn[U][R];
+  float sv[U][R][NS], sn[U][R][NS];
+  auto load = [&](int at, u32x4 (&wd)[U][R], float (&sd)[U][R][NS]) {
+    const int uc = min(U, sp1 - at);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (u < uc) wv[u][r] = ld_stream(wl[r] + (size_t)(sp + u) * 4);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int i = 0; i < XV; ++i) {
-        xv0[u][i] = x0ok && u < uc ? ld_x(xl0 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
-        xv1[u][i] = x1ok && u < uc ? ld_x(xl1 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
+      for (int r = 0; r < R; ++r) {
+        if (u < uc) {
+          wd[u][r] = ld_stream<L2HINT>(wl[r] + (size_t)(at + u) * 4);
+          if (GROUP > 0) {
+            const int col = (at + u) * KS / (GROUP > 0 ? GROUP : 1);
+            sd[u][r][0] = ld_half(sl[r] + col);
+            sd[u][r][NS - 1] = ld_half(sl[r] + stride_sn + col);
+          }
+        }
       }
     }
+  };
+  if (live && sp0 < sp1) load(sp0, wv, sv);
+  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (!live) return;
+
+  for (int sp = sp0; sp < sp1; sp += U) {
+    const int uc = min(U, sp1 - sp);
+    if (sp + U < sp1) load(sp + U, wn, sn);  // the next round is in flight while this one is computed
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (u >= uc) break;
-      const u32* a0 = reinterpret_cast<const u32*>(xv0[u]);
-      const u32* a1 = reinterpret_cast<const u32*>(xv1[u]);
+      u32x4 xv0[XV], xv1[XV];
+#pragma unroll
+      for (int i = 0; i < XV; ++i) {
+        xv0[i] = x0ok ? ld_x(xl0 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
+        xv1[i] = x1ok ? ld_x(xl1 + (sp + u) * 4 * XV + i) : u32x4{0, 0, 0, 0};
+      }
+      const u32* a0 = reinterpret_cast<const u32*>(xv0);
+      const u32* a1 = reinterpret_cast<const u32*>(xv1);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         u32 b[2 * STEPS];
@@ -163,15 +192,20 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
           mma(c, a0[2 * s], MT == 16 ? a1[2 * s] : 0u, a0[2 * s + 1], MT == 16 ? a1[2 * s + 1] : 0u, b[2 * s],
               b[2 * s + 1]);
         if (GROUP > 0) {
-          const int blk = min(warp * R + r, blocks - 1);
-          const int col = (sp + u) * KS / (GROUP > 0 ? GROUP : 1);
-          const float s0 = ld_half(scale + (size_t)(blk * 8 + 2 * t) * stride_sn + col);
-          const float s1 = ld_half(scale + (size_t)(blk * 8 + 2 * t + 1) * stride_sn + col);
-          acc[r][0] += part[0] * s0;
-          acc[r][1] += part[1] * s1;
-          acc[r][2] += part[2] * s0;
-          acc[r][3] += part[3] * s1;
+          acc[r][0] += part[0] * sv[u][r][0];
+          acc[r][1] += part[1] * sv[u][r][NS - 1];
+          acc[r][2] += part[2] * sv[u][r][0];
+          acc[r][3] += part[3] * sv[u][r][NS - 1];
         }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wv[u][r] = wn[u][r];
+#pragma unroll
+        for (int i = 0; i < NS; ++i) sv[u][r][i] = sn[u][r][i];
       }
     }
   }

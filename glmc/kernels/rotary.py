@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import jit, next_pow2, tl
 
 
@@ -53,9 +54,10 @@ def _quantize(x, s):
 def _qkv_rotary_append_kernel(part_ptr, nsplit, bias_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, past_ptr,
                               ks_ptr, vs_ptr, kn_ptr, vn_ptr, M, S, NQKV, stride_cb, stride_ch, stride_ct,
                               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_R: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, KV8: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, KV8: tl.constexpr, PDL: tl.constexpr):
     """Program (token m, head h): h < HQ query heads -> q[m]; then HKV key heads, HKV value heads -> the cache (int8
     with KV8: quantized into the cache, unquantized into kn/vn [B, HKV, S, D])."""
+    pdl_prologue(PDL)
     m = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, D // 2)
@@ -133,5 +135,6 @@ def qkv_rotary_append(part: torch.Tensor, bias: torch.Tensor | None, positions: 
     _qkv_rotary_append_kernel[(m, num_heads + 2 * num_kv_heads)](
         part, nsplit, bias if bias is not None else part, positions, cos, sin, q_out, k_cache, v_cache, past,
         ks, vs, kn, vn, m, seq, nqkv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HQ=num_heads,
-        HKV=num_kv_heads, D=d, HALF_R=cos.shape[-1], HAS_BIAS=bias is not None, KV8=kv8 is not None, num_warps=1)
+        HKV=num_kv_heads, D=d, HALF_R=cos.shape[-1], HAS_BIAS=bias is not None, KV8=kv8 is not None, num_warps=1,
+        **pdl_kwargs(part.device))
     return q_out

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, tl
 
 
 @jit
 def _logits_argmax_kernel(part_ptr, nsplit, logits_ptr, bmax_ptr, bidx_ptr, M, V, NB, ROUND: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row m, block j): logits[m, block] = sum of partials (rounded to fp16 (ROUND 1) or bf16 (2) as the
     reference's output layer), and the block's max and first argmax."""
+    pdl_prologue(PDL)
     m = tl.program_id(0)
     j = tl.program_id(1)
     rv = j * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +37,8 @@ def _logits_argmax_kernel(part_ptr, nsplit, logits_ptr, bmax_ptr, bidx_ptr, M, V
 
 
 @jit
-def _argmax_final_kernel(bmax_ptr, bidx_ptr, ids_ptr, NB, BLOCK_B: tl.constexpr):
+def _argmax_final_kernel(bmax_ptr, bidx_ptr, ids_ptr, NB, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     m = tl.program_id(0)
     rb = tl.arange(0, BLOCK_B)
     mask = rb < NB
@@ -60,6 +63,8 @@ def logits_argmax(part: torch.Tensor, round_to: torch.dtype | None, logits: torc
     bmax = torch.empty((m, nb), dtype=torch.float32, device=part.device)
     bidx = torch.empty((m, nb), dtype=torch.int32, device=part.device)
     rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
-    _logits_argmax_kernel[(m, nb)](part, nsplit, logits, bmax, bidx, m, v, nb, ROUND=rnd, BLOCK=block, num_warps=4)
-    _argmax_final_kernel[(m,)](bmax, bidx, ids, nb, BLOCK_B=max(2, 1 << (nb - 1).bit_length()), num_warps=1)
+    _logits_argmax_kernel[(m, nb)](part, nsplit, logits, bmax, bidx, m, v, nb, ROUND=rnd, BLOCK=block, num_warps=4,
+                                   **pdl_kwargs(part.device))
+    _argmax_final_kernel[(m,)](bmax, bidx, ids, nb, BLOCK_B=max(2, 1 << (nb - 1).bit_length()), num_warps=1,
+                                **pdl_kwargs(part.device))
     return logits, ids

@@ -207,7 +207,60 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                                  gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
                                  tried=len(cands)))
                 print(rows[-1], flush=True)
+                if name == "h_to_4h" and bits in (4, 8) and mma_only:
+                    sweep_swiglu(bw, rows, tuned, x, copies, t, cfg)
+                    if save is not None:
+                        save()
             copies.clear()
+
+
+def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: float, cfg_gemv) -> None:
+    """dense_h_to_4h with the SwiGLU epilogue (rows interleaved, split 1) against the best plain GEMV + the SwiGLU
+    kernel: the fused config goes into the table (key + "_swiglu") only when it wins."""
+    from glmc.kernels.norm import swiglu
+    from glmc.kernels.quantized_linear import (
+        MMA_SPAN,
+        GemvConfig,
+        config_key,
+        gate_up_swiglu,
+        gemv_partials,
+        interleave_gate_up,
+    )
+    lin0 = copies[0]
+    m, n, k = x.shape[0], lin0.n, lin0.k
+    part = gemv_partials(x, lin0, cfg_gemv)
+    t_act = bench(lambda i: swiglu(part, x.dtype))
+    ref = swiglu(part, x.dtype).float()
+    inter = [interleave_gate_up(c) for c in copies]
+    best = None
+    for rows_ in (1, 2, 4):
+        for warps in (4, 8):
+            for stages in (2, 4):
+                for l2 in (False, True):
+                    cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, l2)
+                    got = gate_up_swiglu(x, inter[0], cfg).float()
+                    err = float((got - ref).norm() / ref.norm())
+                    if not err < 5e-3:
+                        print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
+                        continue
+                    t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
+                    print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+    inter.clear()
+    assert best is not None
+    key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"
+    t, cfg = best
+    if t < t_gemv + t_act:
+        tuned[key] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split, cfg.num_warps, cfg.num_stages, cfg.magic,
+                      cfg.prefetch]
+    else:
+        tuned.pop(key, None)
+    moved = lin0.nbytes + m * k * 2 + m * n
+    rows.append(dict(kernel=f"gemv+swiglu {lin0.bits}-bit M={m}", shape=f"h_to_4h {n}x{k}", us=t * 1e6,
+                     gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
+                     unfused_us=(t_gemv + t_act) * 1e6, swiglu_us=t_act * 1e6))
+    print(rows[-1], flush=True)
 
 
 def small_kernels(bw: float, rows: list) -> None:

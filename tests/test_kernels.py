@@ -252,6 +252,37 @@ def test_quantized_linear_mma_kernel(bits, group, m):
         linear(x.bfloat16(), lin, cfg)
 
 
+def test_interleave_gate_up_pairs_the_rows():
+    from glmc.kernels.quantized_linear import interleave_gate_up, swiglu_fused
+    lin, _ = _linear(16, 64, 4, 32, True, "cpu")
+    lin.words = torch.arange(16 * 8, dtype=torch.int32).view(16, 8)
+    got = interleave_gate_up(lin)
+    order = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+    for name in ("weight", "scale", "bias", "words"):
+        assert torch.equal(getattr(got, name), getattr(lin, name)[order]), name
+    assert not swiglu_fused(lin, torch.float16, torch.device("cpu"))  # no CUDA: the plain GEMV + SwiGLU kernel
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 128)])
+@pytest.mark.parametrize("m", [1, 5, 9, 16, 40])
+def test_gate_up_swiglu_kernel(bits, group, m):
+    """dense_h_to_4h + SwiGLU in one kernel (the mma epilogue, M <= 16; M = 40: partials + the interleaved SwiGLU
+    kernel) against silu(x Wg^T) * (x Wu^T) of the op."""
+    from glmc.kernels.quantized_linear import GemvConfig, gate_up_swiglu, interleave_gate_up
+    n, k = 2 * 1536, 1024
+    lin, _ = _linear(n, k, bits, group, False, "cuda")
+    x = torch.randn(m, k, device="cuda").to(DT)
+    y = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k)
+    ref = torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
+    inter = interleave_gate_up(lin)
+    for cfg in [None, GemvConfig("mma", 32, 128 if bits == 4 else 64, 1, 8, 4, False, False)]:
+        got = gate_up_swiglu(x, inter, cfg)
+        assert got.shape == (m, n // 2) and got.dtype == DT
+        assert rel(got, ref) < TOL, cfg
+
+
 @gpu
 @runs_kernels
 @pytest.mark.parametrize("m", [1, 5, 16, 40])

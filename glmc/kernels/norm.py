@@ -36,8 +36,10 @@ def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HA
 
 
 @jit
-def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[m, f] = silu(gate) * up with gate = sum_s part[s, m, f], up = sum_s part[s, m, F + f]."""
+def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   PDL: tl.constexpr):
+    """out[m, f] = silu(gate) * up with gate = sum_s part[s, m, f], up = sum_s part[s, m, F + f] (INTERLEAVED:
+    columns 2f and 2f + 1)."""
     pdl_prologue(PDL)
     m = tl.program_id(0)
     rf = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -46,8 +48,8 @@ def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr, PDL: tl
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, nsplit):
         base = part_ptr + (s * M + m) * 2 * F
-        g += tl.load(base + rf, mask=mask, other=0.0).to(tl.float32)
-        u += tl.load(base + F + rf, mask=mask, other=0.0).to(tl.float32)
+        g += tl.load(base + (2 * rf if INTERLEAVED else rf), mask=mask, other=0.0).to(tl.float32)
+        u += tl.load(base + (2 * rf + 1 if INTERLEAVED else F + rf), mask=mask, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
     g = g.to(dt).to(tl.float32)
     u = u.to(dt).to(tl.float32)
@@ -67,12 +69,14 @@ def add_rmsnorm(part: torch.Tensor | None, residual: torch.Tensor, weight: torch
     return out
 
 
-def swiglu(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """partials [SPLIT, M, 2F] of dense_h_to_4h ([gate | up]) -> silu(gate) * up [M, F] in `dtype`."""
+def swiglu(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+           interleaved: bool = False) -> torch.Tensor:
+    """partials [SPLIT, M, 2F] of dense_h_to_4h ([gate | up], or (gate, up) pairs when interleaved) -> silu(gate) *
+    up [M, F] in `dtype`."""
     nsplit, m, f2 = part.shape
     f = f2 // 2
     out = torch.empty((m, f), dtype=dtype, device=part.device) if out is None else out
     block = 1024
-    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, num_warps=4,
+    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, INTERLEAVED=interleaved, num_warps=4,
                                         **pdl_kwargs(out.device))
     return out

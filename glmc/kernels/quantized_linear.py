@@ -518,23 +518,26 @@ def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
     return None
 
 
-def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None) -> torch.Tensor:
+def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None,
+              swiglu: bool = False) -> torch.Tensor:
     why = mma_refusal(x, lin)
     if why:
         raise GlmcError(f"gemv config {cfg}: the mma variant {why}")
     m = x.shape[0]
     spans = lin.k // MMA_SPAN[lin.bits]
-    per_split = cdiv(spans, cfg.split)
+    per_split = spans if swiglu else cdiv(spans, cfg.split)
     split = cdiv(spans, per_split)
     if out is None:
-        out = torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
+        out = torch.empty((m, lin.n // 2), dtype=x.dtype, device=x.device) if swiglu else \
+            torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
     rows = cfg.block_n // 8
     weight = int4_words(lin) if lin.bits == 4 else lin.weight
     scale = lin.scale if lin.scale is not None else x
     stride_sn = scale.stride(0) if lin.group_size else 0
     dev = x.device.index or 0
     kernel = compile_kernel("quantized_linear_mma.cu", f"gemv_mma<{lin.bits}, {lin.group_size}, {rows}, "
-                            f"{cfg.num_stages}, {8 if m <= 8 else 16}, {int(cfg.prefetch)}, {int(pdl_on(dev))}>", dev)
+                            f"{cfg.num_stages}, {8 if m <= 8 else 16}, {int(cfg.prefetch)}, {int(pdl_on(dev))}, "
+                            f"{int(swiglu)}>", dev)
     launch(kernel, (cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), (32 * cfg.num_warps, 1, 1),
            [weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
     return out
@@ -700,6 +703,43 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
                                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out
+
+
+def interleave_gate_up(lin: PackedLinear) -> PackedLinear:
+    """dense_h_to_4h ([gate | up] rows) -> the same layer with its rows interleaved (gate 0, up 0, gate 1, ...), the
+    order `gate_up_swiglu` reads (weights, scales, int4 words and bias alike)."""
+    f = lin.n // 2
+    order = torch.stack([torch.arange(f), torch.arange(f) + f], 1).reshape(-1).to(lin.weight.device)
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, order).contiguous()
+    return dataclasses.replace(lin, weight=lin.weight.index_select(0, order).contiguous(), scale=rows(lin.scale),
+                               bias=rows(lin.bias), words=rows(lin.words))
+
+
+def swiglu_fused(lin: PackedLinear, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether dense_h_to_4h runs with the SwiGLU epilogue (gate_up_swiglu's kernel path): int8/int4 weights the mma
+    kernel reads, no bias, and either the tuned table says the fused kernel wins at this shape (a `_swiglu` entry)
+    or the table does not know the shape."""
+    if lin.bits not in (4, 8) or lin.bias is not None or lin.n % 2 or \
+            mma_refusal(torch.empty((1, lin.k), dtype=dtype, device=device), lin):
+        return False
+    key = config_key(1, lin.n, lin.k, lin.bits, lin.group_size)
+    return key + "_swiglu" in _tuned() or key not in _tuned()
+
+
+def gate_up_swiglu(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) -> torch.Tensor:
+    """MLP's silu(gate) * up [M, N/2] in x's dtype from x [M, K] and the interleaved dense_h_to_4h
+    (`interleave_gate_up`; no bias): for M <= 16 the mma kernel's SwiGLU epilogue (split 1: a lane's C pair is one
+    column's gate and up) where it can run, else the partials and `norm.swiglu` over the interleaved columns."""
+    from glmc.kernels.norm import swiglu
+    x = x.contiguous()
+    if lin.bias is None and x.shape[0] <= DECODE_MAX_M and not mma_refusal(x, lin):
+        if cfg is None:
+            hit = _tuned().get(config_key(x.shape[0], lin.n, lin.k, lin.bits, lin.group_size) + "_swiglu")
+            cfg = GemvConfig(*hit) if hit else GemvConfig("mma", 8, MMA_SPAN[lin.bits], 1, 4, 2, False, True)
+        return _gemv_mma(x, lin, cfg, None, swiglu=True)
+    return swiglu(linear_partials(x, lin), x.dtype, interleaved=True)
 
 
 def interleave_int4(packed: torch.Tensor, k: int) -> torch.Tensor:

@@ -82,6 +82,23 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ unsigned short to_half(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ float from_half(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short swiglu(float gate, float up) {
+  const float g = from_half(to_half(gate)), u = from_half(to_half(up));
+  return to_half(from_half(to_half(g / (1.f + __expf(-g)))) * u);
+}
+
 // The lane's 16 weight bytes of one span -> B fragments (b0, b1) of each of the span's mma steps.
 template <int BITS>
 __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
@@ -110,10 +127,12 @@ __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
 
 // BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. R: 8-row blocks per warp.
 // U: spans per round of loads. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16. L2HINT: 256-byte L2
-// lines. PDL: griddepcontrol (sm90+).
-template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL>
+// lines. PDL: griddepcontrol (sm90+). SWIGLU: the rows are dense_h_to_4h's interleaved (gate j, up j) and the split
+// is 1, so a lane's C pair is (gate, up) of one column: out is then fp16 silu(gate) * up [M, N / 2], rounded as
+// glmc.kernels.norm.swiglu rounds (gate and up to fp16, silu(gate) to fp16, the product to fp16).
+template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU>
 __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
-                         const unsigned short* __restrict__ scale, float* __restrict__ out, int M, int N, int K,
+                         const unsigned short* __restrict__ scale, void* __restrict__ out, int M, int N, int K,
                          int stride_xm, int stride_sn, int spans_per_split) {
   constexpr int KS = BITS == 4 ? 128 : (BITS == 8 ? 64 : 32);  // columns per span
   constexpr int STEPS = KS / 16;                               // mma steps per span
@@ -220,7 +239,13 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
       s0 = ld_half(scale + n);
       s1 = ld_half(scale + n + 1);
     }
-    float* o = out + ((size_t)blockIdx.y * M + g) * N + n;
+    if (SWIGLU) {
+      unsigned short* o = static_cast<unsigned short*>(out) + (size_t)g * (N / 2) + n / 2;
+      if (g < M) o[0] = swiglu(acc[r][0] * s0, acc[r][1] * s1);
+      if (MT == 16 && g + 8 < M) o[(size_t)8 * (N / 2)] = swiglu(acc[r][2] * s0, acc[r][3] * s1);
+      continue;
+    }
+    float* o = static_cast<float*>(out) + ((size_t)blockIdx.y * M + g) * N + n;
     if (g < M) {
       o[0] = acc[r][0] * s0;
       o[1] = acc[r][1] * s1;

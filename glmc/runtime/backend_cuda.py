@@ -1,9 +1,11 @@
-"""The cuda backend: runs a GLMForCausalLM's weights with glmc's own Triton kernels, a static KV cache and CUDA graphs.
+"""The cuda backend: runs a GLMForCausalLM's weights with glmc's own kernels (Triton, CUDA C++), a static KV cache and
+CUDA graphs.
 
 Same weights and quantization as the torch reference model (`checkpoint.load_model` + `glmc.quantization`), read in
 the op's own layout (glmc/kernels/quantized_linear.py). A step is: embedding; per layer the QKV GEMV, QKV bias +
 rotary + KV-cache append, attention (decode: the flash-decoding kernel; prefill: torch's SDPA over the cache), the
-dense GEMV, residual add + RMSNorm, the gate/up GEMV, SwiGLU, the down GEMV, residual add + the next RMSNorm; then
+dense GEMV, residual add + RMSNorm, the gate/up GEMV and SwiGLU (one kernel for int8/int4 weights: the GEMV's
+epilogue, its rows interleaved gate/up when the backend is made), the down GEMV, residual add + the next RMSNorm; then
 the output layer and the logits (and greedy ids) on the device. Decode steps of each batch size run as one CUDA
 graph whose inputs (ids, positions, the cache slot `past`) are device buffers.
 
@@ -33,7 +35,14 @@ from glmc.kernels import attention as k_attention
 from glmc.kernels import norm as k_norm
 from glmc.kernels import rotary as k_rotary
 from glmc.kernels import sampling as k_sampling
-from glmc.kernels.quantized_linear import PackedLinear, linear_partials, pack_linear
+from glmc.kernels.quantized_linear import (
+    PackedLinear,
+    gate_up_swiglu,
+    interleave_gate_up,
+    linear_partials,
+    pack_linear,
+    swiglu_fused,
+)
 from glmc.kernels.rotary import KV8
 from glmc.modeling_patches.modeling_chatglm import Fp8Linear, GLMForCausalLM, QuantLinear
 from glmc.runtime.generate import check_step
@@ -48,8 +57,9 @@ class _Layer:
     qkv: PackedLinear
     dense: PackedLinear
     ln2: torch.Tensor
-    up: PackedLinear  # dense_h_to_4h: [gate | up]
+    up: PackedLinear  # dense_h_to_4h: [gate | up], or (gate, up) row pairs when swiglu_fused
     down: PackedLinear
+    swiglu_fused: bool = False  # the up GEMV's epilogue computes SwiGLU (quantized_linear.gate_up_swiglu)
 
 
 @dataclasses.dataclass
@@ -108,6 +118,9 @@ class CudaBackend:
                               pack_linear(blk.self_attention.dense), blk.post_attention_layernorm.weight.detach(),
                               pack_linear(blk.mlp.dense_h_to_4h), pack_linear(blk.mlp.dense_4h_to_h))
                        for blk in blocks]
+        for lay in self.layers:
+            if swiglu_fused(lay.up, self.dtype, self.device):
+                lay.up, lay.swiglu_fused = interleave_gate_up(lay.up), True
         self.final_ln = t.encoder.final_layernorm.weight.detach()
         self.output = pack_linear(t.output_layer)
         self.cos, self.sin = model.cos_cache, model.sin_cache
@@ -248,7 +261,8 @@ class CudaBackend:
             else:
                 a = k_attention.prefill_attention(q, kc, vc, self.start, b, s, p, c.num_heads, self.scale, kv8)
             h = k_norm.add_rmsnorm(linear_partials(a, lay.dense), x, lay.ln2, self.eps)
-            act = k_norm.swiglu(linear_partials(h, lay.up), self.dtype)
+            act = gate_up_swiglu(h, lay.up) if lay.swiglu_fused else \
+                k_norm.swiglu(linear_partials(h, lay.up), self.dtype)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.final_ln
             h = k_norm.add_rmsnorm(linear_partials(act, lay.down), x, nxt, self.eps)
         if s > 1:

@@ -14,6 +14,7 @@ vocab 65024). Weights are rotated among copies totalling > 4x the L2 so that no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -114,20 +115,23 @@ def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
 
 
 def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
-    """The `mma` configs tried: 8-row blocks per warp x warps per program x spans per round of loads x split-K sized
-    for 8 to 64 warps per SM x 256-byte L2 lines or not."""
+    """The `mma` configs tried: 8-row blocks per warp x spans per round x warps per program x split-K sized for 8 to
+    64 warps per SM, the weights landing in registers (two rounds) or in a cp.async ring of 4 or 8 rounds (at most
+    96 KiB of shared memory per program); 256-byte L2 lines (3% faster on the median config in the 2026-12-02 PDL
+    visit)."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig
     span = MMA_SPAN[bits]
+    spans = k // span
     out = set()
     for rows in (1, 2, 4):
-        for stages in (2, 4):
-            spans = k // span
-            warps_n = -(-n // (8 * rows))
-            for p in (8, 16, 32, 64):
-                split = max(1, min(spans // stages, round(p * 132 / warps_n)))
-                for warps in (4, 8):
-                    for l2 in (False, True):
-                        out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2))
+        warps_n = -(-n // (8 * rows))
+        for smem, stages in [(0, 2), (0, 4), (4, 1), (4, 2), (8, 1), (8, 2)]:
+            for warps in (4, 8):
+                if warps * smem * stages * rows * 512 > 96 << 10:
+                    continue
+                for p in (8, 16, 32, 64):
+                    split = max(1, min(spans // stages, round(p * 132 / warps_n)))
+                    out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, True, smem))
     return out
 
 
@@ -198,8 +202,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                         best = (t, cfg)
                 assert best is not None
                 t, cfg = best
-                tuned[config_key(m, n, k, bits, group)] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split,
-                                                           cfg.num_warps, cfg.num_stages, cfg.magic, cfg.prefetch]
+                tuned[config_key(m, n, k, bits, group)] = list(dataclasses.astuple(cfg))
                 if save is not None:
                     save()  # after every winner: a sweep cut short still leaves its table
                 moved = nbytes + m * k * 2 + cfg.split * m * n * 4
@@ -235,9 +238,9 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: fl
     best = None
     for rows_ in (1, 2, 4):
         for warps in (4, 8):
-            for stages in (2, 4):
-                for l2 in (False, True):
-                    cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, l2)
+            for smem, stages in [(0, 2), (4, 1), (4, 2), (8, 1)]:
+                if warps * smem * stages * rows_ * 512 <= 96 << 10:
+                    cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, smem)
                     got = gate_up_swiglu(x, inter[0], cfg).float()
                     err = float((got - ref).norm() / ref.norm())
                     if not err < 5e-3:
@@ -252,8 +255,7 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: fl
     key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"
     t, cfg = best
     if t < t_gemv + t_act:
-        tuned[key] = [cfg.variant, cfg.block_n, cfg.block_k, cfg.split, cfg.num_warps, cfg.num_stages, cfg.magic,
-                      cfg.prefetch]
+        tuned[key] = list(dataclasses.astuple(cfg))
     else:
         tuned.pop(key, None)
     moved = lin0.nbytes + m * k * 2 + m * n

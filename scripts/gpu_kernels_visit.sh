@@ -16,6 +16,8 @@
 #     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
 #   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
 #     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
+#   ring: GPU tests of the mma GEMV (cp.async ring), the SwiGLU epilogue and greedy vs torch; the int8/int4 mma
+#     sweep; then bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers) until DEADLINE (580 s)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -52,6 +54,19 @@ if [ "$SWEEP" = pdl ]; then
       --tuned "$OUT/tuned_h200.json" --precisions fp16 int8 int4-g128 --kv8 --peers 2>&1 | tee "$OUT/cuda_pdl$P.log" \
       | tail -6
   done
+  exit
+fi
+if [ "$SWEEP" = ring ]; then
+  timeout 80 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs \
+    -k "mma_kernel or gate_up_swiglu or cuda_backend_greedy" 2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \
+    --precisions int8 int4-g128 2>&1 | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -20
+  grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
+  LEFT=$(( ${DEADLINE:-580} - ($(date +%s) - T0) ))
+  echo "bench_cuda: $LEFT s left"
+  timeout "$LEFT" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" \
+    2>&1 | tee "$OUT/cuda.log" | grep -v "^|" | tail -16
+  grep "^|" "$OUT/cuda.log"
   exit
 fi
 if [ "$SWEEP" = final ]; then

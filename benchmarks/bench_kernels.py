@@ -145,8 +145,9 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
     hit = (base_tuned or {}).get(config_key(m, n, k, bits, group))
     if hit:
         out.add(GemvConfig(*hit))
-    if mma_only:
-        return sorted(out | mma_candidates(m, bits, group, n, k),
+    if mma_only:  # plus the Triton default: a table even where no mma config is right
+        out |= {default_config(m, n, k, bits, group, mma=False)} | mma_candidates(m, bits, group, n, k)
+        return sorted(out,
                       key=lambda c: (c.variant, c.block_n, c.block_k, c.split, c.num_warps, c.num_stages))
     if bits != 16:
         out |= word_candidates(m, bits, group, n, k)

@@ -16,8 +16,8 @@
 #     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
 #   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
 #     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
-#   ring: GPU tests of the mma GEMV (cp.async ring), the SwiGLU epilogue and greedy vs torch; the int8/int4 mma
-#     sweep; then bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers) until DEADLINE (580 s)
+#   ring: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); the int8/int4 mma sweep; then
+#     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers) until DEADLINE (580 s)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -57,8 +57,8 @@ if [ "$SWEEP" = pdl ]; then
   exit
 fi
 if [ "$SWEEP" = ring ]; then
-  timeout 80 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs \
-    -k "mma_kernel or gate_up_swiglu or cuda_backend_greedy" 2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  timeout 130 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "${TESTS:-not cuda_target}" \
+    2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
   timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \
     --precisions int8 int4-g128 2>&1 | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -20
   grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"

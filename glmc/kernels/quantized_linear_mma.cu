@@ -37,9 +37,10 @@ __device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read o
   return v;
 }
 
-__device__ __forceinline__ u32x4 ld_x(const u32x4* p) {  // volatile: never hoisted above griddepcontrol.wait
+// X: free to be scheduled early (its address is laundered after griddepcontrol.wait, so never above it)
+__device__ __forceinline__ u32x4 ld_x(const u32x4* p) {
   u32x4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -191,12 +192,17 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
   const bool x0ok = g < M, x1ok = MT == 16 && g + 8 < M;
   const u32x4* xl0 = reinterpret_cast<const u32x4*>(x + (size_t)(x0ok ? g : 0) * stride_xm) + t * XV;
   const u32x4* xl1 = reinterpret_cast<const u32x4*>(x + (size_t)(x1ok ? g + 8 : 0) * stride_xm) + t * XV;
-  float acc[R][4];
+  auto launder = [](const u32x4*& p0, const u32x4*& p1) {  // X's loads depend on this, placed after the wait
+    asm volatile("" : "+l"(p0), "+l"(p1) :: "memory");
+  };
+  float acc[R][2][4];  // two independent mma chains per block (even and odd steps), summed at the end
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[r][i / 4][i % 4] = 0.f;
 
-  // one span of one 8-row block: the lane's 16 weight bytes v, the block's scales for this span
-  auto span = [&](int sp, int r, const u32x4& v, float s0, float s1) {
+  // one span: X's fragments once, then each 8-row block's 16 weight bytes v[r] and its scales for the span
+  auto span = [&](int sp, const u32x4 (&v)[R], const float (&s0)[R], const float (&s1)[R]) {
     u32x4 xv0[XV], xv1[XV];
 #pragma unroll
     for (int i = 0; i < XV; ++i) {
@@ -205,19 +211,21 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
     }
     const u32* a0 = reinterpret_cast<const u32*>(xv0);
     const u32* a1 = reinterpret_cast<const u32*>(xv1);
-    u32 b[2 * STEPS];
-    decode<BITS>(v, b);
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-    float* c = GROUP > 0 ? part : acc[r];
 #pragma unroll
-    for (int s = 0; s < STEPS; ++s)
-      mma(c, a0[2 * s], MT == 16 ? a1[2 * s] : 0u, a0[2 * s + 1], MT == 16 ? a1[2 * s + 1] : 0u, b[2 * s],
-          b[2 * s + 1]);
-    if (GROUP > 0) {
-      acc[r][0] += part[0] * s0;
-      acc[r][1] += part[1] * s1;
-      acc[r][2] += part[2] * s0;
-      acc[r][3] += part[3] * s1;
+    for (int r = 0; r < R; ++r) {
+      u32 b[2 * STEPS];
+      decode<BITS>(v[r], b);
+      float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s)
+        mma(GROUP > 0 ? part[s & 1] : acc[r][s & 1], a0[2 * s], MT == 16 ? a1[2 * s] : 0u, a0[2 * s + 1],
+            MT == 16 ? a1[2 * s + 1] : 0u, b[2 * s], b[2 * s + 1]);
+      if (GROUP > 0) {
+        acc[r][0][0] += (part[0][0] + part[1][0]) * s0[r];
+        acc[r][0][1] += (part[0][1] + part[1][1]) * s1[r];
+        acc[r][0][2] += (part[0][2] + part[1][2]) * s0[r];
+        acc[r][0][3] += (part[0][3] + part[1][3]) * s1[r];
+      }
     }
   };
   auto scale_at = [&](int sp, int r, int i) {
@@ -244,6 +252,7 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
       for (int i = 0; i < SR - 1; ++i) issue(i);
     if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
     if (!live) return;
+    launder(xl0, xl1);
     for (int round = 0; round < rounds; ++round) {
       cp_async_wait<SR - 2>();  // this lane's copies of `round` have landed
       issue(round + SR - 1);    // into the slot read in the previous round
@@ -253,10 +262,15 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u >= uc) break;
+        u32x4 v[R];
+        float s0[R], s1[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          span(at + u, r, ld_shared(slot + (unsigned)((u * R + r) * 32 * 16)), scale_at(at + u, r, 0),
-               scale_at(at + u, r, 1));
+        for (int r = 0; r < R; ++r) {
+          v[r] = ld_shared(slot + (unsigned)((u * R + r) * 32 * 16));
+          s0[r] = scale_at(at + u, r, 0);
+          s1[r] = scale_at(at + u, r, 1);
+        }
+        span(at + u, v, s0, s1);
       }
     }
   } else {
@@ -279,14 +293,20 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
     if (live && sp0 < sp1) load(sp0, wv, sv);
     if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
     if (!live) return;
+    launder(xl0, xl1);
     for (int sp = sp0; sp < sp1; sp += U) {
       const int uc = min(U, sp1 - sp);
       if (sp + U < sp1) load(sp + U, wn, sn);  // the next round is in flight while this one is computed
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (u >= uc) break;
+        float s0[R], s1[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) span(sp + u, r, wv[u][r], sv[u][r][0], sv[u][r][NS - 1]);
+        for (int r = 0; r < R; ++r) {
+          s0[r] = sv[u][r][0];
+          s1[r] = sv[u][r][NS - 1];
+        }
+        span(sp + u, wv[u], s0, s1);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -309,20 +329,23 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
       s0 = ld_half(scale + n);
       s1 = ld_half(scale + n + 1);
     }
+    float y[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) y[i] = (acc[r][0][i] + acc[r][1][i]) * (i % 2 ? s1 : s0);
     if (SWIGLU) {
       unsigned short* o = static_cast<unsigned short*>(out) + (size_t)g * (N / 2) + n / 2;
-      if (g < M) o[0] = swiglu(acc[r][0] * s0, acc[r][1] * s1);
-      if (MT == 16 && g + 8 < M) o[(size_t)8 * (N / 2)] = swiglu(acc[r][2] * s0, acc[r][3] * s1);
+      if (g < M) o[0] = swiglu(y[0], y[1]);
+      if (MT == 16 && g + 8 < M) o[(size_t)8 * (N / 2)] = swiglu(y[2], y[3]);
       continue;
     }
     float* o = static_cast<float*>(out) + ((size_t)blockIdx.y * M + g) * N + n;
     if (g < M) {
-      o[0] = acc[r][0] * s0;
-      o[1] = acc[r][1] * s1;
+      o[0] = y[0];
+      o[1] = y[1];
     }
     if (MT == 16 && g + 8 < M) {
-      o[(size_t)8 * N] = acc[r][2] * s0;
-      o[(size_t)8 * N + 1] = acc[r][3] * s1;
+      o[(size_t)8 * N] = y[2];
+      o[(size_t)8 * N + 1] = y[3];
     }
   }
 }

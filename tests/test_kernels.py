@@ -228,10 +228,10 @@ def test_quantized_linear_kernel(bits, group, m):
 @pytest.mark.parametrize("bits,group", [(16, 0), (8, 0), (8, 128), (4, 0), (4, 128)])
 @pytest.mark.parametrize("m", [1, 5, 9, 16])
 def test_quantized_linear_mma_kernel(bits, group, m):
-    """The tensor-core variant against the op, into NaN-poisoned partials: weights through registers and through
-    cp.async rings of 2, 4 and 8 rounds (fewer rounds than the ring holds, 64 KiB of shared memory), splits and
-    stages that leave a short last round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8),
-    M on both sides of 8 (the A fragment's second half); refused, naming why, where it cannot read the layer."""
+    """The tensor-core variant against the op, into NaN-poisoned partials: splits and stages that leave a short last
+    round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8), M on both sides of 8 (the A
+    fragment's second half), with and without 256-byte L2 lines; refused, naming why, where it cannot read the
+    layer."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gemv_partials, linear
     span = MMA_SPAN[bits]
     for n, k in [(4608, 4096), (264, 1024)]:
@@ -239,9 +239,9 @@ def test_quantized_linear_mma_kernel(bits, group, m):
         x = torch.randn(m, k, device="cuda").to(DT)
         ref = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k) if bits != 16 else \
             torch.nn.functional.linear(x, w)
-        for rows, split, warps, stages, smem in [(1, 1, 4, 2, 0), (2, 5, 4, 4, 0), (4, 3, 8, 8, 0), (2, 64, 4, 2, 0),
-                                                 (2, 5, 4, 2, 4), (1, 3, 8, 1, 8), (4, 64, 4, 2, 2), (1, 1, 4, 4, 8)]:
-            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, bool(smem), smem)
+        for rows, split, warps, stages, l2 in [(1, 1, 4, 2, False), (2, 5, 4, 4, True), (4, 3, 8, 8, False),
+                                               (2, 64, 4, 2, True), (1, 3, 8, 2, True)]:
+            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2)
             spans = k // span
             out = torch.full((-(-spans // -(-spans // split)), m, n), math.nan, device="cuda")
             got = gemv_partials(x, lin, cfg, out).sum(0)
@@ -281,7 +281,7 @@ def test_gate_up_swiglu_kernel(bits, group, m):
     inter = interleave_gate_up(lin)
     span = 128 if bits == 4 else 64
     for cfg in [None, GemvConfig("mma", 32, span, 1, 8, 4, False, False), GemvConfig("mma", 16, span, 1, 4, 2, False,
-                                                                                     True, 4)]:
+                                                                                     True)]:
         got = gate_up_swiglu(x, inter, cfg)
         assert got.shape == (m, n // 2) and got.dtype == DT
         assert rel(got, ref) < TOL, cfg

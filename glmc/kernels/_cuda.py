@@ -75,7 +75,6 @@ class _LaunchConfig(ctypes.Structure):
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 @functools.cache
@@ -83,23 +82,17 @@ def _libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
-def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0) -> None:
-    """Launch an NVRTC kernel on the current stream: tensors become pointers, ints 32-bit ints; `shared` bytes of
-    dynamic shared memory; with programmatic stream serialization when PDL is on."""
+def launch(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+    """Launch an NVRTC kernel on the current stream (tensors become pointers, ints 32-bit ints), with programmatic
+    stream serialization when PDL is on."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    lib = _libcuda()
-    if shared > getattr(kernel, "_glmc_shared", 48 << 10):  # above 48 KiB a kernel must opt in
-        err = lib.cuFuncSetAttribute(kernel.func, _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-        if err:
-            raise GlmcError(f"glmc.kernels: {shared} bytes of shared memory refused (CUresult {err})")
-        kernel._glmc_shared = shared
     keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(k), ctypes.c_void_p) for k in keep])
     attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (1).to_bytes(4, "little"))
     pdl = pdl_on(device.index or 0)
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared,
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
                         ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream),
                         ctypes.pointer(attr) if pdl else None, int(pdl))
-    err = lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
+    err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
     if err:
         raise GlmcError(f"glmc.kernels: cuLaunchKernelEx failed with CUresult {err}")

@@ -126,41 +126,12 @@ __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
   }
 }
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-template <int L2HINT>
-__device__ __forceinline__ void cp_async(unsigned dst, const u32x4* src) {  // 16 bytes global -> shared, via L2 only
-  if (L2HINT)
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-  else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ u32x4 ld_shared(unsigned a) {
-  u32x4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-  return v;
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-
 // BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. R: 8-row blocks per warp.
 // U: spans per round of loads. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16. L2HINT: 256-byte L2
 // lines. PDL: griddepcontrol (sm90+). SWIGLU: the rows are dense_h_to_4h's interleaved (gate j, up j) and the split
 // is 1, so a lane's C pair is (gate, up) of one column: out is then fp16 silu(gate) * up [M, N / 2], rounded as
 // glmc.kernels.norm.swiglu rounds (gate and up to fp16, silu(gate) to fp16, the product to fp16).
-// S: 0 = each round's weights land in registers (two rounds in flight); 2, 4 or 8 = they land in a per-warp ring of
-// S rounds in shared memory through cp.async (S - 1 rounds in flight, no registers held; each lane reads back only
-// the 16-byte pieces it copied itself, so no synchronisation but cp.async.wait_group). Dynamic shared memory:
-// warps x S x U x R x 512 bytes.
-template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU, int S>
+template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU>
 __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
                          const unsigned short* __restrict__ scale, void* __restrict__ out, int M, int N, int K,
                          int stride_xm, int stride_sn, int spans_per_split) {
@@ -168,8 +139,6 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
   constexpr int STEPS = KS / 16;                               // mma steps per span
   constexpr int XV = KS / 32;                                  // 16-byte X loads per lane and row per span
   constexpr int NS = GROUP > 0 ? 2 : 1;                        // group scales per (span, block) and lane
-  constexpr int SR = S > 0 ? S : 1;
-  extern __shared__ u32x4 ring[];
   if (PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -178,7 +147,6 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
   const int spans = K / KS;
   const int sp0 = blockIdx.y * spans_per_split;
   const int sp1 = min(sp0 + spans_per_split, spans);
-  const int rounds = (max(sp1 - sp0, 0) + U - 1) / U;
   const int row_vecs = K * BITS / 128;  // 16-byte vectors per weight row
   const bool live = warp * R < blocks;  // a warp past N only waits (PDL) and leaves
   const u32x4* wl[R];
@@ -232,91 +200,48 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
     return GROUP > 0 ? ld_half(sl[r] + (size_t)i * stride_sn + sp * KS / (GROUP > 0 ? GROUP : 1)) : 1.f;
   };
 
-  if (S > 0) {
-    const unsigned base = smem_addr(ring + (size_t)(threadIdx.x >> 5) * SR * U * R * 32 + lane);
-    auto issue = [&](int round) {  // cp.async of one round into its ring slot, then one commit group
-      if (round < rounds) {
-        const int at = sp0 + round * U;
-        const int uc = min(U, sp1 - at);
-        const unsigned slot = base + (unsigned)((round & (SR - 1)) * U * R * 32 * 16);
+  u32x4 wv[U][R], wn[U][R];
+  float sv[U][R][NS], sn[U][R][NS];
+  auto load = [&](int at, u32x4 (&wd)[U][R], float (&sd)[U][R][NS]) {
+    const int uc = min(U, sp1 - at);
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-          for (int r = 0; r < R; ++r)
-            if (u < uc) cp_async<L2HINT>(slot + (unsigned)((u * R + r) * 32 * 16), wl[r] + (size_t)(at + u) * 4);
-      }
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    if (live)
-#pragma unroll
-      for (int i = 0; i < SR - 1; ++i) issue(i);
-    if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (!live) return;
-    launder(xl0, xl1);
-    for (int round = 0; round < rounds; ++round) {
-      cp_async_wait<SR - 2>();  // this lane's copies of `round` have landed
-      issue(round + SR - 1);    // into the slot read in the previous round
-      const int at = sp0 + round * U;
-      const int uc = min(U, sp1 - at);
-      const unsigned slot = base + (unsigned)((round & (SR - 1)) * U * R * 32 * 16);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (u >= uc) break;
-        u32x4 v[R];
-        float s0[R], s1[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          v[r] = ld_shared(slot + (unsigned)((u * R + r) * 32 * 16));
-          s0[r] = scale_at(at + u, r, 0);
-          s1[r] = scale_at(at + u, r, 1);
-        }
-        span(at + u, v, s0, s1);
-      }
-    }
-  } else {
-    u32x4 wv[U][R], wn[U][R];
-    float sv[U][R][NS], sn[U][R][NS];
-    auto load = [&](int at, u32x4 (&wd)[U][R], float (&sd)[U][R][NS]) {
-      const int uc = min(U, sp1 - at);
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (u < uc) {
-            wd[u][r] = ld_stream<L2HINT>(wl[r] + (size_t)(at + u) * 4);
-            if (GROUP > 0) {
-              sd[u][r][0] = scale_at(at + u, r, 0);
-              sd[u][r][NS - 1] = scale_at(at + u, r, 1);
-            }
+      for (int r = 0; r < R; ++r)
+        if (u < uc) {
+          wd[u][r] = ld_stream<L2HINT>(wl[r] + (size_t)(at + u) * 4);
+          if (GROUP > 0) {
+            sd[u][r][0] = scale_at(at + u, r, 0);
+            sd[u][r][NS - 1] = scale_at(at + u, r, 1);
           }
-    };
-    if (live && sp0 < sp1) load(sp0, wv, sv);
-    if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (!live) return;
-    launder(xl0, xl1);
-    for (int sp = sp0; sp < sp1; sp += U) {
-      const int uc = min(U, sp1 - sp);
-      if (sp + U < sp1) load(sp + U, wn, sn);  // the next round is in flight while this one is computed
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (u >= uc) break;
-        float s0[R], s1[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          s0[r] = sv[u][r][0];
-          s1[r] = sv[u][r][NS - 1];
         }
-        span(sp + u, wv[u], s0, s1);
+  };
+  if (live && sp0 < sp1) load(sp0, wv, sv);
+  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (!live) return;
+  launder(xl0, xl1);
+  for (int sp = sp0; sp < sp1; sp += U) {
+    const int uc = min(U, sp1 - sp);
+    if (sp + U < sp1) load(sp + U, wn, sn);  // the next round is in flight while this one is computed
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u >= uc) break;
+      float s0[R], s1[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        s0[r] = sv[u][r][0];
+        s1[r] = sv[u][r][NS - 1];
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          wv[u][r] = wn[u][r];
-#pragma unroll
-          for (int i = 0; i < NS; ++i) sv[u][r][i] = sn[u][r][i];
-        }
+      span(sp + u, wv[u], s0, s1);
     }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wv[u][r] = wn[u][r];
+#pragma unroll
+        for (int i = 0; i < NS; ++i) sv[u][r][i] = sn[u][r][i];
+      }
   }
 
 #pragma unroll

@@ -2,7 +2,7 @@
 # One device visit for issue 12: GPU tests of glmc.kernels + the cuda backend + the cuda build target, the kernel
 # micro-benchmarks and GEMV sweep (-> $OUT/tuned_h200.json), then the cuda backend's decode tok/s at ChatGLM3-6B
 # shape with the tuned table.
-# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [MODE: full|quick|words|kv8|table]
+# Usage (device machine, repo root): bash scripts/gpu_kernels_visit.sh [LAYERS] [MODE: full|quick|words|kv8|table|final|mma|pdl|sweep]
 #   words: sweep only int8/int4's word-variant GEMVs beside the shipped table's winners (no small kernels), and run
 #     only the GPU tests of what changed since the last visit (GEMV kernels, greedy vs torch)
 #   kv8: the int8 KV cache's GPU tests (kernels vs reference, greedy vs torch, the cuda target built and verified
@@ -16,7 +16,7 @@
 #     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
 #   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
 #     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
-#   ring: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); the int8/int4 mma sweep; then
+#   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); the int8/int4 mma sweep; then
 #     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers) until DEADLINE (580 s)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
@@ -56,7 +56,7 @@ if [ "$SWEEP" = pdl ]; then
   done
   exit
 fi
-if [ "$SWEEP" = ring ]; then
+if [ "$SWEEP" = sweep ]; then
   timeout 130 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "${TESTS:-not cuda_target}" \
     2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
   timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,69 @@ def test_quantized_linear_mma_kernel(bits, group, m):
         linear(x, _linear(300, 1024, bits, group, False, "cuda")[0], cfg)
     with pytest.raises(GlmcError, match="computes in fp16"):
         linear(x.bfloat16(), lin, cfg)
+
+
+def _nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (the dev extra on Linux x86-64) or the system, else None."""
+    import ctypes
+    import ctypes.util
+    import glob
+    try:
+        import nvidia.cuda_nvrtc as pkg  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        found = sorted(glob.glob(f"{next(iter(pkg.__path__))}/lib/libnvrtc.so*"))
+    except ImportError:
+        found = []
+    name = found[0] if found else ctypes.util.find_library("nvrtc")
+    return ctypes.CDLL(name) if name else None
+
+
+NVRTC = _nvrtc()
+
+
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12)")
+def test_mma_kernel_instances_compile_with_nvrtc():
+    """The CUDA C++ GEMV compiled by NVRTC as the backend compiles it (no GPU needed): every instance the shipped
+    tuned table and the defaults name, for sm_90 with PDL and sm_80 without, both epilogues, M tiles 8 and 16; a
+    source that does not compile fails here rather than on the device."""
+    import ctypes
+    import json
+
+    from glmc.kernels.quantized_linear import MMA_SPAN, TUNED_FILE, GemvConfig, default_config
+
+    src = (Path(__file__).parent.parent / "glmc/kernels/quantized_linear_mma.cu").read_bytes()
+    names = set()
+    for key, row in json.loads(TUNED_FILE.read_text()).items():
+        cfg = GemvConfig(*row)
+        bits, group = int(key.split("_b")[1].split("_")[0]), int(key.split("_g")[1].split("_")[0])
+        m = int(key[1:].split("_")[0])
+        if cfg.variant == "mma":
+            names.add((bits, group, cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch),
+                       int(key.endswith("_swiglu"))))
+    for bits, group in [(8, 0), (4, 0), (4, 128), (8, 128)]:
+        for m in (1, 16):
+            cfg = default_config(m, 768, 512, bits, group)
+            names.add((bits, group, cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch), 1))
+    names.add((16, 0, 2, 4, 16, 0, 0))
+    assert len(names) >= 10 and all(n[0] in MMA_SPAN for n in names)
+    for arch, pdl in (("90", 1), ("80", 0)):
+        prog = ctypes.c_void_p()
+        assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src, b"quantized_linear_mma.cu", 0, None, None) == 0
+        exprs = [f"gemv_mma<{b}, {g}, {r}, {u}, {mt}, {l2}, {pdl}, {sw}>".encode() for b, g, r, u, mt, l2, sw in names]
+        for e in exprs:
+            assert NVRTC.nvrtcAddNameExpression(prog, e) == 0
+        opts = [f"--gpu-architecture=sm_{arch}".encode()]
+        res = NVRTC.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetProgramLog(prog, log)
+        assert res == 0, log.value.decode()[:3000]
+        NVRTC.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        assert size.value > 10000 * len(exprs) // 4, size.value  # a real cubin holding every instance
+        for e in exprs:
+            lowered = ctypes.c_char_p()
+            assert NVRTC.nvrtcGetLoweredName(prog, e, ctypes.byref(lowered)) == 0 and lowered.value
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 def test_interleave_gate_up_pairs_the_rows():

@@ -1,9 +1,11 @@
-"""GPU kernels (Triton) behind the glmc custom ops on CUDA, used by the `cuda` backend (glmc/runtime/backend_cuda.py).
+"""GPU kernels behind the glmc custom ops on CUDA, used by the `cuda` backend (glmc/runtime/backend_cuda.py): Triton,
+and one CUDA C++ source (quantized_linear_mma.cu) that torch compiles with NVRTC at first use (`_cuda`).
 
 One module per op, each kernel's docstring naming the op and the torch reference it must match:
 
-- `quantized_linear`: weight-only int8/int4 (per channel or grouped) and fp16 GEMV with split-K float32 partials,
-  dequantize for prefill. Op: `glmc::quantized_linear` (ops/quantized_linear.py); `F.linear` for fp16.
+- `quantized_linear`: weight-only int8/int4 (per channel or grouped) and fp16 GEMV with split-K float32 partials
+  (Triton variants and the tensor-core `mma` one, which can also finish dense_h_to_4h with SwiGLU), dequantize for
+  prefill. Op: `glmc::quantized_linear` (ops/quantized_linear.py); `F.linear` for fp16.
 - `norm`: residual add (summing a linear's partials) + RMSNorm; SwiGLU over the gate/up partials. Reference:
   `RMSNorm`, `GLMBlock`, `MLP` of modeling_chatglm.py.
 - `rotary`: QKV bias + ChatGLM rotary + KV-cache append into a static cache. Op: the rotary and concat of
@@ -14,6 +16,7 @@ One module per op, each kernel's docstring naming the op and the torch reference
   with temperature 0.
 
 Importing any of them needs neither triton nor CUDA (`_jit`); launching does. `available()` says whether they can run.
+On sm90+ every decode kernel runs with programmatic dependent launch (`_cuda`; GLMC_PDL=0 turns it off).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 through the driver's cuLaunchKernelEx.
 
 `compile_kernel(source, name)` compiles one `__global__` function (a template instantiation such as
-`gemv_mma<4, 128, 2, 4, 8, 1, 1>`) of a .cu file beside this module with NVRTC (torch.cuda._compile_kernel,
+`gemv_mma<4, 128, 2, 2, 8, 1, 1, 0>`) of a .cu file beside this module with NVRTC (torch.cuda._compile_kernel,
 torch >= 2.8; no nvcc, no build step), once per process. `launch(kernel, grid, block, args)` launches it on the
 current stream (CUDA-graph capture included) with programmatic stream serialization when `pdl_on()`.
 

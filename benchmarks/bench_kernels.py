@@ -7,7 +7,9 @@ the GEMV config sweep whose winners become glmc/kernels/tuned_h200.json.
 
 Prints one table (kernel, shape, us, GB/s, % of copy bandwidth) and writes OUTDIR/kernels.json and
 OUTDIR/tuned_h200.json. Shapes: ChatGLM3-6B's (hidden 4096, ffn 13696, 32 heads / 2 KV groups, head dim 128,
-vocab 65024). Weights are rotated among copies totalling > 4x the L2 so that no timing reads from the cache.
+vocab 65024). Weights are rotated among copies totalling > 4x the L2 so that no timing reads from the cache. The
+sweep picks each GEMV config by the time of the GEMV together with the kernel that reads its partials (`--alone`:
+the GEMV by itself, as the tables up to 2026-12-02 were picked); the table's row is the winner's GEMV alone.
 """
 
 # ruff: noqa: B023 - every lambda here is timed (called) before its loop variables change
@@ -164,8 +166,37 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
     return sorted(out, key=lambda c: (c.variant, c.block_n, c.block_k, c.split))
 
 
+def consumer_of(name: str, m: int):
+    """The kernel that reads a linear's split-K partials in the decode step (qkv: rotary + append; dense and 4h_to_h:
+    add + RMSNorm; h_to_4h: SwiGLU; output: logits + argmax), as a function of the partials. Those kernels add the
+    splits one after another, so a split that makes the GEMV faster can make the pair slower."""
+    from glmc.kernels import norm, rotary, sampling
+    from glmc.modeling_patches.ops.attention import rotary_tables
+    dt = torch.float16
+    if name in ("dense", "4h_to_h"):
+        res = torch.zeros(m, H, device="cuda", dtype=dt)
+        w = torch.ones(H, device="cuda", dtype=dt)
+        out = torch.empty_like(res)
+        return lambda part: norm.add_rmsnorm(part, res, w, 1e-5, out=out)
+    if name == "h_to_4h":
+        act = torch.empty(m, FFN, device="cuda", dtype=dt)
+        return lambda part: norm.swiglu(part, dt, out=act)
+    if name == "qkv":
+        cos, sin = (t.to("cuda", dt) for t in rotary_tables(D // 2, 8192, 10000.0))
+        kc = torch.zeros(m, HKV, 512, D, device="cuda", dtype=dt)
+        vc = torch.zeros_like(kc)
+        bias = torch.zeros((HQ + 2 * HKV) * D, device="cuda", dtype=dt)
+        pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
+        past = torch.tensor([200], device="cuda", dtype=torch.int32)
+        q = torch.empty(m, HQ * D, device="cuda", dtype=dt)
+        return lambda part: rotary.qkv_rotary_append(part, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV, q_out=q)
+    return lambda part: sampling.logits_argmax(part, dt)
+
+
 def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list[str], words_only: bool = False,
-               base_tuned: dict | None = None, save=None, mma_only: bool = False) -> None:
+               base_tuned: dict | None = None, save=None, mma_only: bool = False, alone: bool = False) -> None:
+    """Per linear, precision and M: every candidate config checked against the reference, then timed with the
+    kernel that consumes its partials (`consumer_of`; GEMV alone with `alone`); the fastest goes into the table."""
     from glmc.kernels.quantized_linear import config_key, dequantize, gemv_partials
     for prec, (bits, group) in PRECISIONS.items():
         if prec not in precisions:
@@ -179,6 +210,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ dequantize(lin0).float().T
+                use = (lambda part: part) if alone else consumer_of(name, m)
                 best = None
                 cands = candidates(m, bits, group, n, k, words_only, base_tuned, mma_only)
                 if quick:
@@ -190,7 +222,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                         if not err < 5e-3:  # a wrong kernel is never a winner
                             print("WRONG", name, prec, m, cfg, f"rel {err:.3g}", flush=True)
                             continue
-                        t = bench(lambda i, cfg=cfg: gemv_partials(x, copies[i], cfg), len(copies))
+                        t = bench(lambda i, cfg=cfg: use(gemv_partials(x, copies[i], cfg)), len(copies))
                     except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
                         print("skip", name, prec, m, cfg, type(e).__name__, str(e)[:100], flush=True)
                         continue
@@ -198,25 +230,27 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 assert best is not None
-                t, cfg = best
+                t_pair, cfg = best
                 tuned[config_key(m, n, k, bits, group)] = list(dataclasses.astuple(cfg))
                 if save is not None:
                     save()  # after every winner: a sweep cut short still leaves its table
+                t = t_pair if alone else bench(lambda i, cfg=cfg: gemv_partials(x, copies[i], cfg), len(copies))
                 moved = nbytes + m * k * 2 + cfg.split * m * n * 4
                 rows.append(dict(kernel=f"gemv {prec} M={m}", shape=f"{name} {n}x{k}", us=t * 1e6,
                                  gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
-                                 tried=len(cands)))
+                                 tried=len(cands), with_consumer_us=None if alone else t_pair * 1e6))
                 print(rows[-1], flush=True)
                 if name == "h_to_4h" and bits in (4, 8) and mma_only:
-                    sweep_swiglu(bw, rows, tuned, x, copies, t, cfg)
+                    sweep_swiglu(bw, rows, tuned, x, copies, t_pair if not alone else None, cfg)
                     if save is not None:
                         save()
             copies.clear()
 
 
-def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: float, cfg_gemv) -> None:
+def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: float | None, cfg_gemv) -> None:
     """dense_h_to_4h with the SwiGLU epilogue (rows interleaved, split 1) against the best plain GEMV + the SwiGLU
-    kernel: the fused config goes into the table (key + "_swiglu") only when it wins."""
+    kernel (t_pair, timed together; None: timed here one after the other): the fused config goes into the table
+    (key + "_swiglu") only when it wins."""
     from glmc.kernels.norm import swiglu
     from glmc.kernels.quantized_linear import (
         MMA_SPAN,
@@ -230,6 +264,8 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: fl
     m, n, k = x.shape[0], lin0.n, lin0.k
     part = gemv_partials(x, lin0, cfg_gemv)
     t_act = bench(lambda i: swiglu(part, x.dtype))
+    if t_pair is None:
+        t_pair = bench(lambda i: gemv_partials(x, copies[i], cfg_gemv), len(copies)) + t_act
     ref = swiglu(part, x.dtype).float()
     inter = [interleave_gate_up(c) for c in copies]
     best = None
@@ -250,14 +286,14 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_gemv: fl
     assert best is not None
     key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"
     t, cfg = best
-    if t < t_gemv + t_act:
+    if t < t_pair:
         tuned[key] = list(dataclasses.astuple(cfg))
     else:
         tuned.pop(key, None)
     moved = lin0.nbytes + m * k * 2 + m * n
     rows.append(dict(kernel=f"gemv+swiglu {lin0.bits}-bit M={m}", shape=f"h_to_4h {n}x{k}", us=t * 1e6,
                      gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
-                     unfused_us=(t_gemv + t_act) * 1e6, swiglu_us=t_act * 1e6))
+                     unfused_us=t_pair * 1e6, swiglu_us=t_act * 1e6))
     print(rows[-1], flush=True)
 
 
@@ -351,6 +387,8 @@ def main() -> int:
                                                                "winner instead of the whole grid of the old ones")
     ap.add_argument("--mma", action="store_true", help="time the mma variant's configs beside the base table's "
                                                         "winner (no grid of the Triton variants)")
+    ap.add_argument("--alone", action="store_true", help="time each GEMV config alone, not with the kernel that "
+                                                          "reads its partials (the default picks by the pair)")
     ap.add_argument("--base-tuned", type=Path, help="table to start from (default: the shipped tuned_h200.json)")
     ap.add_argument("--no-small", action="store_true", help="skip the small kernels' micro-benchmarks")
     ap.add_argument("--kv-only", action="store_true", help="only the KV-cache kernels, fp16 vs int8 cache (no "
@@ -370,7 +408,7 @@ def main() -> int:
     if args.kv_only:
         kv_kernels(bw, rows)
     else:
-        sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save, args.mma)
+        sweep_gemv(bw, rows, tuned, args.quick, args.precisions, args.words_only, base, save, args.mma, args.alone)
         save()
         if not args.no_small:
             small_kernels(bw, rows)

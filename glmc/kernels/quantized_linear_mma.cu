@@ -37,10 +37,11 @@ __device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read o
   return v;
 }
 
-// X: free to be scheduled early (its address is laundered after griddepcontrol.wait, so never above it)
+// X: free to be scheduled early (its address is laundered after griddepcontrol.wait, so never above it); a coherent
+// load, not the read-only path: the kernel before this one may still be writing X when this one starts (PDL)
 __device__ __forceinline__ u32x4 ld_x(const u32x4* p) {
   u32x4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 

@@ -272,8 +272,11 @@ def test_cli_rank_failure_mid_run_exits_with_the_error(tag):
 def test_cli_stopped_from_outside_leaves_no_rank(how, tag):
     """Ctrl-C in a terminal signals the whole foreground process group (rank 0 and the workers): exit 130. A SIGKILL
     of rank 0 alone gives it no chance to clean up: its worker must notice (its stdin closes) and exit."""
+    # sampled (seeded): greedy decoding of the shipped model stops at its end token within ~6 s of the start, so a
+    # signal 3 s after both ranks are up could land after the run; this one writes ~900 tokens (~19 s on 2 cores)
     p = _glmc("run", "--tensor-parallel", "2", "--raw", "--max-new-tokens", "900", "--max-length", "1000",
-              str(SHIPPED), "import", env=dict(os.environ), start_new_session=True)
+              "--temperature", "1.0", "--seed", "1", str(SHIPPED), "def main(", env=dict(os.environ),
+              start_new_session=True)
     deadline = time.monotonic() + 240
     while len(tagged(tag)) < 2 and time.monotonic() < deadline:  # rank 0 and its worker are up
         time.sleep(0.2)

@@ -141,6 +141,7 @@ def test_gemv_configs_respect_groups():
         check_config(GemvConfig("wodot", 64, 64, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 64, 64, 512))
     assert default_config(1, 4608, 4096, 4, 128).variant == "mma"
     assert default_config(16, 768, 512, 8, 0).variant == "mma"
+    assert default_config(1, 8, 128, 4, 0).split >= 1  # fewer than 16 rows
     assert default_config(1, 27392, 4096, 4, 32).variant == "wo"  # groups of 32: finer than the mma span
     assert default_config(1, 4608, 4096, 4, 128, mma=False).variant == "wo"
     assert default_config(16, 4608, 4096, 4, 128, mma=False).variant == "wodot"

@@ -501,22 +501,28 @@ def _gemv_wodot_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_
 MMA_SPAN = {4: 128, 8: 64, 16: 32}  # columns of one lane-quad's 16-byte loads per weight row
 
 
-def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
-    """None when the `mma` variant can run this product, else why not."""
+def mma_layer_refusal(lin: PackedLinear, dtype: torch.dtype, device: torch.device) -> str | None:
+    """None when the `mma` variant can read this layer with activations of `dtype` on `device`, else why not."""
     span = MMA_SPAN.get(lin.bits)
-    if x.device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
+    if device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
         return "needs a CUDA device and torch.cuda._compile_kernel (NVRTC; torch >= 2.8)"
     if lin.fp8 or span is None:
         return f"reads int4, int8 or fp16 weights, not {'fp8' if lin.fp8 else f'{lin.bits}-bit'} ones"
-    if x.dtype != torch.float16 or (lin.scale is not None and lin.scale.dtype != torch.float16) \
+    if dtype != torch.float16 or (lin.scale is not None and lin.scale.dtype != torch.float16) \
             or (lin.bits == 16 and lin.weight.dtype != torch.float16):
         return "computes in fp16 (activations, scales and 16-bit weights)"
     if lin.n % 8 or lin.k % span or (lin.group_size and lin.group_size % span):
         return (f"needs N a multiple of 8, K and the group size multiples of {span} (this layer: N {lin.n}, K "
                 f"{lin.k}, group {lin.group_size})")
-    if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        return "needs 16-byte aligned activation rows"
     return None
+
+
+def mma_refusal(x: torch.Tensor, lin: PackedLinear) -> str | None:
+    """None when the `mma` variant can run this product, else why not."""
+    why = mma_layer_refusal(lin, x.dtype, x.device)
+    if why is None and (x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
+        return "needs 16-byte aligned activation rows"
+    return why
 
 
 def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None,
@@ -599,7 +605,7 @@ def default_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132
     fma/dot variants, which convert e4m3 to float, never the int8 words)."""
     span = MMA_SPAN.get(bits, 0)
     if mma and not fp8 and bits in (4, 8) and n % 8 == 0 and k % span == 0 and group % span == 0:
-        split = max(1, min(k // span // 2, round(32 * sms / (n // 16))))
+        split = max(1, min(k // span // 2, round(32 * sms / max(1, n // 16))))
         return GemvConfig("mma", 16, span, split, 4, 2, False, True)
     if not fp8 and words_ok(bits, k) and (m == 1 or (bits == 4 and (group == 0 or group >= 128))):
         variant = "wo" if m == 1 else "wodot"
@@ -722,8 +728,7 @@ def swiglu_fused(lin: PackedLinear, dtype: torch.dtype, device: torch.device) ->
     """Whether dense_h_to_4h runs with the SwiGLU epilogue (gate_up_swiglu's kernel path): int8/int4 weights the mma
     kernel reads, no bias, and either the tuned table says the fused kernel wins at this shape (a `_swiglu` entry)
     or the table does not know the shape."""
-    if lin.bits not in (4, 8) or lin.bias is not None or lin.n % 2 or \
-            mma_refusal(torch.empty((1, lin.k), dtype=dtype, device=device), lin):
+    if lin.bits not in (4, 8) or lin.bias is not None or lin.n % 2 or mma_layer_refusal(lin, dtype, device):
         return False
     key = config_key(1, lin.n, lin.k, lin.bits, lin.group_size)
     return key + "_swiglu" in _tuned() or key not in _tuned()

@@ -26,7 +26,7 @@ from torch import nn
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import Fp8Linear, GLMForCausalLM
 from glmc.modeling_patches.ops.fp8_linear import E4M3_MAX, quantize_e4m3
-from glmc.quantization.kv_calibration import prefill, scales_from_absmax
+from glmc.quantization.kv_calibration import prefill_with_hooks, scales_from_absmax
 from glmc.quantization.weight_only import BLOCK_LINEARS
 
 if TYPE_CHECKING:
@@ -55,12 +55,7 @@ def collect_input_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor])
             m = args[0].detach().float().abs().amax()
             absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
         hooks.append(getattr(parent, attr).register_forward_hook(hook))
-    try:
-        for _ in prefill(model, samples):
-            pass
-    finally:
-        for h in hooks:
-            h.remove()
+    prefill_with_hooks(model, samples, hooks)
     return absmax
 
 

@@ -82,6 +82,17 @@ def prefill(model: GLMForCausalLM, samples: Sequence[torch.Tensor]) -> Iterator[
         yield model(ids, positions, mask, model.empty_cache(b, device))[1]
 
 
+def prefill_with_hooks(model: GLMForCausalLM, samples: Sequence[torch.Tensor], hooks: list) -> None:
+    """`prefill` over every sample with forward hooks already registered (`hooks`: their handles), which are removed
+    afterwards, also on error: how sq8 and fp8 gather their activation statistics."""
+    try:
+        for _ in prefill(model, samples):
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor], granularity: str
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from glmc.errors import GlmcError
 from glmc.modeling_patches.modeling_chatglm import GLMForCausalLM, QuantLinear, RMSNorm, W8A8Linear
-from glmc.quantization.kv_calibration import prefill
+from glmc.quantization.kv_calibration import prefill_with_hooks
 from glmc.quantization.weight_only import BLOCK_LINEARS, quantize_weight
 
 if TYPE_CHECKING:
@@ -68,12 +68,7 @@ def activation_absmax(model: GLMForCausalLM, samples: Sequence[torch.Tensor]) ->
                 m = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
                 stats[i][name] = torch.maximum(stats[i][name], m) if name in stats[i] else m
             hooks.append(lin.register_forward_pre_hook(hook))
-    try:
-        for _ in prefill(model, samples):
-            pass
-    finally:
-        for h in hooks:
-            h.remove()
+    prefill_with_hooks(model, samples, hooks)
     return stats
 
 

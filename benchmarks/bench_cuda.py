@@ -101,6 +101,29 @@ def decode_rate(backend, batch: int, new: int, context: int = 0) -> tuple[float,
     return batch * new / sec, 1e3 * sec / new
 
 
+def profile_decode(backend, steps: int = 16) -> dict:
+    """Where a batch-1 decode step's GPU time goes: torch.profiler (CUPTI) over `steps` graph replays after
+    decode_rate captured the graph; per kernel name (templates cut at '<'), calls and microseconds per step. With
+    programmatic dependent launch kernels overlap, so the sum may exceed the step."""
+    from torch.profiler import ProfilerActivity, profile
+    g = backend.graphs[1]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.ids.copy_(g.next_ids)
+            g.pos.add_(1)
+            g.past.add_(1)
+            g.graph.replay()
+        torch.cuda.synchronize()
+    rows: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(e.name.split("<")[0].split("(")[0], [0.0, 0.0])
+            r[0] += 1 / steps
+            r[1] += e.time_range.elapsed_us() / steps
+    top = sorted(rows.items(), key=lambda kv: -kv[1][1])
+    return {k: {"calls": round(c, 2), "us": round(us, 2)} for k, (c, us) in top}
+
+
 def with_kv8(model, granularity: str = "channel"):
     """An int8 KV cache on `model` with fixed scales (speed does not depend on them): 0.05 / 127 per KV head and
     channel, as a calibrated absmax of 0.05 would give."""
@@ -277,6 +300,8 @@ def main() -> int:
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                     help="torch.compile peers to run (batch 1); none to skip")
     ap.add_argument("--copy-bw", type=float, help="bytes/s (else measured)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile 16 batch-1 steps of each precision (torch.profiler); print the N costliest kernels")
     args = ap.parse_args()
     if args.tuned:
         os.environ["GLMC_GEMV_TUNED"] = str(args.tuned)
@@ -311,6 +336,12 @@ def main() -> int:
             run[f"b{b}"] = {"tok_s": tps, "ms_step": ms}
             print(prec, f"batch {b}: {tps:.1f} tok/s, {ms:.3f} ms/step" +
                   (f", {100 * tps / bound:.0f}% of bound {bound:.1f}" if b == 1 else ""), flush=True)
+            if b == 1 and args.profile:
+                run["profile_b1"] = prof = profile_decode(backend)
+                total = sum(r["us"] for r in prof.values())
+                print(f"  {prec} batch 1 profile: kernels {total:.0f} us per step of {1e3 * ms:.0f}")
+                for name, r in list(prof.items())[:args.profile]:
+                    print(f"  {r['us']:8.1f} us {r['calls']:6.1f}x  {name}")
         return run
 
     for prec in args.precisions:

@@ -16,8 +16,9 @@
 #     int4-g128; -> $OUT/tuned_h200.json), then bench_cuda.py at LAYERS with that table (no kv8 rows, no peers)
 #   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
 #     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
-#   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); the int8/int4 mma sweep; then
-#     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers) until DEADLINE (580 s)
+#   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); with BEFORE=1 bench_cuda.py
+#     at batch 1 on the shipped table, profiled; the int8/int4 mma sweep; then bench_cuda.py at LAYERS with that table
+#     (every precision, kv8 rows, peers; BENCH_ARGS adds options) until DEADLINE (580 s)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -59,13 +60,18 @@ fi
 if [ "$SWEEP" = sweep ]; then
   timeout 130 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "${TESTS:-not cuda_target}" \
     2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
+  if [ -n "$BEFORE" ]; then  # the shipped table first, batch 1, profiled: what the sweep is compared with
+    timeout 150 python3 benchmarks/bench_cuda.py --out "$OUT/before" --layers "$LAYERS" --precisions fp16 int8 int4-g128 \
+      --batches 1 --kv8 --peers --profile 30 2>&1 | tee "$OUT/before.log" | grep -v "^|" | tail -110
+  fi
   timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \
     --precisions int8 int4-g128 2>&1 | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -20
   grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
   LEFT=$(( ${DEADLINE:-580} - ($(date +%s) - T0) ))
   echo "bench_cuda: $LEFT s left"
+  # shellcheck disable=SC2086  # BENCH_ARGS: extra bench_cuda.py options, word-split (e.g. "--peers --profile 30")
   timeout "$LEFT" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" \
-    2>&1 | tee "$OUT/cuda.log" | grep -v "^|" | tail -16
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/cuda.log" | grep -v "^|" | tail -120
   grep "^|" "$OUT/cuda.log"
   exit
 fi

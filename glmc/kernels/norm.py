@@ -12,10 +12,11 @@ import torch
 
 from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
+from glmc.kernels.quantized_linear import split_block, sum_partials
 
 
 @jit
-def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HAS_PART: tl.constexpr,
+def _add_rmsnorm_kernel(part_ptr, res_ptr, w_ptr, out_ptr, M, H, eps, SPLIT: tl.constexpr, SB: tl.constexpr,
                         BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """res[m] += sum_s part[s, m] (rounded as the reference); out[m] = rmsnorm(res[m]) * w."""
     pdl_prologue(PDL)
@@ -23,10 +24,8 @@ def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HA
     rh = tl.arange(0, BLOCK_H)
     mask = rh < H
     r = tl.load(res_ptr + m * H + rh, mask=mask, other=0.0)
-    if HAS_PART:
-        y = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for s in range(0, nsplit):
-            y += tl.load(part_ptr + (s * M + m) * H + rh, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT > 0:
+        y = sum_partials(part_ptr + m * H, M * H, rh, mask, SPLIT, SB)
         r = (r.to(tl.float32) + y.to(r.dtype).to(tl.float32)).to(r.dtype)
         tl.store(res_ptr + m * H + rh, r, mask=mask)
     rf = r.to(tl.float32)
@@ -36,20 +35,17 @@ def _add_rmsnorm_kernel(part_ptr, nsplit, res_ptr, w_ptr, out_ptr, M, H, eps, HA
 
 
 @jit
-def _swiglu_kernel(part_ptr, nsplit, out_ptr, M, F, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   PDL: tl.constexpr):
+def _swiglu_kernel(part_ptr, out_ptr, M, F, SPLIT: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
     """out[m, f] = silu(gate) * up with gate = sum_s part[s, m, f], up = sum_s part[s, m, F + f] (INTERLEAVED:
     columns 2f and 2f + 1)."""
     pdl_prologue(PDL)
     m = tl.program_id(0)
     rf = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = rf < F
-    g = tl.zeros((BLOCK,), dtype=tl.float32)
-    u = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, nsplit):
-        base = part_ptr + (s * M + m) * 2 * F
-        g += tl.load(base + (2 * rf if INTERLEAVED else rf), mask=mask, other=0.0).to(tl.float32)
-        u += tl.load(base + (2 * rf + 1 if INTERLEAVED else F + rf), mask=mask, other=0.0).to(tl.float32)
+    base = part_ptr + m * 2 * F
+    g = sum_partials(base, M * 2 * F, 2 * rf if INTERLEAVED else rf, mask, SPLIT, SB)
+    u = sum_partials(base, M * 2 * F, 2 * rf + 1 if INTERLEAVED else F + rf, mask, SPLIT, SB)
     dt = out_ptr.dtype.element_ty
     g = g.to(dt).to(tl.float32)
     u = u.to(dt).to(tl.float32)
@@ -62,9 +58,10 @@ def add_rmsnorm(part: torch.Tensor | None, residual: torch.Tensor, weight: torch
     """residual [M, H] (updated in place by the partials' sum when `part` is given) -> rmsnorm(residual) * weight."""
     m, h = residual.shape
     out = torch.empty_like(residual) if out is None else out
-    nsplit = part.shape[0] if part is not None else 0
-    _add_rmsnorm_kernel[(m,)](part if part is not None else residual, nsplit, residual, weight, out, m, h, eps,
-                              HAS_PART=part is not None, BLOCK_H=next_pow2(h), num_warps=8 if h >= 2048 else 4,
+    split = part.shape[0] if part is not None else 0
+    block, warps = next_pow2(h), 16 if h >= 4096 else (8 if h >= 2048 else 4)
+    _add_rmsnorm_kernel[(m,)](part if part is not None else residual, residual, weight, out, m, h, eps, SPLIT=split,
+                              SB=split_block(split, block // (32 * warps)), BLOCK_H=block, num_warps=warps,
                               **pdl_kwargs(out.device))
     return out
 
@@ -73,10 +70,11 @@ def swiglu(part: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
            interleaved: bool = False) -> torch.Tensor:
     """partials [SPLIT, M, 2F] of dense_h_to_4h ([gate | up], or (gate, up) pairs when interleaved) -> silu(gate) *
     up [M, F] in `dtype`."""
-    nsplit, m, f2 = part.shape
+    split, m, f2 = part.shape
     f = f2 // 2
     out = torch.empty((m, f), dtype=dtype, device=part.device) if out is None else out
-    block = 1024
-    _swiglu_kernel[(m, cdiv(f, block))](part, nsplit, out, m, f, BLOCK=block, INTERLEAVED=interleaved, num_warps=4,
+    block, warps = 1024, 4
+    _swiglu_kernel[(m, cdiv(f, block))](part, out, m, f, SPLIT=split, SB=split_block(split, block // (32 * warps)),
+                                        BLOCK=block, INTERLEAVED=interleaved, num_warps=warps,
                                         **pdl_kwargs(out.device))
     return out

@@ -21,6 +21,7 @@ import torch
 
 from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import jit, next_pow2, tl
+from glmc.kernels.quantized_linear import split_block, sum_partials
 
 
 @dataclasses.dataclass
@@ -51,10 +52,11 @@ def _quantize(x, s):
 
 
 @jit
-def _qkv_rotary_append_kernel(part_ptr, nsplit, bias_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, past_ptr,
+def _qkv_rotary_append_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, past_ptr,
                               ks_ptr, vs_ptr, kn_ptr, vn_ptr, M, S, NQKV, stride_cb, stride_ch, stride_ct,
-                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_R: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, KV8: tl.constexpr, PDL: tl.constexpr):
+                              SPLIT: tl.constexpr, SB: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                              D: tl.constexpr, HALF_R: tl.constexpr, HAS_BIAS: tl.constexpr, KV8: tl.constexpr,
+                              PDL: tl.constexpr):
     """Program (token m, head h): h < HQ query heads -> q[m]; then HKV key heads, HKV value heads -> the cache (int8
     with KV8: quantized into the cache, unquantized into kn/vn [B, HKV, S, D])."""
     pdl_prologue(PDL)
@@ -62,12 +64,9 @@ def _qkv_rotary_append_kernel(part_ptr, nsplit, bias_ptr, pos_ptr, cos_ptr, sin_
     h = tl.program_id(1)
     i = tl.arange(0, D // 2)
     col = h * D + 2 * i  # even element of each pair within the fused QKV row
-    a = tl.zeros((D // 2,), dtype=tl.float32)
-    b = tl.zeros((D // 2,), dtype=tl.float32)
-    for s in range(0, nsplit):
-        row = part_ptr + (s * M + m) * NQKV
-        a += tl.load(row + col).to(tl.float32)
-        b += tl.load(row + col + 1).to(tl.float32)
+    every = i < D // 2
+    a = sum_partials(part_ptr + m * NQKV, M * NQKV, col, every, SPLIT, SB)
+    b = sum_partials(part_ptr + m * NQKV, M * NQKV, col + 1, every, SPLIT, SB)
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:  # the linear's output is rounded, then the bias added (rounded): as F.linear in fp16 closely
         a = a.to(dt).to(tl.float32) + tl.load(bias_ptr + col).to(tl.float32)
@@ -123,7 +122,7 @@ def qkv_rotary_append(part: torch.Tensor, bias: torch.Tensor | None, positions: 
     """part [SPLIT, M, (Hq + 2 Hkv) D] (M = B * seq tokens, row-major), positions [M] int64, caches
     [B, Hkv, S_max, D] (written at slots past..past+seq-1; int8 with `kv8`, whose k_new/v_new [B, Hkv, seq, D] get
     the unquantized values), past int32 [1] on the device -> rotated q [M, Hq D] (in cos's dtype, the model's)."""
-    nsplit, m, nqkv = part.shape
+    split, m, nqkv = part.shape
     d = k_cache.shape[-1]
     if nqkv != (num_heads + 2 * num_kv_heads) * d or d != next_pow2(d):
         raise ValueError(f"qkv_rotary_append: {nqkv} QKV features for {num_heads}+2x{num_kv_heads} heads of {d}")
@@ -133,8 +132,9 @@ def qkv_rotary_append(part: torch.Tensor, bias: torch.Tensor | None, positions: 
     q_out = torch.empty((m, num_heads * d), dtype=dtype, device=part.device) if q_out is None else q_out
     ks, vs, kn, vn = (kv8.k_scale, kv8.v_scale, kv8.k_new, kv8.v_new) if kv8 is not None else (part,) * 4
     _qkv_rotary_append_kernel[(m, num_heads + 2 * num_kv_heads)](
-        part, nsplit, bias if bias is not None else part, positions, cos, sin, q_out, k_cache, v_cache, past,
-        ks, vs, kn, vn, m, seq, nqkv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HQ=num_heads,
+        part, bias if bias is not None else part, positions, cos, sin, q_out, k_cache, v_cache, past,
+        ks, vs, kn, vn, m, seq, nqkv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), SPLIT=split,
+        SB=split_block(split, max(1, d // 64)), HQ=num_heads,
         HKV=num_kv_heads, D=d, HALF_R=cos.shape[-1], HAS_BIAS=bias is not None, KV8=kv8 is not None, num_warps=1,
         **pdl_kwargs(part.device))
     return q_out

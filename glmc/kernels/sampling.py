@@ -10,11 +10,12 @@ import torch
 
 from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import cdiv, jit, tl
+from glmc.kernels.quantized_linear import split_block, sum_partials
 
 
 @jit
-def _logits_argmax_kernel(part_ptr, nsplit, logits_ptr, bmax_ptr, bidx_ptr, M, V, NB, ROUND: tl.constexpr,
-                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _logits_argmax_kernel(part_ptr, logits_ptr, bmax_ptr, bidx_ptr, M, V, NB, SPLIT: tl.constexpr, SB: tl.constexpr,
+                          ROUND: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row m, block j): logits[m, block] = sum of partials (rounded to fp16 (ROUND 1) or bf16 (2) as the
     reference's output layer), and the block's max and first argmax."""
     pdl_prologue(PDL)
@@ -22,9 +23,7 @@ def _logits_argmax_kernel(part_ptr, nsplit, logits_ptr, bmax_ptr, bidx_ptr, M, V
     j = tl.program_id(1)
     rv = j * BLOCK + tl.arange(0, BLOCK)
     mask = rv < V
-    y = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, nsplit):
-        y += tl.load(part_ptr + (s * M + m) * V + rv, mask=mask, other=0.0).to(tl.float32)
+    y = sum_partials(part_ptr + m * V, M * V, rv, mask, SPLIT, SB)
     if ROUND == 1:
         y = y.to(tl.float16).to(tl.float32)
     elif ROUND == 2:
@@ -56,14 +55,15 @@ _ROUND = {torch.float16: 1, torch.bfloat16: 2}
 def logits_argmax(part: torch.Tensor, round_to: torch.dtype | None, logits: torch.Tensor | None = None,
                   ids: torch.Tensor | None = None, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """partials [SPLIT, M, V] -> (float32 logits [M, V] (rounded to `round_to` first), greedy ids int64 [M])."""
-    nsplit, m, v = part.shape
+    split, m, v = part.shape
     nb = cdiv(v, block)
     logits = torch.empty((m, v), dtype=torch.float32, device=part.device) if logits is None else logits
     ids = torch.empty((m,), dtype=torch.int64, device=part.device) if ids is None else ids
     bmax = torch.empty((m, nb), dtype=torch.float32, device=part.device)
     bidx = torch.empty((m, nb), dtype=torch.int32, device=part.device)
     rnd = _ROUND.get(round_to, 0) if round_to is not None else 0
-    _logits_argmax_kernel[(m, nb)](part, nsplit, logits, bmax, bidx, m, v, nb, ROUND=rnd, BLOCK=block, num_warps=4,
+    _logits_argmax_kernel[(m, nb)](part, logits, bmax, bidx, m, v, nb, SPLIT=split,
+                                   SB=split_block(split, block // (32 * 4)), ROUND=rnd, BLOCK=block, num_warps=4,
                                    **pdl_kwargs(part.device))
     _argmax_final_kernel[(m,)](bmax, bidx, ids, nb, BLOCK_B=max(2, 1 << (nb - 1).bit_length()), num_warps=1,
                                 **pdl_kwargs(part.device))

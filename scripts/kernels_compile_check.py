@@ -46,28 +46,36 @@ def main() -> int:
                 compile_one(f"dequant b{bits} g{group}", ql._dequantize_kernel,
                             dict(w_ptr=wty, s_ptr="*fp16", out_ptr="*fp16", N=i32, K=i32, stride_wn=i32,
                                  stride_sn=i32), dict(BITS=bits, GROUP=group, BLOCK_N=32, BLOCK_K=128))
-    compile_one("add_rmsnorm", norm._add_rmsnorm_kernel,
-                dict(part_ptr="*fp32", nsplit=i32, res_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", M=i32, H=i32,
-                     eps=f32), dict(HAS_PART=True, BLOCK_H=4096), num_warps=8)
-    compile_one("swiglu", norm._swiglu_kernel, dict(part_ptr="*fp32", nsplit=i32, out_ptr="*fp16", M=i32, F=i32),
-                dict(BLOCK=1024))
-    compile_one("qkv_rotary_append", rotary._qkv_rotary_append_kernel,
-                dict(part_ptr="*fp32", nsplit=i32, bias_ptr="*fp16", pos_ptr="*i64", cos_ptr="*fp16",
-                     sin_ptr="*fp16", q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", past_ptr="*i32", M=i32, S=i32,
-                     NQKV=i32, stride_cb=i32, stride_ch=i32, stride_ct=i32),
-                dict(HQ=32, HKV=2, D=128, HALF_R=32, HAS_BIAS=True), num_warps=1)
-    compile_one("decode_attention", attention._decode_attention_kernel,
-                dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", start_ptr="*i32", past_ptr="*i32", m_ptr="*fp32",
-                     l_ptr="*fp32", acc_ptr="*fp32", scale=f32, stride_cb=i32, stride_ch=i32, stride_ct=i32,
-                     NCHUNK=i32), dict(HQ=32, HKV=2, G=16, BLOCK_G=16, D=128, CHUNK=256, BLOCK_T=64))
-    compile_one("combine", attention._combine_kernel,
-                dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*fp16", NCHUNK=i32),
-                dict(D=128, BLOCK_C=16), num_warps=2)
-    compile_one("logits_argmax", sampling._logits_argmax_kernel,
-                dict(part_ptr="*fp32", nsplit=i32, logits_ptr="*fp32", bmax_ptr="*fp32", bidx_ptr="*i32", M=i32,
-                     V=i32, NB=i32), dict(ROUND=1, BLOCK=2048))
+    for split in (1, 4, 33):
+        sb = ql.split_block(split, 4096 // 512)
+        compile_one(f"add_rmsnorm split {split}", norm._add_rmsnorm_kernel,
+                    dict(part_ptr="*fp32", res_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", M=i32, H=i32, eps=f32),
+                    dict(SPLIT=split, SB=sb, BLOCK_H=4096, PDL=True), num_warps=16)
+        compile_one(f"swiglu split {split}", norm._swiglu_kernel,
+                    dict(part_ptr="*fp32", out_ptr="*fp16", M=i32, F=i32),
+                    dict(SPLIT=split, SB=ql.split_block(split, 8), BLOCK=1024, INTERLEAVED=True, PDL=True))
+        compile_one(f"qkv_rotary_append split {split}", rotary._qkv_rotary_append_kernel,
+                    dict(part_ptr="*fp32", bias_ptr="*fp16", pos_ptr="*i64", cos_ptr="*fp16", sin_ptr="*fp16",
+                         q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", past_ptr="*i32", ks_ptr="*fp32",
+                         vs_ptr="*fp32", kn_ptr="*fp16", vn_ptr="*fp16", M=i32, S=i32, NQKV=i32, stride_cb=i32,
+                         stride_ch=i32, stride_ct=i32),
+                    dict(SPLIT=split, SB=ql.split_block(split, 2), HQ=32, HKV=2, D=128, HALF_R=32, HAS_BIAS=True,
+                         KV8=False, PDL=True), num_warps=1)
+        for kv8 in (False, True):
+            compile_one(f"decode_attention split {split} kv8={kv8}", attention._decode_attention_kernel,
+                        dict(part_ptr="*fp32", bias_ptr="*fp16", pos_ptr="*i64", cos_ptr="*fp16", sin_ptr="*fp16",
+                             k_ptr="*i8" if kv8 else "*fp16", v_ptr="*i8" if kv8 else "*fp16", start_ptr="*i32",
+                             past_ptr="*i32", ml_ptr="*fp32", acc_ptr="*fp32", count_ptr="*i32", out_ptr="*fp16",
+                             scale=f32, ks_ptr="*fp32", vs_ptr="*fp32", M=i32, NQKV=i32, stride_cb=i32,
+                             stride_ch=i32, stride_ct=i32, NCHUNK=i32),
+                        dict(SPLIT=split, SB=ql.split_block(split, 8), HQ=32, HKV=2, G=16, BLOCK_G=16, D=128,
+                             HALF_R=32, CHUNK=64, BLOCK_T=64, BLOCK_C=4, HAS_BIAS=True, KV8=kv8, PDL=True))
+        compile_one(f"logits_argmax split {split}", sampling._logits_argmax_kernel,
+                    dict(part_ptr="*fp32", logits_ptr="*fp32", bmax_ptr="*fp32", bidx_ptr="*i32", M=i32, V=i32,
+                         NB=i32), dict(SPLIT=split, SB=ql.split_block(split, 16), ROUND=1, BLOCK=2048, PDL=True))
     compile_one("argmax_final", sampling._argmax_final_kernel,
-                dict(bmax_ptr="*fp32", bidx_ptr="*i32", ids_ptr="*i64", NB=i32), dict(BLOCK_B=32), num_warps=1)
+                dict(bmax_ptr="*fp32", bidx_ptr="*i32", ids_ptr="*i64", NB=i32), dict(BLOCK_B=32, PDL=True),
+                num_warps=1)
     return 0
 
 

@@ -190,10 +190,9 @@ def consumer_of(name: str, m: int):
         pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
         past = torch.tensor([200], device="cuda", dtype=torch.int32)
         start = torch.zeros(m, dtype=torch.int32, device="cuda")
-        count = torch.zeros(m * HKV, dtype=torch.int32, device="cuda")
         o = torch.empty(m, HQ * D, device="cuda", dtype=dt)
         return lambda part: attention.decode_attention(part, bias, pos, cos, sin, kc, vc, start, past, HQ,
-                                                       1 / math.sqrt(D), count=count, out=o)
+                                                       1 / math.sqrt(D), out=o)
     return lambda part: sampling.logits_argmax(part, dt)
 
 
@@ -331,12 +330,11 @@ def small_kernels(bw: float, rows: list) -> None:
         add("qkv_rotary_append (prefill)", f"M={m}", bench(lambda i: rotary.qkv_rotary_append(
             partq, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV, q_out=q)), m * (HQ + 2 * HKV) * D * (4 + 2))
         start = torch.zeros(m, dtype=torch.int32, device="cuda")
-        count = torch.zeros(m * HKV, dtype=torch.int32, device="cuda")
         for ctx in (256, 2048):
             pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
             o = torch.empty_like(q)
             t = bench(lambda i, pst=pst, o=o: attention.decode_attention(partq, bias, pos, cos, sin, kc, vc, start, pst,
-                                                                         HQ, 1 / math.sqrt(D), count=count, out=o))
+                                                                         HQ, 1 / math.sqrt(D), out=o))
             add("decode_attention", f"B={m} ctx={ctx}", t,
                 2 * m * HKV * ctx * D * 2 + m * (HQ + 2 * HKV) * D * 4 + m * HQ * D * 2)
         partv = torch.randn(1, m, V, device="cuda")
@@ -373,12 +371,11 @@ def kv_kernels(bw: float, rows: list) -> None:
             rows.append(dict(kernel=f"qkv_rotary_append (prefill) {cache} cache", shape=f"M={m}", us=t * 1e6,
                              gbs=moved / t / 1e9, pct=100 * moved / t / bw))
             print(rows[-1], flush=True)
-            count = torch.zeros(m * HKV, dtype=torch.int32, device="cuda")
             for ctx in (256, 2048, 8192):
                 pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
                 o = torch.empty_like(q)
                 t = bench(lambda i, pst=pst, o=o: attention.decode_attention(
-                    partq, bias, pos, cos, sin, kc, vc, start, pst, HQ, 1 / math.sqrt(D), count=count, out=o,
+                    partq, bias, pos, cos, sin, kc, vc, start, pst, HQ, 1 / math.sqrt(D), out=o,
                     kv8=kv8))
                 moved = 2 * m * HKV * ctx * D * kc.element_size() + m * (HQ + 2 * HKV) * D * 4 + m * HQ * D * 2
                 rows.append(dict(kernel=f"decode_attention {cache} cache", shape=f"B={m} ctx={ctx}",

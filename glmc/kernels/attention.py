@@ -18,11 +18,12 @@ model dtype's rounding (within the kv8 verification bound).
 
 Program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one [G, D]
 tile (padded to 16 rows for the tensor cores), made from the partials, against the chunk's cached keys, online
-softmax; the chunk holding slot `past` also writes the new key/value there and joins them. Each program writes its
-chunk's max, sum and un-normalised output, then counts itself done (an atomic per (row, KV head)); the last of them
-merges the chunks that hold keys of the row and writes the [G, D] output, and resets the count for the next launch.
-Chunks past `past` (and before the row's padding) read nothing, so one launch shape (and one CUDA graph) serves
-every length up to the cache's.
+softmax; the chunk holding slot `past` also writes the new key/value there and joins them; each program writes its
+chunk's max, sum and un-normalised output. Chunks past `past` (and before the row's padding) read nothing, so one
+launch shape (and one CUDA graph) serves every length up to the cache's. Then the merge, program (row b, query
+head): the chunks' outputs weighted by their softmax sums. (One kernel with the merge done by the last chunk to
+finish, counted by an atomic, was slower: 24.6 vs 7.5 us at batch 1 and 8k tokens, one program reading every
+chunk; and the whole step slower under programmatic dependent launch, docs/gpu.md.)
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from glmc.kernels.rotary import KV8, qkv_sum, quantize, rotate
 
 @jit
 def _decode_attention_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, start_ptr, past_ptr,
-                             ml_ptr, acc_ptr, count_ptr, out_ptr, scale, ks_ptr, vs_ptr, M, NQKV, stride_cb,
+                             m_ptr, l_ptr, acc_ptr, like_ptr, scale, ks_ptr, vs_ptr, M, NQKV, stride_cb,
                              stride_ch, stride_ct, NCHUNK, SPLIT: tl.constexpr, SB: tl.constexpr, HQ: tl.constexpr,
                              HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                             HALF_R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                             HALF_R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
                              HAS_BIAS: tl.constexpr, KV8: tl.constexpr, PDL: tl.constexpr):
     """int8 cache: the codes meet the tensor cores as fp16 (exact), the K scale is folded into q (per channel:
     q.(s*k) = (q*s).k) and the V scale applied to the chunk's output (sum_j p_j (s*v_j) = s * sum_j p_j v_j)."""
@@ -49,7 +50,7 @@ def _decode_attention_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, k_pt
     c = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
-    dt = out_ptr.dtype.element_ty
+    dt = like_ptr.dtype.element_ty
     rg = tl.arange(0, BLOCK_G)
     gmask = rg < G
     rd = tl.arange(0, D)
@@ -60,22 +61,22 @@ def _decode_attention_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, k_pt
     # q [BLOCK_G, D] from the partials: even and odd elements of each pair as flat [BLOCK_G * D/2] columns
     colq = tl.reshape(heads[:, None] * D + 2 * i[None, :], (BLOCK_G * (D // 2),))
     qmask = tl.reshape(gmask[:, None] & (i[None, :] < D // 2), (BLOCK_G * (D // 2),))
-    qa = tl.reshape(qkv_sum(row, M * NQKV, bias_ptr, colq, qmask, out_ptr, SPLIT, SB, HAS_BIAS), (BLOCK_G, D // 2))
-    qb = tl.reshape(qkv_sum(row, M * NQKV, bias_ptr, colq + 1, qmask, out_ptr, SPLIT, SB, HAS_BIAS),
+    qa = tl.reshape(qkv_sum(row, M * NQKV, bias_ptr, colq, qmask, like_ptr, SPLIT, SB, HAS_BIAS), (BLOCK_G, D // 2))
+    qb = tl.reshape(qkv_sum(row, M * NQKV, bias_ptr, colq + 1, qmask, like_ptr, SPLIT, SB, HAS_BIAS),
                     (BLOCK_G, D // 2))
-    qa, qb = rotate(qa, qb, cos_ptr, sin_ptr, pos, i[None, :], HALF_R, out_ptr)
+    qa, qb = rotate(qa, qb, cos_ptr, sin_ptr, pos, i[None, :], HALF_R, like_ptr)
     q = tl.interleave(qa, qb).to(dt)
     # the new token's key (rotated) and value, pairs (a, b), rounded to the model dtype
     every = i < D // 2
     colk = (HQ + hk) * D + 2 * i
     colv = (HQ + HKV + hk) * D + 2 * i
-    ka, kb = rotate(qkv_sum(row, M * NQKV, bias_ptr, colk, every, out_ptr, SPLIT, SB, HAS_BIAS),
-                    qkv_sum(row, M * NQKV, bias_ptr, colk + 1, every, out_ptr, SPLIT, SB, HAS_BIAS),
-                    cos_ptr, sin_ptr, pos, i, HALF_R, out_ptr)
+    ka, kb = rotate(qkv_sum(row, M * NQKV, bias_ptr, colk, every, like_ptr, SPLIT, SB, HAS_BIAS),
+                    qkv_sum(row, M * NQKV, bias_ptr, colk + 1, every, like_ptr, SPLIT, SB, HAS_BIAS),
+                    cos_ptr, sin_ptr, pos, i, HALF_R, like_ptr)
     ka = ka.to(dt).to(tl.float32)
     kb = kb.to(dt).to(tl.float32)
-    va = qkv_sum(row, M * NQKV, bias_ptr, colv, every, out_ptr, SPLIT, SB, HAS_BIAS)
-    vb = qkv_sum(row, M * NQKV, bias_ptr, colv + 1, every, out_ptr, SPLIT, SB, HAS_BIAS)
+    va = qkv_sum(row, M * NQKV, bias_ptr, colv, every, like_ptr, SPLIT, SB, HAS_BIAS)
+    vb = qkv_sum(row, M * NQKV, bias_ptr, colv + 1, every, like_ptr, SPLIT, SB, HAS_BIAS)
 
     start = tl.load(start_ptr + b)
     last = tl.load(past_ptr)  # the new token's slot: cached keys start..last-1, then the new one
@@ -127,50 +128,43 @@ def _decode_attention_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, k_pt
         acc = acc * alpha[:, None] + p_new[:, None] * vn[None, :]
         m_i = m_new
     o = (bh * NCHUNK + c) * BLOCK_G + rg  # partials [B * HKV, NCHUNK, BLOCK_G] (and x D)
-    nml = tl.num_programs(0) * NCHUNK * BLOCK_G
-    tl.store(ml_ptr + o, m_i)
-    tl.store(ml_ptr + nml + o, l_i)
+    tl.store(m_ptr + o, m_i)
+    tl.store(l_ptr + o, l_i)
     tl.store(acc_ptr + o[:, None] * D + rd[None, :], acc)
-    tl.debug_barrier()  # every thread's partials written before the count (released by it, gpu scope)
-    if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == NCHUNK - 1:  # the last chunk of (b, KV head) to finish
-        tl.atomic_xchg(count_ptr + bh, 0)
-        c_first = start // CHUNK
-        c_last = last // CHUNK
-        rc = tl.arange(0, BLOCK_C)
-        mx = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-        for c0 in range(c_first, c_last + 1, BLOCK_C):
-            cc = (c0 + rc)[None, :]
-            idx = (bh * NCHUNK + cc) * BLOCK_G + rg[:, None]  # [BLOCK_G, BLOCK_C]
-            mm = tl.load(ml_ptr + idx, mask=cc <= c_last, other=float("-inf"), cache_modifier=".cg")
-            mx = tl.maximum(mx, tl.max(mm, axis=1))
-        lsum = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        out = tl.zeros((BLOCK_G, D), dtype=tl.float32)
-        for c0 in range(c_first, c_last + 1, BLOCK_C):
-            cc = (c0 + rc)[None, :]
-            idx = (bh * NCHUNK + cc) * BLOCK_G + rg[:, None]
-            cm = cc <= c_last
-            mm = tl.load(ml_ptr + idx, mask=cm, other=float("-inf"), cache_modifier=".cg")
-            w = tl.where(mm == float("-inf"), 0.0, tl.exp(mm - mx[:, None]))  # [BLOCK_G, BLOCK_C]
-            lsum += tl.sum(w * tl.load(ml_ptr + nml + idx, mask=cm, other=0.0, cache_modifier=".cg"), axis=1)
-            a3 = tl.load(acc_ptr + idx[:, :, None] * D + rd[None, None, :], mask=cm[:, :, None], other=0.0,
-                         cache_modifier=".cg")  # [BLOCK_G, BLOCK_C, D]
-            out += tl.sum(a3 * w[:, :, None], axis=1)
-        tl.store(out_ptr + (b * HQ + heads)[:, None] * D + rd[None, :], (out / lsum[:, None]).to(dt),
-                 mask=gmask[:, None])
+
+
+@jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                    BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """Program (row b, query head h): out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks
+    of h's KV head (a chunk without keys of the row has m = -inf and weighs 0)."""
+    pdl_prologue(PDL)
+    bq = tl.program_id(0)
+    b = bq // HQ
+    h = bq % HQ
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, D)
+    cmask = rc < NCHUNK
+    o = ((b * HKV + h // G) * NCHUNK + rc) * BLOCK_G + h % G
+    m = tl.load(m_ptr + o, mask=cmask, other=float("-inf"))
+    lsum = tl.load(l_ptr + o, mask=cmask, other=0.0)
+    mx = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
+    acc = tl.load(acc_ptr + o[:, None] * D + rd[None, :], mask=cmask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    tl.store(out_ptr + bq * D + rd, out.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(part: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
-                     past: torch.Tensor, num_heads: int, scale: float, count: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, kv8: KV8 | None = None, chunk: int | None = None,
-                     block_t: int = 64) -> torch.Tensor:
+                     past: torch.Tensor, num_heads: int, scale: float, out: torch.Tensor | None = None,
+                     kv8: KV8 | None = None, chunk: int | None = None, block_t: int = 64) -> torch.Tensor:
     """One decode step's attention from the QKV linear: part [SPLIT, B, (Hq + 2 Hkv) D] (its split-K partials),
     bias, positions [B] int64, cos/sin [max_positions, R/2]; caches [B, Hkv, S_max, D] (int8 with `kv8`, of which
     only the scales are read), the new token written at slot `past` (int32 [1] on the device), start int32 [B]
-    -> attention output [B, Hq D] in cos's dtype (the model's). `count` (int32 [>= B * Hkv], zero; left zero) is the
-    kernel's per-(row, KV head) counter: the caller keeps one for every launch (allocated when not given). `chunk`
-    (cache slots per program) defaults to S_max / 64 within 64..256: short caches get more programs in flight at
-    batch 1, long ones fewer partials to merge."""
+    -> attention output [B, Hq D] in cos's dtype (the model's). `chunk` (cache slots per program) defaults to
+    S_max / 64 within 64..256: short caches get more programs in flight at batch 1, long ones fewer partials to
+    merge."""
     split, b, nqkv = part.shape
     _, hkv, smax, d = k_cache.shape
     if nqkv != (num_heads + 2 * hkv) * d or d != next_pow2(d):
@@ -183,15 +177,16 @@ def decode_attention(part: torch.Tensor, bias: torch.Tensor | None, positions: t
     nchunk = cdiv(smax, chunk)
     ml = torch.empty((2, b * hkv, nchunk, block_g), dtype=torch.float32, device=part.device)
     acc = torch.empty((b * hkv, nchunk, block_g, d), dtype=torch.float32, device=part.device)
-    count = torch.zeros(b * hkv, dtype=torch.int32, device=part.device) if count is None else count
     out = torch.empty((b, num_heads * d), dtype=cos.dtype, device=part.device) if out is None else out
     ks, vs = (kv8.k_scale, kv8.v_scale) if kv8 is not None else (part, part)
     _decode_attention_kernel[(b * hkv, nchunk)](
-        part, bias if bias is not None else part, positions, cos, sin, k_cache, v_cache, start, past, ml, acc, count,
-        out, scale, ks, vs, b, nqkv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), nchunk, SPLIT=split,
-        SB=split_block(split, max(1, block_g * d // 2 // 128)), HQ=num_heads, HKV=hkv, G=g, BLOCK_G=block_g, D=d,
-        HALF_R=cos.shape[-1], CHUNK=chunk, BLOCK_T=block_t, BLOCK_C=max(1, min(4, next_pow2(nchunk))),
-        HAS_BIAS=bias is not None, KV8=kv8 is not None, num_warps=4, **pdl_kwargs(part.device))
+        part, bias if bias is not None else part, positions, cos, sin, k_cache, v_cache, start, past, ml[0], ml[1],
+        acc, out, scale, ks, vs, b, nqkv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), nchunk,
+        SPLIT=split, SB=split_block(split, max(1, block_g * d // 2 // 128)), HQ=num_heads, HKV=hkv, G=g,
+        BLOCK_G=block_g, D=d, HALF_R=cos.shape[-1], CHUNK=chunk, BLOCK_T=block_t, HAS_BIAS=bias is not None,
+        KV8=kv8 is not None, num_warps=4, **pdl_kwargs(part.device))
+    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=block_g,
+                                      D=d, BLOCK_C=max(2, next_pow2(nchunk)), num_warps=2, **pdl_kwargs(part.device))
     return out
 
 

@@ -142,7 +142,6 @@ class CudaBackend:
         new = max_batch * c.num_kv_heads * self.max_input_length * c.head_dim if self.kv8 else 0
         self.kv_new = torch.zeros((2, new), dtype=self.dtype, device=self.device)
         self.start = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
-        self.attn_count = torch.zeros(max_batch * c.num_kv_heads, dtype=torch.int32, device=self.device)  # left 0
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _Graph] = {}
         self.epoch = 0
@@ -258,7 +257,7 @@ class CudaBackend:
             part = linear_partials(h, lay.qkv)
             if s == 1:
                 a = k_attention.decode_attention(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, self.start[:b],
-                                                 past, c.num_heads, self.scale, count=self.attn_count, kv8=kv8)
+                                                 past, c.num_heads, self.scale, kv8=kv8)
             else:
                 q = k_rotary.qkv_rotary_append(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, past, s,
                                                c.num_heads, c.num_kv_heads, kv8=kv8)

@@ -167,11 +167,11 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
 
 
 def consumer_of(name: str, m: int):
-    """The kernel that reads a linear's split-K partials in the decode step (qkv: attention; dense and 4h_to_h:
+    """The kernel that reads a linear's split-K partials in the decode step (qkv: rotary + append; dense and 4h_to_h:
     add + RMSNorm; h_to_4h: SwiGLU; output: logits + argmax), as a function of the partials. Those kernels read the
     splits a few at a time (quantized_linear.sum_partials), so a split that makes the GEMV faster can make the pair
     slower."""
-    from glmc.kernels import attention, norm, sampling
+    from glmc.kernels import norm, rotary, sampling
     from glmc.modeling_patches.ops.attention import rotary_tables
     dt = torch.float16
     if name in ("dense", "4h_to_h"):
@@ -182,17 +182,15 @@ def consumer_of(name: str, m: int):
     if name == "h_to_4h":
         act = torch.empty(m, FFN, device="cuda", dtype=dt)
         return lambda part: norm.swiglu(part, dt, out=act)
-    if name == "qkv":  # the decode step's attention kernel (bias + rotary + append + attention), 200 cached tokens
+    if name == "qkv":
         cos, sin = (t.to("cuda", dt) for t in rotary_tables(D // 2, 8192, 10000.0))
-        kc = torch.zeros(m, HKV, 392, D, device="cuda", dtype=dt)
+        kc = torch.zeros(m, HKV, 512, D, device="cuda", dtype=dt)
         vc = torch.zeros_like(kc)
         bias = torch.zeros((HQ + 2 * HKV) * D, device="cuda", dtype=dt)
         pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
         past = torch.tensor([200], device="cuda", dtype=torch.int32)
-        start = torch.zeros(m, dtype=torch.int32, device="cuda")
-        o = torch.empty(m, HQ * D, device="cuda", dtype=dt)
-        return lambda part: attention.decode_attention(part, bias, pos, cos, sin, kc, vc, start, past, HQ,
-                                                       1 / math.sqrt(D), out=o)
+        q = torch.empty(m, HQ * D, device="cuda", dtype=dt)
+        return lambda part: rotary.qkv_rotary_append(part, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV, q_out=q)
     return lambda part: sampling.logits_argmax(part, dt)
 
 
@@ -327,24 +325,22 @@ def small_kernels(bw: float, rows: list) -> None:
         pos = torch.full((m,), 200, device="cuda", dtype=torch.int64)
         past = torch.tensor([200], device="cuda", dtype=torch.int32)
         q = torch.empty(m, HQ * D, device="cuda", dtype=dt)
-        add("qkv_rotary_append (prefill)", f"M={m}", bench(lambda i: rotary.qkv_rotary_append(
+        add("qkv_rotary_append", f"M={m}", bench(lambda i: rotary.qkv_rotary_append(
             partq, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV, q_out=q)), m * (HQ + 2 * HKV) * D * (4 + 2))
         start = torch.zeros(m, dtype=torch.int32, device="cuda")
         for ctx in (256, 2048):
             pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
             o = torch.empty_like(q)
-            t = bench(lambda i, pst=pst, o=o: attention.decode_attention(partq, bias, pos, cos, sin, kc, vc, start, pst,
-                                                                         HQ, 1 / math.sqrt(D), out=o))
-            add("decode_attention", f"B={m} ctx={ctx}", t,
-                2 * m * HKV * ctx * D * 2 + m * (HQ + 2 * HKV) * D * 4 + m * HQ * D * 2)
+            t = bench(lambda i, pst=pst, o=o: attention.decode_attention(q, kc, vc, start, pst, HQ, 1 / math.sqrt(D),
+                                                                         out=o))
+            add("decode_attention+combine", f"B={m} ctx={ctx}", t, 2 * m * HKV * ctx * D * 2 + 2 * m * HQ * D * 2)
         partv = torch.randn(1, m, V, device="cuda")
         add("logits_argmax", f"M={m} V={V}", bench(lambda i: sampling.logits_argmax(partv, dt)), m * V * 8)
 
 
 def kv_kernels(bw: float, rows: list) -> None:
     """The KV-cache kernels with an fp16 and an int8 cache (scales per KV head and channel): QKV bias + rotary +
-    append (prefill's), and decode attention (bias + rotary + append + attention + merge) at batch 1 and 16,
-    contexts 256 to 8192 (bytes: the cache and the QKV partials read)."""
+    append, and decode attention + combine at batch 1 and 16, contexts 256 to 8192 (bytes: the cache read)."""
     from glmc.kernels import attention, rotary
     from glmc.modeling_patches.ops.attention import rotary_tables
     dt = torch.float16
@@ -368,17 +364,16 @@ def kv_kernels(bw: float, rows: list) -> None:
             t = bench(lambda i: rotary.qkv_rotary_append(partq, bias, pos, cos, sin, kc, vc, past, 1, HQ, HKV,
                                                          q_out=q, kv8=kv8))
             moved = m * (HQ + 2 * HKV) * D * (4 + 2)
-            rows.append(dict(kernel=f"qkv_rotary_append (prefill) {cache} cache", shape=f"M={m}", us=t * 1e6,
+            rows.append(dict(kernel=f"qkv_rotary_append {cache} cache", shape=f"M={m}", us=t * 1e6,
                              gbs=moved / t / 1e9, pct=100 * moved / t / bw))
             print(rows[-1], flush=True)
             for ctx in (256, 2048, 8192):
                 pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
                 o = torch.empty_like(q)
                 t = bench(lambda i, pst=pst, o=o: attention.decode_attention(
-                    partq, bias, pos, cos, sin, kc, vc, start, pst, HQ, 1 / math.sqrt(D), out=o,
-                    kv8=kv8))
-                moved = 2 * m * HKV * ctx * D * kc.element_size() + m * (HQ + 2 * HKV) * D * 4 + m * HQ * D * 2
-                rows.append(dict(kernel=f"decode_attention {cache} cache", shape=f"B={m} ctx={ctx}",
+                    q, kc, vc, start, pst, HQ, 1 / math.sqrt(D), out=o, kv8=kv8))
+                moved = 2 * m * HKV * ctx * D * kc.element_size() + 2 * m * HQ * D * 2
+                rows.append(dict(kernel=f"decode_attention+combine {cache} cache", shape=f"B={m} ctx={ctx}",
                                  us=t * 1e6, gbs=moved / t / 1e9, pct=100 * moved / t / bw))
                 print(rows[-1], flush=True)
 

@@ -43,36 +43,12 @@ class KV8:
 
 
 @jit
-def quantize(x, s):
+def _quantize(x, s):
     """kv_cache_quantize of float32 values (already rounded to the model dtype) by float32 scales -> int8."""
     y = tl.div_rn(x, s)
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     # + then - 1.5 * 2^23 rounds a float32 |y| < 2^22 to an integer, ties to even (float32 adds round so)
     return ((y + 12582912.0) - 12582912.0).to(tl.int8)
-
-
-@jit
-def qkv_sum(row_ptr, split_stride, bias_ptr, col, mask, like_ptr, SPLIT: tl.constexpr, SB: tl.constexpr,
-            HAS_BIAS: tl.constexpr):
-    """Columns `col` of one token's fused QKV output from the linear's partials (row_ptr: the token's row of split
-    0), plus the bias, as float32 values rounded to the model dtype (like_ptr's): the linear's output is rounded,
-    then the bias added and rounded, as F.linear in fp16 closely."""
-    dt = like_ptr.dtype.element_ty
-    a = sum_partials(row_ptr, split_stride, col, mask, SPLIT, SB)
-    if HAS_BIAS:
-        a = a.to(dt).to(tl.float32) + tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
-    return a.to(dt).to(tl.float32)
-
-
-@jit
-def rotate(a, b, cos_ptr, sin_ptr, pos, i, HALF_R: tl.constexpr, like_ptr):
-    """ChatGLM rotary of the pairs (a, b) = (x[2i], x[2i+1]) at position `pos`: pairs i < HALF_R rotate (the tables
-    [max_positions, HALF_R] rounded to the model dtype, as the reference's), the rest pass; float32."""
-    dt = like_ptr.dtype.element_ty
-    rmask = i < HALF_R
-    c = tl.load(cos_ptr + pos * HALF_R + i, mask=rmask, other=1.0).to(dt).to(tl.float32)
-    sn = tl.load(sin_ptr + pos * HALF_R + i, mask=rmask, other=0.0).to(dt).to(tl.float32)
-    return a * c - b * sn, b * c + a * sn
 
 
 @jit
@@ -89,11 +65,20 @@ def _qkv_rotary_append_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, q_p
     i = tl.arange(0, D // 2)
     col = h * D + 2 * i  # even element of each pair within the fused QKV row
     every = i < D // 2
-    a = qkv_sum(part_ptr + m * NQKV, M * NQKV, bias_ptr, col, every, q_ptr, SPLIT, SB, HAS_BIAS)
-    b = qkv_sum(part_ptr + m * NQKV, M * NQKV, bias_ptr, col + 1, every, q_ptr, SPLIT, SB, HAS_BIAS)
+    a = sum_partials(part_ptr + m * NQKV, M * NQKV, col, every, SPLIT, SB)
+    b = sum_partials(part_ptr + m * NQKV, M * NQKV, col + 1, every, SPLIT, SB)
     dt = q_ptr.dtype.element_ty
+    if HAS_BIAS:  # the linear's output is rounded, then the bias added (rounded): as F.linear in fp16 closely
+        a = a.to(dt).to(tl.float32) + tl.load(bias_ptr + col).to(tl.float32)
+        b = b.to(dt).to(tl.float32) + tl.load(bias_ptr + col + 1).to(tl.float32)
+    a = a.to(dt).to(tl.float32)
+    b = b.to(dt).to(tl.float32)
     if h < HQ + HKV:  # q and k heads rotate
-        a, b = rotate(a, b, cos_ptr, sin_ptr, tl.load(pos_ptr + m), i, HALF_R, q_ptr)
+        pos = tl.load(pos_ptr + m)
+        rmask = i < HALF_R
+        c = tl.load(cos_ptr + pos * HALF_R + i, mask=rmask, other=1.0).to(dt).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * HALF_R + i, mask=rmask, other=0.0).to(dt).to(tl.float32)
+        a, b = a * c - b * sn, b * c + a * sn
     if h < HQ:
         tl.store(q_ptr + m * HQ * D + col, a.to(dt))
         tl.store(q_ptr + m * HQ * D + col + 1, b.to(dt))
@@ -112,15 +97,15 @@ def _qkv_rotary_append_kernel(part_ptr, bias_ptr, pos_ptr, cos_ptr, sin_ptr, q_p
                 tl.store(kn_ptr + new * D + 2 * i + 1, b.to(dt))
                 sa = tl.load(ks_ptr + hk * D + 2 * i)
                 sb = tl.load(ks_ptr + hk * D + 2 * i + 1)
-                tl.store(k_ptr + off + 2 * i, quantize(a, sa))
-                tl.store(k_ptr + off + 2 * i + 1, quantize(b, sb))
+                tl.store(k_ptr + off + 2 * i, _quantize(a, sa))
+                tl.store(k_ptr + off + 2 * i + 1, _quantize(b, sb))
             else:
                 tl.store(vn_ptr + new * D + 2 * i, a.to(dt))
                 tl.store(vn_ptr + new * D + 2 * i + 1, b.to(dt))
                 sa = tl.load(vs_ptr + hk * D + 2 * i)
                 sb = tl.load(vs_ptr + hk * D + 2 * i + 1)
-                tl.store(v_ptr + off + 2 * i, quantize(a, sa))
-                tl.store(v_ptr + off + 2 * i + 1, quantize(b, sb))
+                tl.store(v_ptr + off + 2 * i, _quantize(a, sa))
+                tl.store(v_ptr + off + 2 * i + 1, _quantize(b, sb))
         else:
             if is_k:
                 tl.store(k_ptr + off + 2 * i, a.to(dt))

@@ -2,13 +2,12 @@
 CUDA graphs.
 
 Same weights and quantization as the torch reference model (`checkpoint.load_model` + `glmc.quantization`), read in
-the op's own layout (glmc/kernels/quantized_linear.py). A step is: embedding; per layer the QKV GEMV, then (decode)
-one kernel for QKV bias + rotary + KV-cache append + flash-decoding attention, or (prefill) the bias + rotary +
-append kernel and torch's SDPA over the cache; the dense GEMV, residual add + RMSNorm, the gate/up GEMV and SwiGLU
-(one kernel for int8/int4 weights: the GEMV's epilogue, its rows interleaved gate/up when the backend is made), the
-down GEMV, residual add + the next RMSNorm; then the output layer and the logits (and greedy ids) on the device.
-Decode steps of each batch size run as one CUDA graph whose inputs (ids, positions, the cache slot `past`) are
-device buffers.
+the op's own layout (glmc/kernels/quantized_linear.py). A step is: embedding; per layer the QKV GEMV, QKV bias +
+rotary + KV-cache append, attention (decode: the flash-decoding kernel; prefill: torch's SDPA over the cache), the
+dense GEMV, residual add + RMSNorm, the gate/up GEMV and SwiGLU (one kernel for int8/int4 weights: the GEMV's
+epilogue, its rows interleaved gate/up when the backend is made), the down GEMV, residual add + the next RMSNorm; then
+the output layer and the logits (and greedy ids) on the device. Decode steps of each batch size run as one CUDA
+graph whose inputs (ids, positions, the cache slot `past`) are device buffers.
 
 The KV cache is one preallocated [layers, max_batch, Hkv, max_length, D] buffer per K and V (the model dtype, or int8
 when the model has K/V scales: quantized on append, dequantized in attention, as glmc::kv_cache_quantize/dequantize
@@ -255,12 +254,11 @@ class CudaBackend:
             kv8 = KV8(*self.kv_scales[i], self.kv_new[0, :math.prod(new)].view(new),
                       self.kv_new[1, :math.prod(new)].view(new)) if self.kv8 else None
             part = linear_partials(h, lay.qkv)
+            q = k_rotary.qkv_rotary_append(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, past, s,
+                                           c.num_heads, c.num_kv_heads, kv8=kv8)
             if s == 1:
-                a = k_attention.decode_attention(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, self.start[:b],
-                                                 past, c.num_heads, self.scale, kv8=kv8)
+                a = k_attention.decode_attention(q, kc, vc, self.start[:b], past, c.num_heads, self.scale, kv8=kv8)
             else:
-                q = k_rotary.qkv_rotary_append(part, lay.qkv.bias, pos, self.cos, self.sin, kc, vc, past, s,
-                                               c.num_heads, c.num_kv_heads, kv8=kv8)
                 a = k_attention.prefill_attention(q, kc, vc, self.start, b, s, p, c.num_heads, self.scale, kv8)
             h = k_norm.add_rmsnorm(linear_partials(a, lay.dense), x, lay.ln2, self.eps)
             act = gate_up_swiglu(h, lay.up) if lay.swiglu_fused else \

@@ -241,7 +241,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                                  gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
                                  tried=len(cands), with_consumer_us=None if alone else t_pair * 1e6))
                 print(rows[-1], flush=True)
-                if name == "h_to_4h" and bits in (4, 8) and mma_only:
+                if name == "h_to_4h" and mma_only:
                     sweep_swiglu(bw, rows, tuned, x, copies, t_pair if not alone else None, cfg)
                     if save is not None:
                         save()

@@ -17,7 +17,7 @@
 #   pdl: every GPU kernel test (PDL on), the mma configs of int8/int4 swept (from BASE_TUNED), then bench_cuda.py at
 #     LAYERS with that table twice: GLMC_PDL=1 and GLMC_PDL=0
 #   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); with BEFORE=1 bench_cuda.py
-#     at batch 1 on the shipped table, profiled; the int8/int4 mma sweep; then bench_cuda.py at LAYERS with that table
+#     at batch 1 on the shipped table, profiled; the mma sweep of SWEEP_PRECISIONS (default int8 int4-g128); then bench_cuda.py at LAYERS with that table
 #     (every precision, kv8 rows, peers; BENCH_ARGS adds options) until DEADLINE (580 s)
 # Wheels the machine lacks (onnxsim, for the cuda-target test's compile) travel in .whl/ (carry it).
 set -o pipefail
@@ -64,8 +64,10 @@ if [ "$SWEEP" = sweep ]; then
     timeout 150 python3 benchmarks/bench_cuda.py --out "$OUT/before" --layers "$LAYERS" --precisions fp16 int8 int4-g128 \
       --batches 1 --kv8 --peers --profile 30 2>&1 | tee "$OUT/before.log" | grep -v "^|" | tail -110
   fi
+  # shellcheck disable=SC2086  # SWEEP_PRECISIONS: word-split list
   timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \
-    --precisions int8 int4-g128 2>&1 | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" | tail -20
+    --precisions ${SWEEP_PRECISIONS:-int8 int4-g128} 2>&1 | tee "$OUT/kernels.log" | grep -v "^{\|^  \|WRONG\|skip" \
+    | tail -30
   grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
   LEFT=$(( ${DEADLINE:-580} - ($(date +%s) - T0) ))
   echo "bench_cuda: $LEFT s left"

@@ -297,6 +297,7 @@ def test_mma_kernel_instances_compile_with_nvrtc():
             cfg = default_config(m, 768, 512, bits, group)
             names.add((bits, group, cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch), 1))
     names.add((16, 0, 2, 4, 16, 0, 0))
+    names.add((16, 0, 2, 2, 8, 1, 1))
     assert len(names) >= 10 and all(n[0] in MMA_SPAN for n in names)
     for arch, pdl in (("90", 1), ("80", 0)):
         prog = ctypes.c_void_p()
@@ -332,19 +333,19 @@ def test_interleave_gate_up_pairs_the_rows():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 128)])
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 128), (16, 0)])
 @pytest.mark.parametrize("m", [1, 5, 9, 16, 40])
 def test_gate_up_swiglu_kernel(bits, group, m):
     """dense_h_to_4h + SwiGLU in one kernel (the mma epilogue, M <= 16; M = 40: partials + the interleaved SwiGLU
     kernel) against silu(x Wg^T) * (x Wu^T) of the op."""
-    from glmc.kernels.quantized_linear import GemvConfig, gate_up_swiglu, interleave_gate_up
+    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gate_up_swiglu, interleave_gate_up
     n, k = 2 * 1536, 1024
-    lin, _ = _linear(n, k, bits, group, False, "cuda")
+    lin, w = _linear(n, k, bits, group, False, "cuda")
     x = torch.randn(m, k, device="cuda").to(DT)
-    y = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k)
+    y = x @ w.T if bits == 16 else quantized_linear(x, lin.weight, lin.scale, None, bits, group, k)
     ref = torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
     inter = interleave_gate_up(lin)
-    span = 128 if bits == 4 else 64
+    span = MMA_SPAN[bits]
     for cfg in [None, GemvConfig("mma", 32, span, 1, 8, 4, False, False), GemvConfig("mma", 16, span, 1, 4, 2, False,
                                                                                      True)]:
         got = gate_up_swiglu(x, inter, cfg)

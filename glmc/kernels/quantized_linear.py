@@ -725,13 +725,13 @@ def interleave_gate_up(lin: PackedLinear) -> PackedLinear:
 
 
 def swiglu_fused(lin: PackedLinear, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether dense_h_to_4h runs with the SwiGLU epilogue (gate_up_swiglu's kernel path): int8/int4 weights the mma
-    kernel reads, no bias, and either the tuned table says the fused kernel wins at this shape (a `_swiglu` entry)
-    or the table does not know the shape."""
-    if lin.bits not in (4, 8) or lin.bias is not None or lin.n % 2 or mma_layer_refusal(lin, dtype, device):
+    """Whether dense_h_to_4h runs with the SwiGLU epilogue (gate_up_swiglu's kernel path): weights the mma kernel
+    reads, no bias, and the tuned table says the fused kernel wins at this shape (a `_swiglu` entry) or, for
+    int8/int4, does not know the shape (fp16's Triton GEMVs are the default where the table is silent)."""
+    if lin.bias is not None or lin.n % 2 or mma_layer_refusal(lin, dtype, device):
         return False
     key = config_key(1, lin.n, lin.k, lin.bits, lin.group_size)
-    return key + "_swiglu" in _tuned() or key not in _tuned()
+    return key + "_swiglu" in _tuned() or (lin.bits != 16 and key not in _tuned())
 
 
 def gate_up_swiglu(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) -> torch.Tensor:

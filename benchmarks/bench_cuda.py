@@ -2,7 +2,8 @@
 memory-bandwidth bound, for fp16, int8 (per channel) and int4 (group 128), batch 1 and 16; the int8 KV cache against
 the fp16 one at batch 16 and an 8k context; and the torch.compile peers of issue 12, all in one process.
 
-    python3 benchmarks/bench_cuda.py --out OUTDIR [--layers 28] [--tuned OUTDIR/tuned_h200.json] [--no-peers]
+    python3 benchmarks/bench_cuda.py --out OUTDIR [--layers 28] [--tuned OUTDIR/tuned_h200.json] [--peers]
+    python3 benchmarks/bench_cuda.py --report OUTDIR/cuda_results.json --out OUTDIR   # tables + plot again, no GPU
 
 Random fp16 weights are made on the GPU in memory (normal(0, 0.02), norms 1), then quantized on the GPU with
 glmc.quantization (the same code the compile pipeline runs). Each run: prefill a 128-token prompt, one decode step
@@ -302,7 +303,13 @@ def main() -> int:
     ap.add_argument("--copy-bw", type=float, help="bytes/s (else measured)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile 16 batch-1 steps of each precision (torch.profiler); print the N costliest kernels")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="no run: print the tables and write the plot of a saved cuda_results.json into --out")
     args = ap.parse_args()
+    if args.report:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report(json.loads(args.report.read_text()), args.out)
+        return 0
     if args.tuned:
         os.environ["GLMC_GEMV_TUNED"] = str(args.tuned)
     from benchmarks.bench_kernels import copy_bandwidth
@@ -380,7 +387,15 @@ def main() -> int:
     if args.peers:
         run_peers(args, results, save)
     save()
-    print(f"\n{results['gpu']}, {results['date']}, {args.layers} layers, copy bandwidth {bw / 1e12:.2f} TB/s, "
+    report(results, args.out)
+    return 0
+
+
+def report(results: dict, out: Path) -> None:
+    """The run's tables (stdout) and plot (OUT/cuda_decode.png: batch-1 tok/s per build against the bound and the
+    torch.compile peer; skipped without matplotlib), from a cuda_results.json's contents."""
+    bw = results["copy_bw"]
+    print(f"\n{results['gpu']}, {results['date']}, {results['layers']} layers, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"prompt {PROMPT} + {NEW} new tokens")
     print("| build | decode b1 tok/s | bound b1 | % of bound | ms/step b1 | decode b16 tok/s | torch.compile peer b1 "
           "tok/s | x peer |")
@@ -397,7 +412,26 @@ def main() -> int:
         print("| --- | --- | --- | --- |")
         for name, r in results["kv8"].items():
             print(f"| {name} | {r['tok_s']:.0f} | {r['ms_step']:.3f} | {r['cache_bytes'] / 2**30:.2f} |")
-    return 0
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [p for p, r in results["runs"].items() if "b1" in r]
+    x = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = [("glmc cuda engine", [results["runs"][n]["b1"]["tok_s"] for n in names]),
+            ("torch.compile peer", [results["peers"].get(n, {}).get("tok_s", 0) for n in names]),
+            ("bandwidth bound", [results["runs"][n]["bound_b1"] for n in names])]
+    for i, (label, vals) in enumerate(bars):
+        ax.bar([j + (i - 1) * 0.27 for j in x], vals, 0.27, label=label)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title(f"ChatGLM3-6B shape, {results['layers']} layers, {results['gpu']}, {results['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cuda_decode.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -564,6 +564,26 @@ def test_cuda_backend_greedy_equals_torch(precision):
     assert dev.tolist() == ref
 
 
+def test_bench_cuda_report_rebuilds_the_table_from_a_saved_run(tmp_path):
+    """`bench_cuda.py --report` (no GPU): the docs' table and plot come from a run's own cuda_results.json, every
+    figure recomputed from it (tok/s, % of the bound, x peer)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    saved = root / "docs/gpu/visit-g/cuda_results.json"
+    res = json.loads(saved.read_text())
+    out = subprocess.run([sys.executable, "benchmarks/bench_cuda.py", "--report", str(saved), "--out", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    for prec, run in res["runs"].items():
+        tps, bound = run["b1"]["tok_s"], run["bound_b1"]
+        peer = res["peers"].get(prec, {}).get("tok_s")
+        row = f"| {prec} | {tps:.1f} | {bound:.1f} | {100 * tps / bound:.0f}% |"
+        assert row in out and (peer is None or f"{peer:.1f} | {tps / peer:.2f}x |" in out), row
+    assert f"{res['kv8']['fp16 kv8 @8k']['cache_bytes'] / 2**30:.2f} |" in out
+
+
 # ---------------------------------------------------------------------------------------------- the cuda target
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent

@@ -169,7 +169,7 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
 def consumer_of(name: str, m: int):
     """The kernel that reads a linear's split-K partials in the decode step (qkv: rotary + append; dense and 4h_to_h:
     add + RMSNorm; h_to_4h: SwiGLU; output: logits + argmax), as a function of the partials. Those kernels read the
-    splits a few at a time (quantized_linear.sum_partials), so a split that makes the GEMV faster can make the pair
+    splits a few at a time (partials.sum_partials), so a split that makes the GEMV faster can make the pair
     slower."""
     from glmc.kernels import norm, rotary, sampling
     from glmc.modeling_patches.ops.attention import rotary_tables

@@ -10,6 +10,7 @@ from triton.backends.compiler import GPUTarget
 
 from glmc.kernels import attention, norm, rotary, sampling
 from glmc.kernels import quantized_linear as ql
+from glmc.kernels.partials import split_block
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -47,19 +48,19 @@ def main() -> int:
                             dict(w_ptr=wty, s_ptr="*fp16", out_ptr="*fp16", N=i32, K=i32, stride_wn=i32,
                                  stride_sn=i32), dict(BITS=bits, GROUP=group, BLOCK_N=32, BLOCK_K=128))
     for split in (1, 4, 33):
-        sb = ql.split_block(split, 4096 // 512)
+        sb = split_block(split, 4096 // 512)
         compile_one(f"add_rmsnorm split {split}", norm._add_rmsnorm_kernel,
                     dict(part_ptr="*fp32", res_ptr="*fp16", w_ptr="*fp16", out_ptr="*fp16", M=i32, H=i32, eps=f32),
                     dict(SPLIT=split, SB=sb, BLOCK_H=4096, PDL=True), num_warps=16)
         compile_one(f"swiglu split {split}", norm._swiglu_kernel,
                     dict(part_ptr="*fp32", out_ptr="*fp16", M=i32, F=i32),
-                    dict(SPLIT=split, SB=ql.split_block(split, 8), BLOCK=1024, INTERLEAVED=True, PDL=True))
+                    dict(SPLIT=split, SB=split_block(split, 8), BLOCK=1024, INTERLEAVED=True, PDL=True))
         compile_one(f"qkv_rotary_append split {split}", rotary._qkv_rotary_append_kernel,
                     dict(part_ptr="*fp32", bias_ptr="*fp16", pos_ptr="*i64", cos_ptr="*fp16", sin_ptr="*fp16",
                          q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", past_ptr="*i32", ks_ptr="*fp32",
                          vs_ptr="*fp32", kn_ptr="*fp16", vn_ptr="*fp16", M=i32, S=i32, NQKV=i32, stride_cb=i32,
                          stride_ch=i32, stride_ct=i32),
-                    dict(SPLIT=split, SB=ql.split_block(split, 2), HQ=32, HKV=2, D=128, HALF_R=32, HAS_BIAS=True,
+                    dict(SPLIT=split, SB=split_block(split, 2), HQ=32, HKV=2, D=128, HALF_R=32, HAS_BIAS=True,
                          KV8=False, PDL=True), num_warps=1)
         if split == 1:
             for kv8 in (False, True):
@@ -74,7 +75,7 @@ def main() -> int:
                         dict(D=128, BLOCK_C=64, PDL=True), num_warps=2)
         compile_one(f"logits_argmax split {split}", sampling._logits_argmax_kernel,
                     dict(part_ptr="*fp32", logits_ptr="*fp32", bmax_ptr="*fp32", bidx_ptr="*i32", M=i32, V=i32,
-                         NB=i32), dict(SPLIT=split, SB=ql.split_block(split, 16), ROUND=1, BLOCK=2048, PDL=True))
+                         NB=i32), dict(SPLIT=split, SB=split_block(split, 16), ROUND=1, BLOCK=2048, PDL=True))
     compile_one("argmax_final", sampling._argmax_final_kernel,
                 dict(bmax_ptr="*fp32", bidx_ptr="*i32", ids_ptr="*i64", NB=i32), dict(BLOCK_B=32, PDL=True),
                 num_warps=1)

@@ -14,6 +14,7 @@ One module per op, each kernel's docstring naming the op and the torch reference
   `gqa_reference` for one new token.
 - `sampling`: logits from the output layer's partials, greedy argmax on the device. Reference: `generate.sample`
   with temperature 0.
+- `partials`: how those kernels read a linear's split-K partials (`sum_partials`: a tile of splits per load).
 
 Importing any of them needs neither triton nor CUDA (`_jit`); launching does. `available()` says whether they can run.
 On sm90+ every decode kernel runs with programmatic dependent launch (`_cuda`; GLMC_PDL=0 turns it off).

@@ -21,7 +21,7 @@ import torch
 
 from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
 from glmc.kernels._jit import jit, next_pow2, tl
-from glmc.kernels.quantized_linear import split_block, sum_partials
+from glmc.kernels.partials import split_block, sum_partials
 
 
 @dataclasses.dataclass

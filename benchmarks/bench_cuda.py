@@ -1,4 +1,4 @@
-"""Decode tokens/s of the cuda backend (glmc's Triton kernels + CUDA graphs) at ChatGLM3-6B shape against the
+"""Decode tokens/s of the cuda backend (glmc's own kernels + CUDA graphs) at ChatGLM3-6B shape against the
 memory-bandwidth bound, for fp16, int8 (per channel) and int4 (group 128), batch 1 and 16; the int8 KV cache against
 the fp16 one at batch 16 and an 8k context; and the torch.compile peers of issue 12, all in one process.
 
@@ -69,6 +69,15 @@ def random_model_on_gpu(layers: int, seed: int = 0, max_positions: int = PROMPT 
     return model.eval()
 
 
+def replay_step(g) -> None:
+    """One decode step of a captured batch graph: the last step's greedy ids become the input, position and cache
+    slot advance, the graph replays."""
+    g.ids.copy_(g.next_ids)
+    g.pos.add_(1)
+    g.past.add_(1)
+    g.graph.replay()
+
+
 def decode_rate(backend, batch: int, new: int, context: int = 0) -> tuple[float, float]:
     """(tokens/s, ms per step) of `new` greedy decode steps after a PROMPT-token prefill, CUDA-graph replays. With
     `context`, the steps start at that cache slot, the cache before it filled with random values."""
@@ -92,10 +101,7 @@ def decode_rate(backend, batch: int, new: int, context: int = 0) -> tuple[float,
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(new):
-        g.ids.copy_(g.next_ids)
-        g.pos.add_(1)
-        g.past.add_(1)
-        g.graph.replay()
+        replay_step(g)
     e.record()
     e.synchronize()
     sec = s.elapsed_time(e) / 1e3
@@ -110,10 +116,7 @@ def profile_decode(backend, steps: int = 16) -> dict:
     g = backend.graphs[1]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            g.ids.copy_(g.next_ids)
-            g.pos.add_(1)
-            g.past.add_(1)
-            g.graph.replay()
+            replay_step(g)
         torch.cuda.synchronize()
     rows: dict[str, list[float]] = {}
     for e in prof.events():

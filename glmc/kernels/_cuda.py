@@ -11,9 +11,7 @@ stream is still running, once that one has executed `griddepcontrol.launch_depen
 blocks until the kernels before it have completed and their writes are visible. Every glmc kernel of the decode
 step does both at its start (the Triton ones through `pdl_prologue`, the CUDA C++ GEMV after it has loaded its
 first weights), so launch latency and the GEMVs' first weight loads overlap the previous kernel. GLMC_PDL=0 turns
-it off (the kernels then run exactly as without it); GLMC_PDL=2 (an experiment) has the Triton kernels let the next
-one launch before their wait, so a GEMV after one of them starts loading while the GEMV before is still running
-(safe: a kernel's wait covers the kernels before it, which cannot complete before their own waits return).
+it off (the kernels then run exactly as without it).
 """
 
 from __future__ import annotations
@@ -43,20 +41,16 @@ def pdl_on(device_index: int = 0) -> bool:
 
 
 def pdl_kwargs(device: torch.device) -> dict[str, Any]:
-    """Launch options of a Triton kernel with a PDL parameter: {"PDL": 0 off, 1 on, 2 early (GLMC_PDL=2),
-    "launch_pdl": True when on}."""
+    """Launch options of a Triton kernel with a PDL parameter: {"PDL": bool, "launch_pdl": True when on}."""
     on = device.type == "cuda" and pdl_on(device.index or 0)
-    return {"PDL": 2 if os.environ.get("GLMC_PDL") == "2" else 1, "launch_pdl": True} if on else {"PDL": 0}
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 @jit
 def pdl_prologue(PDL: tl.constexpr):
     """First statement of a Triton kernel launched by pdl_kwargs: wait for the kernels before it, then let the next
-    one launch (PDL 2: the other way round)."""
-    if PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    elif PDL:
+    one launch."""
+    if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 

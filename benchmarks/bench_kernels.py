@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -34,7 +33,6 @@ LINEARS = {"qkv": ((HQ + 2 * HKV) * D, H), "dense": (H, HQ * D), "h_to_4h": (2 *
            "output": (V, H)}
 PRECISIONS = {"fp16": (16, 0), "int8": (8, 0), "int4-g128": (4, 128)}
 L2_BYTES = 60 << 20
-LOOKAHEADS = (0, 4, 16, 256)  # mma: spans prefetched to L2 ahead of the loads (256: the whole split at these shapes)
 
 
 def copy_bandwidth() -> float:
@@ -120,8 +118,7 @@ def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
 
 def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
     """The `mma` configs tried: 8-row blocks per warp x spans per round x warps per program x split-K sized for 8 to
-    64 warps per SM x L2 prefetch lookahead (LOOKAHEADS), with 256-byte L2 lines (3% faster on the median config in
-    the 2026-12-02 PDL visit)."""
+    64 warps per SM, with 256-byte L2 lines (3% faster on the median config in the 2026-12-02 PDL visit)."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig
     span = MMA_SPAN[bits]
     spans = k // span
@@ -132,8 +129,7 @@ def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
             for warps in (4, 8):
                 for p in (8, 16, 32, 64):
                     split = max(1, min(spans // stages, round(p * 132 / warps_n)))
-                    for ahead in LOOKAHEADS:
-                        out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, True, ahead))
+                    out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, True))
     return out
 
 
@@ -149,7 +145,8 @@ def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool =
         out.add(GemvConfig(*hit))
     if mma_only:  # plus the Triton default: a table even where no mma config is right
         out |= {default_config(m, n, k, bits, group, mma=False)} | mma_candidates(m, bits, group, n, k)
-        return sorted(out, key=dataclasses.astuple)
+        return sorted(out,
+                      key=lambda c: (c.variant, c.block_n, c.block_k, c.split, c.num_warps, c.num_stages))
     if bits != 16:
         out |= word_candidates(m, bits, group, n, k)
     if words_only:
@@ -273,17 +270,19 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: fl
     ref = swiglu(part, x.dtype).float()
     inter = [interleave_gate_up(c) for c in copies]
     best = None
-    for rows_, warps, stages, ahead in itertools.product((1, 2, 4), (4, 8), (2, 4), LOOKAHEADS):
-        cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, ahead)
-        got = gate_up_swiglu(x, inter[0], cfg).float()
-        err = float((got - ref).norm() / ref.norm())
-        if not err < 5e-3:
-            print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
-            continue
-        t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
-        print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
-        if best is None or t < best[0]:
-            best = (t, cfg)
+    for rows_ in (1, 2, 4):
+        for warps in (4, 8):
+            for stages in (2, 4):
+                cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True)
+                got = gate_up_swiglu(x, inter[0], cfg).float()
+                err = float((got - ref).norm() / ref.norm())
+                if not err < 5e-3:
+                    print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
+                    continue
+                t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
+                print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
+                if best is None or t < best[0]:
+                    best = (t, cfg)
     inter.clear()
     assert best is not None
     key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"

@@ -5,9 +5,9 @@
 #   full: every GPU test (incl. the cuda target's, which needs onnxsim: .whl/ carried), the whole sweep with the small
 #     kernels' micro-benchmarks, then bench_cuda.py at LAYERS with that table
 #   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); with BEFORE=1 bench_cuda.py
-#     at batch 1 on the shipped table, profiled (BEFORE_ARGS replaces those options); the mma sweep of
-#     SWEEP_PRECISIONS (default int8 int4-g128); then bench_cuda.py at LAYERS with that table (every precision, kv8
-#     rows, peers; BENCH_ARGS adds options) until DEADLINE (580 s)
+#     at batch 1 on the shipped table, profiled; the mma sweep of SWEEP_PRECISIONS (default int8 int4-g128); then
+#     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers; BENCH_ARGS adds options) until
+#     DEADLINE (580 s)
 #   table: bench_cuda.py alone at LAYERS on the shipped table: every precision, kv8 rows and peers in one process
 #   ab: this tree against another revision, each bench_cuda.py (fp16, int8, int4-g128, batch 1) in its own process,
 #     with GLMC_PDL=1 and 0 (profiled); AB=ab/REV, made here first with
@@ -47,7 +47,7 @@ sweep)
     2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -25
   if [ -n "$BEFORE" ]; then  # the shipped table first, batch 1, profiled: what the sweep is compared with
     timeout 150 python3 benchmarks/bench_cuda.py --out "$OUT/before" --layers "$LAYERS" \
-      ${BEFORE_ARGS:---precisions fp16 int8 int4-g128 --batches 1 --kv8 --peers --profile 30} 2>&1 | tee "$OUT/before.log" | grep -v "^|" | tail -110
+      --precisions fp16 int8 int4-g128 --batches 1 --kv8 --peers --profile 30 2>&1 | tee "$OUT/before.log" | grep -v "^|" | tail -110
   fi
   # shellcheck disable=SC2086  # SWEEP_PRECISIONS: word-split list
   timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/bench_kernels.py --out "$OUT" --mma --no-small \

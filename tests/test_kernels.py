@@ -139,9 +139,6 @@ def test_gemv_configs_respect_groups():
         check_config(GemvConfig("wo", 64, 128, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 0, 64, 100))
     with pytest.raises(GlmcError, match="block_k >= 128"):
         check_config(GemvConfig("wodot", 64, 64, 1, 4, 3), PackedLinear(torch.empty(0), None, None, 4, 64, 64, 512))
-    with pytest.raises(GlmcError, match="for the mma variant only"):
-        check_config(GemvConfig("wo", 64, 128, 1, 4, 3, False, True, 8),
-                     PackedLinear(torch.empty(0), None, None, 4, 0, 64, 512))
     assert default_config(1, 4608, 4096, 4, 128).variant == "mma"
     assert default_config(16, 768, 512, 8, 0).variant == "mma"
     assert default_config(1, 8, 128, 4, 0).split >= 1  # fewer than 16 rows
@@ -235,8 +232,8 @@ def test_quantized_linear_kernel(bits, group, m):
 def test_quantized_linear_mma_kernel(bits, group, m):
     """The tensor-core variant against the op, into NaN-poisoned partials: splits and stages that leave a short last
     round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8), M on both sides of 8 (the A
-    fragment's second half), with and without 256-byte L2 lines, L2 prefetch lookaheads short and past the split;
-    refused, naming why, where it cannot read the layer."""
+    fragment's second half), with and without 256-byte L2 lines; refused, naming why, where it cannot read the
+    layer."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gemv_partials, linear
     span = MMA_SPAN[bits]
     for n, k in [(4608, 4096), (264, 1024)]:
@@ -244,10 +241,9 @@ def test_quantized_linear_mma_kernel(bits, group, m):
         x = torch.randn(m, k, device="cuda").to(DT)
         ref = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k) if bits != 16 else \
             torch.nn.functional.linear(x, w)
-        for rows, split, warps, stages, l2, ahead in [(1, 1, 4, 2, False, 0), (2, 5, 4, 4, True, 3),
-                                                      (4, 3, 8, 8, False, 64), (2, 64, 4, 2, True, 1),
-                                                      (1, 3, 8, 2, True, 8)]:
-            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2, ahead)
+        for rows, split, warps, stages, l2 in [(1, 1, 4, 2, False), (2, 5, 4, 4, True), (4, 3, 8, 8, False),
+                                               (2, 64, 4, 2, True), (1, 3, 8, 2, True)]:
+            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2)
             spans = k // span
             out = torch.full((-(-spans // -(-spans // split)), m, n), math.nan, device="cuda")
             got = gemv_partials(x, lin, cfg, out).sum(0)

@@ -38,8 +38,8 @@ exactly its B fragments of mma.m16n8k16 once the columns are renumbered inside t
 renumbered alike), so a code is decoded straight into the tensor cores' operand registers (the int4 words above,
 int8 bytes permuted into fp16 1152 + q) and multiplied in float32 by the tensor cores, for M = 1 as for M = 16.
 Config: block_n = 8 x the 8-row blocks per warp, num_warps warps per program, num_stages spans per round of loads
-(two rounds in flight), prefetch 256-byte L2 lines, lookahead spans asked of L2 ahead of the rounds (bulk prefetch,
-sm90+), split as for the others; block_k is the span (128 int4, 64 int8, 32 fp16).
+(two rounds in flight), prefetch 256-byte L2 lines, split as for the others; block_k is the span (128 int4, 64 int8,
+32 fp16).
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ class GemvConfig:
     magic: bool = False  # int4/int8: dequantize through fp16 bit patterns instead of int->float conversions
     prefetch: bool = False  # wo: load the next tile's words and scales before computing this one's; mma: ask L2
     # for 256-byte lines
-    lookahead: int = 0  # mma on sm90+: spans prefetched to L2 ahead of the register rounds (0: none)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -547,7 +546,7 @@ def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Te
                             f"{cfg.num_stages}, {8 if m <= 8 else 16}, {int(cfg.prefetch)}, {int(pdl_on(dev))}, "
                             f"{int(swiglu)}>", dev)
     launch(kernel, (cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), (32 * cfg.num_warps, 1, 1),
-           [weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split, cfg.lookahead])
+           [weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
     return out
 
 
@@ -648,8 +647,6 @@ def check_config(cfg: GemvConfig, lin: PackedLinear) -> None:
                         f"{8 if lin.bits == 4 else 4} (this layer: {lin.bits} bits, K {lin.k})")
     if cfg.variant == "wodot" and (lin.bits != 4 or cfg.block_k < 128):
         raise GlmcError(f"gemv config {cfg}: wodot reads int4 words with block_k >= 128 (dots of depth 16)")
-    if cfg.lookahead < 0 or (cfg.lookahead and cfg.variant != "mma"):
-        raise GlmcError(f"gemv config {cfg}: lookahead is a number of spans >= 0, for the mma variant only")
     if cfg.variant == "mma" and (cfg.block_n % 8 or lin.bits not in MMA_SPAN):
         raise GlmcError(f"gemv config {cfg}: mma takes block_n a multiple of 8 and int4, int8 or fp16 weights")
     if cfg.variant == "dot" and cfg.block_k < (32 if lin.bits == 4 else 16):

@@ -19,12 +19,8 @@
 //
 // Pipelining: a warp loads the weights (and group scales) of its next U spans before computing the current U, so two
 // rounds of loads are in flight; with L2HINT the loads ask L2 for 256-byte lines (the next spans of the same rows).
-// Lookahead (a run-time argument, sm90+; 0 = off): besides the two rounds in registers, lanes t == 0 ask L2 for
-// their row's spans `lookahead` spans past the next round (cp.async.bulk.prefetch.L2, one instruction per row and
-// round), so many more bytes are in flight than registers hold.
-// PDL (sm90+, launched with programmatic stream serialization): the first round of weights is loaded, and the next
-// `lookahead` spans prefetched to L2, before `griddepcontrol.wait`, i.e. while the kernel that writes X is still
-// finishing; X is read only after it.
+// PDL (sm90+, launched with programmatic stream serialization): the first round of weights is loaded before
+// `griddepcontrol.wait`, i.e. while the kernel that writes X is still finishing; X is read only after it.
 
 typedef unsigned int u32;
 struct __align__(16) u32x4 { u32 x, y, z, w; };
@@ -139,7 +135,7 @@ __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
 template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU>
 __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
                          const unsigned short* __restrict__ scale, void* __restrict__ out, int M, int N, int K,
-                         int stride_xm, int stride_sn, int spans_per_split, int lookahead) {
+                         int stride_xm, int stride_sn, int spans_per_split) {
   constexpr int KS = BITS == 4 ? 128 : (BITS == 8 ? 64 : 32);  // columns per span
   constexpr int STEPS = KS / 16;                               // mma steps per span
   constexpr int XV = KS / 32;                                  // 16-byte X loads per lane and row per span
@@ -221,27 +217,13 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
           }
         }
   };
-  // L2 prefetch of spans [from, min(to, sp1)) of the lane's row in each block (lanes t == 0; 64 bytes a span)
-  auto prefetch = [&](int from, int to) {
-#if __CUDA_ARCH__ >= 900
-    to = min(to, sp1);
-    if (t != 0 || from >= to) return;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(wl[r] + (size_t)from * 4), "r"((to - from) * 64));
-#endif
-  };
-  if (live && sp0 < sp1) {
-    load(sp0, wv, sv);
-    if (lookahead > 0) prefetch(sp0 + U, sp0 + U + lookahead);
-  }
+  if (live && sp0 < sp1) load(sp0, wv, sv);
   if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
   if (!live) return;
   launder(xl0, xl1);
   for (int sp = sp0; sp < sp1; sp += U) {
     const int uc = min(U, sp1 - sp);
     if (sp + U < sp1) load(sp + U, wn, sn);  // the next round is in flight while this one is computed
-    if (lookahead > 0) prefetch(sp + U + lookahead, sp + 2 * U + lookahead);  // continues the one before the wait
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (u >= uc) break;

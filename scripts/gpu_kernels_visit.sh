@@ -8,6 +8,8 @@
 #     at batch 1 on the shipped table, profiled; the mma sweep of SWEEP_PRECISIONS (default int8 int4-g128); then
 #     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers; BENCH_ARGS adds options) until
 #     DEADLINE (580 s)
+#   kv: the KV-cache and greedy GPU tests, bench_kernels.py --kv-only, and bench_cuda.py's kv rows (fp16 and int8
+#     weights, fp16 vs int8 cache at batch 16 / 8k); with AB=ab/REV also that tree's kv rows (same bench_cuda.py)
 #   table: bench_cuda.py alone at LAYERS on the shipped table: every precision, kv8 rows and peers in one process
 #   ab: this tree against another revision, each bench_cuda.py (fp16, int8, int4-g128, batch 1) in its own process,
 #     with GLMC_PDL=1 and 0 (profiled); AB=ab/REV, made here first with
@@ -41,6 +43,16 @@ ab)
         --layers "$LAYERS" --precisions fp16 int8 int4-g128 --batches 1 --kv8 --peers \
         $([ $pdl = 0 ] && echo --profile 8) 2>&1 | grep "batch\|  " | grep -v warn
     done
+  done ;;
+kv)
+  timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs \
+    -k "attention or int8_cache or greedy" 2>&1 | tee "$OUT/tests.log" | grep -v PASSED | tail -12
+  timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT" --kv-only 2>&1 | tee "$OUT/kernels.log" | grep "^|"
+  for tree in . ${AB:-}; do
+    name=$([ "$tree" = . ] && echo head || basename "$tree")
+    echo "== $name kv rows"
+    (cd "$tree" && PYTHONPATH=$PWD timeout 200 python3 "$OLDPWD/benchmarks/bench_cuda.py" --out "$OUT/$name" \
+      --layers "$LAYERS" --precisions --kv8 fp16 int8 --peers 2>&1 | grep "@\|rror")
   done ;;
 sweep)
   timeout 130 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -rs -k "${TESTS:-not cuda_target}" \

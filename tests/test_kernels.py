@@ -415,10 +415,13 @@ def test_norm_and_swiglu_kernels():
 @runs_kernels
 @pytest.mark.parametrize("hq,hkv,d,p", [(32, 2, 128, 300), (4, 2, 64, 5), (32, 2, 128, 1000)])
 def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
+    """QKV bias + rotary + append, then decode attention, against gqa_reference: left padding that fills whole
+    chunks (row 2 starts at 130, chunks of 64), slots past the new token NaN; the chunks without keys write no
+    partials, and the combine must not read the stale ones a longer call left in the same (recycled) buffers."""
     from glmc.kernels import attention, rotary
     b, smax = 3, 1100
     cos, sin = (t.to(DEV, DT) for t in rotary_tables(d // 2, 2048, 10000.0))
-    start = torch.tensor([0, min(7, p - 1), min(50, p - 1)][:b], dtype=torch.int32, device=DEV)
+    start = torch.tensor([0, min(7, p - 1), min(130, p - 1)][:b], dtype=torch.int32, device=DEV)
     mask = (torch.arange(p + 1, device=DEV)[None] >= start[:, None].long()).long()
     pos = (p - start).long()
     past_k = torch.randn(b, hkv, p, d, device=DEV).to(DT)
@@ -440,6 +443,9 @@ def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
     kc[:, :, p + 1:] = float("nan")  # slots past the new token must never be read
     vc[:, :, p + 1:] = float("nan")
     out = torch.full((b, hq * d), float("nan"), device=DEV, dtype=DT)
+    # a call over every slot and no padding first: its partials, freed, are what the next call's buffers hold
+    whole = torch.randn(b, hkv, smax, d, device=DEV).to(DT)
+    attention.decode_attention(qo, whole, whole, torch.zeros_like(start), torch.tensor([smax - 1]).to(past), hq, 1.0)
     attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), out=out)
     assert rel(out, out_ref[:, 0]) < 5e-3
 

@@ -65,6 +65,11 @@ def compile_kernel(source: str, name: str, device_index: int = 0) -> Any:
     return torch.cuda._compile_kernel((HERE / source).read_text(), name, compute_capability=f"{major}{minor}")
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132, an H100/H200's, elsewhere: what the launch shapes assume)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 class _LaunchAttribute(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
 

@@ -14,18 +14,21 @@ the model dtype's rounding (within the kv8 verification bound).
 
 Stage 1, program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one
 [G, D] tile (padded to 16 rows for the tensor cores) against the chunk's keys, online softmax; writes the chunk's
-max, sum and un-normalised output. Chunks past `past` (and tiles before the row's padding) are skipped, so one launch
-shape (and one CUDA graph) serves every length up to the cache's. Stage 2, program (row b, query head): merges the
-chunks.
+max, sum and un-normalised output. A chunk without keys of its row (past `past`, or wholly in the row's left padding)
+returns at once and writes nothing, so one launch shape (and one CUDA graph) serves every length up to the cache's at
+the cost of the keys the rows have, not of the cache's length. Stage 2, program (row b, query head): merges the
+row's chunks start // CHUNK .. past // CHUNK.
 """
 
 from __future__ import annotations
 
 import torch
 
-from glmc.kernels._cuda import pdl_kwargs, pdl_prologue
+from glmc.kernels._cuda import pdl_kwargs, pdl_prologue, sm_count
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
 from glmc.kernels.rotary import KV8
+
+CHUNK_WAVES = 4  # default_chunk: programs per SM over a full cache before the chunk grows
 
 
 @jit
@@ -51,6 +54,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
     start = tl.load(start_ptr + b)
     last = tl.load(past_ptr)  # the new token's slot: keys start..last
     t0 = c * CHUNK
+    if (t0 > last) | (t0 + CHUNK <= start):  # no key of this row here: the combine does not read this chunk
+        return
     lo = tl.maximum(t0, start)
     if KV8:
         hi = tl.minimum(t0 + CHUNK, last)  # cached keys start..last-1; the new one after the loop
@@ -96,14 +101,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
 
 
 @jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                    PDL: tl.constexpr):
-    """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks of program (b, h)."""
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, start_ptr, past_ptr, NCHUNK, HQ: tl.constexpr,
+                    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks c that hold keys of row b."""
     pdl_prologue(PDL)
     bh = tl.program_id(0)
     rc = tl.arange(0, BLOCK_C)
     rd = tl.arange(0, D)
-    cmask = rc < NCHUNK
+    cmask = (rc >= tl.load(start_ptr + bh // HQ) // CHUNK) & (rc <= tl.load(past_ptr) // CHUNK) & (rc < NCHUNK)
     m = tl.load(m_ptr + bh * NCHUNK + rc, mask=cmask, other=float("-inf"))
     lsum = tl.load(l_ptr + bh * NCHUNK + rc, mask=cmask, other=0.0)
     mx = tl.max(m, axis=0)
@@ -113,19 +118,28 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NCHUNK, D: tl.constexpr, BLO
     tl.store(out_ptr + bh * D + rd, o.to(out_ptr.dtype.element_ty))
 
 
+def default_chunk(smax: int, pairs: int, block_t: int, sms: int) -> int:
+    """Cache slots per program: S_max / 64 within block_t..256 (short caches get more programs in flight at batch
+    1, long ones fewer partials to combine), doubled (up to 2048) while the (row, KV head) pairs would make more than
+    CHUNK_WAVES programs per SM over the whole cache: a batch's long contexts write and combine fewer partials."""
+    chunk = min(256, max(block_t, next_pow2(cdiv(smax, 64))))
+    while pairs * cdiv(smax, chunk) > CHUNK_WAVES * sms and chunk < 2048:
+        chunk *= 2
+    return chunk
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
                      past: torch.Tensor, num_heads: int, scale: float, chunk: int | None = None, block_t: int = 64,
                      out: torch.Tensor | None = None, kv8: KV8 | None = None) -> torch.Tensor:
     """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D] (int8 with `kv8`, whose k_new/v_new [B, Hkv, 1, D] hold the
     new token's unquantized key/value), start int32 [B], past int32 [1] (the new token's slot) -> attention output
-    [B, Hq D] in q's dtype. `chunk` (cache slots per program) defaults to S_max / 64 within 64..256: short caches get
-    more programs in flight at batch 1, long ones fewer partials to combine."""
+    [B, Hq D] in q's dtype. `chunk`: cache slots per program (default_chunk)."""
     b = q.shape[0]
     _, hkv, smax, d = k_cache.shape
     if (k_cache.dtype == torch.int8) != (kv8 is not None):
         raise ValueError(f"decode_attention: a {k_cache.dtype} cache {'without' if kv8 is None else 'with'} KV8")
     g = num_heads // hkv
-    chunk = chunk or min(256, max(block_t, next_pow2(cdiv(smax, 64))))
+    chunk = chunk or default_chunk(smax, b * hkv, block_t, sm_count(q.device))
     nchunk = cdiv(smax, chunk)
     ml = torch.empty((2, b, num_heads, nchunk), dtype=torch.float32, device=q.device)
     acc = torch.empty((b, num_heads, nchunk, d), dtype=torch.float32, device=q.device)
@@ -135,8 +149,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(1), k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d,
         CHUNK=chunk, BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4, **pdl_kwargs(q.device))
     out = torch.empty_like(q) if out is None else out
-    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, nchunk, D=d, BLOCK_C=max(2, next_pow2(nchunk)),
-                                      num_warps=2, **pdl_kwargs(q.device))
+    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, start, past, nchunk, HQ=num_heads, D=d, CHUNK=chunk,
+                                      BLOCK_C=max(2, next_pow2(nchunk)), num_warps=2, **pdl_kwargs(q.device))
     return out
 
 

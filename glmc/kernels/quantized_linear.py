@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from glmc.errors import GlmcError
-from glmc.kernels._cuda import compile_kernel, launch, pdl_kwargs, pdl_on, pdl_prologue
+from glmc.kernels._cuda import compile_kernel, launch, pdl_kwargs, pdl_on, pdl_prologue, sm_count
 from glmc.kernels._jit import cdiv, jit, tl
 
 DECODE_MAX_M = 16
@@ -587,10 +587,6 @@ def _tuned() -> dict[str, list]:
 
 def config_key(m: int, n: int, k: int, bits: int, group: int) -> str:
     return f"m{m}_n{n}_k{k}_b{bits}_g{group}"
-
-
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def words_ok(bits: int, k: int) -> bool:

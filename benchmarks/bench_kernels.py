@@ -341,7 +341,7 @@ def small_kernels(bw: float, rows: list) -> None:
 def kv_kernels(bw: float, rows: list) -> None:
     """The KV-cache kernels with an fp16 and an int8 cache of 8192 slots (scales per KV head and channel): QKV bias
     + rotary + append, and decode attention + combine at batch 1 and 16, contexts 256 to 8192 (bytes: the cache
-    read), at the default chunk and the others."""
+    read), with the default programs per (row, KV head) and others."""
     from glmc.kernels import attention, rotary
     from glmc.kernels._cuda import sm_count
     from glmc.modeling_patches.ops.attention import rotary_tables
@@ -369,16 +369,16 @@ def kv_kernels(bw: float, rows: list) -> None:
             rows.append(dict(kernel=f"qkv_rotary_append {cache} cache", shape=f"M={m}", us=t * 1e6,
                              gbs=moved / t / 1e9, pct=100 * moved / t / bw))
             print(rows[-1], flush=True)
-            default = attention.default_chunk(8192, m * HKV, 64, sm_count(kc.device))
+            default = attention.programs_per_row(8192, m * HKV, 64, sm_count(kc.device))
             for ctx in (256, 2048, 8192):
                 pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
                 o = torch.empty_like(q)
-                for chunk in (default, *(c for c in (64, 128, 256, 512, 1024, 2048) if c != default)):
-                    t = bench(lambda i, pst=pst, o=o, chunk=chunk: attention.decode_attention(
-                        q, kc, vc, start, pst, HQ, 1 / math.sqrt(D), chunk=chunk, out=o, kv8=kv8))
+                for prog in (default, *(c for c in (4, 8, 16, 32, 64, 128) if c != default)):
+                    t = bench(lambda i, pst=pst, o=o, prog=prog: attention.decode_attention(
+                        q, kc, vc, start, pst, HQ, 1 / math.sqrt(D), programs=prog, out=o, kv8=kv8))
                     moved = 2 * m * HKV * ctx * D * kc.element_size() + 2 * m * HQ * D * 2
                     rows.append(dict(kernel=f"decode_attention+combine {cache} cache",
-                                     shape=f"B={m} ctx={ctx} chunk={chunk}{' (default)' if chunk == default else ''}",
+                                     shape=f"B={m} ctx={ctx} P={prog}{' (default)' if prog == default else ''}",
                                      us=t * 1e6, gbs=moved / t / 1e9, pct=100 * moved / t / bw))
                     print(rows[-1], flush=True)
 

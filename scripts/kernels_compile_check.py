@@ -68,11 +68,11 @@ def main() -> int:
                             dict(q_ptr="*fp16", k_ptr="*i8" if kv8 else "*fp16", v_ptr="*i8" if kv8 else "*fp16",
                                  start_ptr="*i32", past_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32",
                                  scale=f32, ks_ptr="*fp32", vs_ptr="*fp32", kn_ptr="*fp16", vn_ptr="*fp16",
-                                 stride_cb=i32, stride_ch=i32, stride_ct=i32, NCHUNK=i32),
-                            dict(HQ=32, HKV=2, G=16, BLOCK_G=16, D=128, CHUNK=64, BLOCK_T=64, KV8=kv8, PDL=True))
+                                 stride_cb=i32, stride_ch=i32, stride_ct=i32, P=i32),
+                            dict(HQ=32, HKV=2, G=16, BLOCK_G=16, D=128, BLOCK_T=64, KV8=kv8, PDL=True))
             compile_one("combine", attention._combine_kernel,
                         dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*fp16", start_ptr="*i32",
-                             past_ptr="*i32", NCHUNK=i32), dict(HQ=32, D=128, CHUNK=512, BLOCK_C=64, PDL=True),
+                             past_ptr="*i32", P=i32), dict(HQ=32, D=128, BLOCK_T=64, BLOCK_C=64, PDL=True),
                         num_warps=2)
         compile_one(f"logits_argmax split {split}", sampling._logits_argmax_kernel,
                     dict(part_ptr="*fp32", logits_ptr="*fp32", bmax_ptr="*fp32", bidx_ptr="*i32", M=i32, V=i32,

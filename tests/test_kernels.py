@@ -415,9 +415,10 @@ def test_norm_and_swiglu_kernels():
 @runs_kernels
 @pytest.mark.parametrize("hq,hkv,d,p", [(32, 2, 128, 300), (4, 2, 64, 5), (32, 2, 128, 1000)])
 def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
-    """QKV bias + rotary + append, then decode attention, against gqa_reference: left padding that fills whole
-    chunks (row 2 starts at 130, chunks of 64), slots past the new token NaN; the chunks without keys write no
-    partials, and the combine must not read the stale ones a longer call left in the same (recycled) buffers."""
+    """QKV bias + rotary + append, then decode attention, against gqa_reference: left padding over whole tiles (row
+    2 starts at 130, tiles of 64), slots past the new token NaN, the default programs per row and 3 (several tiles
+    each); programs without tiles write no partials, and the combine must not read the stale ones a longer call
+    left in the same (recycled) buffers."""
     from glmc.kernels import attention, rotary
     b, smax = 3, 1100
     cos, sin = (t.to(DEV, DT) for t in rotary_tables(d // 2, 2048, 10000.0))
@@ -445,9 +446,11 @@ def test_rotary_append_and_decode_attention_kernels(hq, hkv, d, p):
     out = torch.full((b, hq * d), float("nan"), device=DEV, dtype=DT)
     # a call over every slot and no padding first: its partials, freed, are what the next call's buffers hold
     whole = torch.randn(b, hkv, smax, d, device=DEV).to(DT)
-    attention.decode_attention(qo, whole, whole, torch.zeros_like(start), torch.tensor([smax - 1]).to(past), hq, 1.0)
-    attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), out=out)
-    assert rel(out, out_ref[:, 0]) < 5e-3
+    for programs in (None, 3):
+        attention.decode_attention(qo, whole, whole, torch.zeros_like(start), torch.tensor([smax - 1]).to(past), hq,
+                                   1.0, programs)
+        attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), programs, out=out)
+        assert rel(out, out_ref[:, 0]) < 5e-3, programs
 
 
 def _kv8_scales(x: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -504,9 +507,10 @@ def test_int8_cache_append_and_decode_attention_kernels(granularity, hq, hkv, d,
     kc[:, :, p], vc[:, :, p] = -127, 127  # the new slot's codes must not be read (its k_new/v_new are)
     for row in range(b):  # padding keys must not count
         kc[row, :, :int(start[row])] = 127
-    out = torch.full((b, hq * d), float("nan"), device=DEV, dtype=DT)
-    attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), out=out, kv8=kv8)
-    assert rel(out, out_ref[:, 0]) < 5e-3
+    for programs in (None, 3):  # 3: several tiles a program, the new token's in one of them
+        out = torch.full((b, hq * d), float("nan"), device=DEV, dtype=DT)
+        attention.decode_attention(qo, kc, vc, start, past, hq, 1 / math.sqrt(d), programs, out=out, kv8=kv8)
+        assert rel(out, out_ref[:, 0]) < 5e-3, programs
     # prefill attention over the same cache: the first prompt token of each row again, as a 1-token "prefill" at p
     pre = attention.prefill_attention(qo, kc, vc, start, b, 1, p, hq, 1 / math.sqrt(d), kv8)
     assert rel(pre, out_ref[:, 0]) < 5e-3

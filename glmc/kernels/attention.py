@@ -9,15 +9,16 @@ Scores scaled, softmax in float32 (here everything is float32 inside; probabilit
 int8 cache (`rotary.KV8`): as the model (SelfAttention) computes it, the cached keys and values j < past are
 `glmc::kv_cache_dequantize`d (float32(code) * float32(scale); ops/kv_cache.py) and the new token's own key and value
 (slot past) are its unquantized ones (KV8.k_new / v_new), not the codes just written. The scales are applied outside
-the products (to q, and to the chunk's output), so the rounding differs from the model's fp16 dequantized cache by
+the products (to q, and to a program's output), so the rounding differs from the model's fp16 dequantized cache by
 the model dtype's rounding (within the kv8 verification bound).
 
-Stage 1, program (row b, KV head, chunk c of CHUNK cache slots): the G = Hq / Hkv query heads of that KV head as one
-[G, D] tile (padded to 16 rows for the tensor cores) against the chunk's keys, online softmax; writes the chunk's
-max, sum and un-normalised output. A chunk without keys of its row (past `past`, or wholly in the row's left padding)
-returns at once and writes nothing, so one launch shape (and one CUDA graph) serves every length up to the cache's at
-the cost of the keys the rows have, not of the cache's length. Stage 2, program (row b, query head): merges the
-row's chunks start // CHUNK .. past // CHUNK.
+Stage 1, program (row b, KV head, c < P): the G = Hq / Hkv query heads of that KV head as one [G, D] tile (padded
+to 16 rows for the tensor cores) against the row's key tiles (BLOCK_T slots) number c, c + P, c + 2P, ... counted
+from the tile of start[b], online softmax; writes its max, sum and un-normalised output. Every context length splits
+over the same P programs a row (the tiles dealt round-robin), so one launch shape (and one CUDA graph) serves every
+length up to the cache's, short contexts write and combine few partials (a program without tiles returns at once
+and writes nothing) and long ones spread over all P. Stage 2, program (row b, query head): merges the programs that
+had tiles.
 """
 
 from __future__ import annotations
@@ -28,18 +29,16 @@ from glmc.kernels._cuda import pdl_kwargs, pdl_prologue, sm_count
 from glmc.kernels._jit import cdiv, jit, next_pow2, tl
 from glmc.kernels.rotary import KV8
 
-CHUNK_WAVES = 4  # default_chunk: programs per SM over a full cache before the chunk grows
-
 
 @jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_ptr, acc_ptr, scale,
                              ks_ptr, vs_ptr, kn_ptr, vn_ptr,
-                             stride_cb, stride_ch, stride_ct, NCHUNK, HQ: tl.constexpr, HKV: tl.constexpr,
-                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                             BLOCK_T: tl.constexpr, KV8: tl.constexpr, PDL: tl.constexpr):
+                             stride_cb, stride_ch, stride_ct, P, HQ: tl.constexpr, HKV: tl.constexpr,
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                             KV8: tl.constexpr, PDL: tl.constexpr):
     """int8 cache: the codes meet the tensor cores as fp16 (exact), the K scale is folded into q (per channel:
-    q.(s*k) = (q*s).k) and the V scale applied to the chunk's output (sum_j p_j (s*v_j) = s * sum_j p_j v_j); the new
-    token (slot `past`, unquantized) joins the online softmax once, in the chunk that holds it."""
+    q.(s*k) = (q*s).k) and the V scale applied to the program's output (sum_j p_j (s*v_j) = s * sum_j p_j v_j); the
+    new token (slot `past`, unquantized) joins the online softmax once, in the program whose tile holds it."""
     pdl_prologue(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -53,24 +52,22 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
     dt = q.dtype
     start = tl.load(start_ptr + b)
     last = tl.load(past_ptr)  # the new token's slot: keys start..last
-    t0 = c * CHUNK
-    if (t0 > last) | (t0 + CHUNK <= start):  # no key of this row here: the combine does not read this chunk
+    tile0 = start // BLOCK_T
+    if tile0 + c > last // BLOCK_T:  # no tile of this row for this program: the combine does not read it
         return
-    lo = tl.maximum(t0, start)
     if KV8:
-        hi = tl.minimum(t0 + CHUNK, last)  # cached keys start..last-1; the new one after the loop
+        hi = last  # cached keys start..last-1; the new one after the loop
         qk = (q.to(tl.float32) * tl.load(ks_ptr + hk * D + rd)[None, :]).to(dt)
     else:
-        hi = tl.minimum(t0 + CHUNK, last + 1)
+        hi = last + 1
         qk = q
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
     base = b * stride_cb + hk * stride_ch
-    # only the tiles that hold keys of this row: chunks past the new token (or before the row's padding) loop 0 times
-    for tt in range((lo - t0) // BLOCK_T * BLOCK_T, hi - t0, BLOCK_T):
-        rt = t0 + tt + tl.arange(0, BLOCK_T)
-        tmask = (rt >= lo) & (rt < hi)
+    for tile in range(tile0 + c, (hi + BLOCK_T - 1) // BLOCK_T, P):
+        rt = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = (rt >= start) & (rt < hi)
         k = tl.load(k_ptr + base + rt[:, None] * stride_ct + rd[None, :], mask=tmask[:, None], other=0).to(dt)
         s = tl.dot(qk, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_T]
         s = tl.where(tmask[None, :], s, float("-inf"))
@@ -84,7 +81,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
         m_i = m_new
     if KV8:
         acc = acc * tl.load(vs_ptr + hk * D + rd)[None, :]
-        if (last >= t0) & (last < t0 + CHUNK):  # the new token's unquantized key and value
+        if (last // BLOCK_T - tile0) % P == c:  # the new token's unquantized key and value
             kn = tl.load(kn_ptr + bh * D + rd).to(tl.float32)
             vn = tl.load(vn_ptr + bh * D + rd).to(tl.float32)
             s_new = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * scale  # [BLOCK_G]
@@ -94,63 +91,58 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, past_ptr, m_ptr, l_
             l_i = l_i * alpha + p_new
             acc = acc * alpha[:, None] + p_new[:, None] * vn[None, :]
             m_i = m_new
-    o = (b * HQ + heads) * NCHUNK + c
+    o = (b * HQ + heads) * P + c
     tl.store(m_ptr + o, m_i, mask=gmask)
     tl.store(l_ptr + o, l_i, mask=gmask)
     tl.store(acc_ptr + o[:, None] * D + rd[None, :], acc, mask=gmask[:, None])
 
 
 @jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, start_ptr, past_ptr, NCHUNK, HQ: tl.constexpr,
-                    D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-    """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the chunks c that hold keys of row b."""
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, start_ptr, past_ptr, P, HQ: tl.constexpr, D: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """out[b, h] = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c over the programs c of row b that had tiles."""
     pdl_prologue(PDL)
     bh = tl.program_id(0)
     rc = tl.arange(0, BLOCK_C)
     rd = tl.arange(0, D)
-    cmask = (rc >= tl.load(start_ptr + bh // HQ) // CHUNK) & (rc <= tl.load(past_ptr) // CHUNK) & (rc < NCHUNK)
-    m = tl.load(m_ptr + bh * NCHUNK + rc, mask=cmask, other=float("-inf"))
-    lsum = tl.load(l_ptr + bh * NCHUNK + rc, mask=cmask, other=0.0)
+    cmask = (rc <= tl.load(past_ptr) // BLOCK_T - tl.load(start_ptr + bh // HQ) // BLOCK_T) & (rc < P)
+    m = tl.load(m_ptr + bh * P + rc, mask=cmask, other=float("-inf"))
+    lsum = tl.load(l_ptr + bh * P + rc, mask=cmask, other=0.0)
     mx = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
-    acc = tl.load(acc_ptr + (bh * NCHUNK + rc)[:, None] * D + rd[None, :], mask=cmask[:, None], other=0.0)
+    acc = tl.load(acc_ptr + (bh * P + rc)[:, None] * D + rd[None, :], mask=cmask[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
     tl.store(out_ptr + bh * D + rd, o.to(out_ptr.dtype.element_ty))
 
 
-def default_chunk(smax: int, pairs: int, block_t: int, sms: int) -> int:
-    """Cache slots per program: S_max / 64 within block_t..256 (short caches get more programs in flight at batch
-    1, long ones fewer partials to combine), doubled (up to 2048) while the (row, KV head) pairs would make more than
-    CHUNK_WAVES programs per SM over the whole cache: a batch's long contexts write and combine fewer partials."""
-    chunk = min(256, max(block_t, next_pow2(cdiv(smax, 64))))
-    while pairs * cdiv(smax, chunk) > CHUNK_WAVES * sms and chunk < 2048:
-        chunk *= 2
-    return chunk
+def programs_per_row(smax: int, pairs: int, block_t: int, sms: int) -> int:
+    """P, the stage-1 programs of one (row, KV head): about 4 per SM over the batch, at most 64 (the combine reads
+    P partials a query head) and at most the cache's tiles (batch 1: 64, batch 16: 16 on 132 SMs)."""
+    return max(1, min(64, cdiv(smax, block_t), 4 * sms // pairs))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
-                     past: torch.Tensor, num_heads: int, scale: float, chunk: int | None = None, block_t: int = 64,
-                     out: torch.Tensor | None = None, kv8: KV8 | None = None) -> torch.Tensor:
+                     past: torch.Tensor, num_heads: int, scale: float, programs: int | None = None,
+                     block_t: int = 64, out: torch.Tensor | None = None, kv8: KV8 | None = None) -> torch.Tensor:
     """q [B, Hq D] (rotated), caches [B, Hkv, S_max, D] (int8 with `kv8`, whose k_new/v_new [B, Hkv, 1, D] hold the
     new token's unquantized key/value), start int32 [B], past int32 [1] (the new token's slot) -> attention output
-    [B, Hq D] in q's dtype. `chunk`: cache slots per program (default_chunk)."""
+    [B, Hq D] in q's dtype. `programs`: P, the programs a (row, KV head) splits its tiles over (programs_per_row)."""
     b = q.shape[0]
     _, hkv, smax, d = k_cache.shape
     if (k_cache.dtype == torch.int8) != (kv8 is not None):
         raise ValueError(f"decode_attention: a {k_cache.dtype} cache {'without' if kv8 is None else 'with'} KV8")
     g = num_heads // hkv
-    chunk = chunk or default_chunk(smax, b * hkv, block_t, sm_count(q.device))
-    nchunk = cdiv(smax, chunk)
-    ml = torch.empty((2, b, num_heads, nchunk), dtype=torch.float32, device=q.device)
-    acc = torch.empty((b, num_heads, nchunk, d), dtype=torch.float32, device=q.device)
+    p = programs or programs_per_row(smax, b * hkv, block_t, sm_count(q.device))
+    ml = torch.empty((2, b, num_heads, p), dtype=torch.float32, device=q.device)
+    acc = torch.empty((b, num_heads, p, d), dtype=torch.float32, device=q.device)
     ks, vs, kn, vn = (kv8.k_scale, kv8.v_scale, kv8.k_new, kv8.v_new) if kv8 is not None else (q,) * 4
-    _decode_attention_kernel[(b * hkv, nchunk)](
+    _decode_attention_kernel[(b * hkv, p)](
         q, k_cache, v_cache, start, past, ml[0], ml[1], acc, scale, ks, vs, kn, vn, k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), nchunk, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d,
-        CHUNK=chunk, BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4, **pdl_kwargs(q.device))
+        k_cache.stride(1), k_cache.stride(2), p, HQ=num_heads, HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d,
+        BLOCK_T=block_t, KV8=kv8 is not None, num_warps=4, **pdl_kwargs(q.device))
     out = torch.empty_like(q) if out is None else out
-    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, start, past, nchunk, HQ=num_heads, D=d, CHUNK=chunk,
-                                      BLOCK_C=max(2, next_pow2(nchunk)), num_warps=2, **pdl_kwargs(q.device))
+    _combine_kernel[(b * num_heads,)](ml[0], ml[1], acc, out, start, past, p, HQ=num_heads, D=d, BLOCK_T=block_t,
+                                      BLOCK_C=max(2, next_pow2(p)), num_warps=2, **pdl_kwargs(q.device))
     return out
 
 

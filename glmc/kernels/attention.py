@@ -116,9 +116,10 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, start_ptr, past_ptr, P, HQ: 
 
 
 def programs_per_row(smax: int, pairs: int, block_t: int, sms: int) -> int:
-    """P, the stage-1 programs of one (row, KV head): about 4 per SM over the batch, at most 64 (the combine reads
-    P partials a query head) and at most the cache's tiles (batch 1: 64, batch 16: 16 on 132 SMs)."""
-    return max(1, min(64, cdiv(smax, block_t), 4 * sms // pairs))
+    """P, the stage-1 programs of one (row, KV head): about 2 per SM over the batch, at most 64 (the combine reads
+    P partials a query head) and at most the cache's tiles (132 SMs: 64 at batch 1, 8 at batch 16; the P sweep of
+    docs/gpu/visit-l: the fastest or within 0.5 us of it from 2k to 8k keys, both caches)."""
+    return max(1, min(64, cdiv(smax, block_t), 2 * sms // pairs))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,

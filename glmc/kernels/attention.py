@@ -115,11 +115,13 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, start_ptr, past_ptr, P, HQ: 
     tl.store(out_ptr + bh * D + rd, o.to(out_ptr.dtype.element_ty))
 
 
-def programs_per_row(smax: int, pairs: int, block_t: int, sms: int) -> int:
-    """P, the stage-1 programs of one (row, KV head): about 2 per SM over the batch, at most 64 (the combine reads
-    P partials a query head) and at most the cache's tiles (132 SMs: 64 at batch 1, 8 at batch 16; the P sweep of
-    docs/gpu/visit-l: the fastest or within 0.5 us of it from 2k to 8k keys, both caches)."""
-    return max(1, min(64, cdiv(smax, block_t), 2 * sms // pairs))
+def programs_per_row(smax: int, pairs: int, block_t: int, sms: int, kv8: bool = False) -> int:
+    """P, the stage-1 programs of one (row, KV head): about 2 per SM over the batch for an fp16 cache, 4 for an int8
+    one (its tiles cost more than their bytes: more programs hide it), at most 64 (the combine reads P partials a
+    query head) and at most the cache's tiles. 132 SMs: 64 at batch 1; at batch 16, 8 (fp16) and 16 (int8): the P
+    sweep of docs/gpu/visit-l and the decode rows of visits L and M (int8 cache at batch 16 / 8k: 3513 tok/s with
+    P 16, 3377 with 8; fp16 cache 3556 with 8, 3507 with 16)."""
+    return max(1, min(64, cdiv(smax, block_t), (4 if kv8 else 2) * sms // pairs))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
@@ -133,7 +135,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if (k_cache.dtype == torch.int8) != (kv8 is not None):
         raise ValueError(f"decode_attention: a {k_cache.dtype} cache {'without' if kv8 is None else 'with'} KV8")
     g = num_heads // hkv
-    p = programs or programs_per_row(smax, b * hkv, block_t, sm_count(q.device))
+    p = programs or programs_per_row(smax, b * hkv, block_t, sm_count(q.device), kv8 is not None)
     ml = torch.empty((2, b, num_heads, p), dtype=torch.float32, device=q.device)
     acc = torch.empty((b, num_heads, p, d), dtype=torch.float32, device=q.device)
     ks, vs, kn, vn = (kv8.k_scale, kv8.v_scale, kv8.k_new, kv8.v_new) if kv8 is not None else (q,) * 4

@@ -300,6 +300,9 @@ def main() -> int:
     ap.add_argument("--tuned", type=Path, help="GEMV config table (bench_kernels.py's tuned_h200.json)")
     ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--cache-slots", type=int, default=PROMPT + NEW + 8,
+                    help="KV cache length of the decode rows' engines (default: just the run's tokens; a user's "
+                         "engine holds the model's whole context, 8192 slots for ChatGLM3-6B)")
     ap.add_argument("--kv8", nargs="*", default=["fp16"], choices=["fp16", "int8", "int4-g128"],
                     help="weights of the kv8 rows (fp16 vs int8 cache at batch 16, 8k context); none to skip")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
@@ -323,7 +326,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bw = args.copy_bw or copy_bandwidth()
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
-               "layers": args.layers, "command": " ".join(sys.argv), "runs": {}, "kv8": {}, "peers": {}}
+               "layers": args.layers, "cache_slots": args.cache_slots, "command": " ".join(sys.argv), "runs": {}, "kv8": {}, "peers": {}}
 
     def save() -> None:
         (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -331,12 +334,13 @@ def main() -> int:
     def one(prec: str) -> dict:
         bits, group = PRECISIONS[prec]
         t0 = time.time()
-        model = random_model_on_gpu(args.layers)
+        model = random_model_on_gpu(args.layers, max_positions=args.cache_slots)
         if prec == "fp8":
             model = fp8_model(model)
         elif bits != 16:
             quantize_model(model, bits, group)
-        backend = CudaBackend(model, max_batch=max(args.batches), max_length=PROMPT + NEW + 8)
+        backend = CudaBackend(model, max_batch=max(args.batches), max_length=args.cache_slots,
+                              max_input_length=PROMPT)
         del model
         cfg = backend.config
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (PROMPT + NEW // 2)

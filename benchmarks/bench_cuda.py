@@ -326,7 +326,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bw = args.copy_bw or copy_bandwidth()
     results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "copy_bw": bw,
-               "layers": args.layers, "cache_slots": args.cache_slots, "command": " ".join(sys.argv), "runs": {}, "kv8": {}, "peers": {}}
+               "layers": args.layers, "cache_slots": args.cache_slots, "command": " ".join(sys.argv), "runs": {},
+               "kv8": {}, "peers": {}}
 
     def save() -> None:
         (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -140,6 +140,22 @@ def with_kv8(model, granularity: str = "channel"):
     return model
 
 
+def engine(layers: int, prec: str, slots: int, batch: int, kv8: bool = False):
+    """The cuda backend over a random model of `prec` weights (quantized on the GPU as the pipeline does), a KV cache
+    of `slots` slots (int8 with `kv8`) for up to `batch` rows."""
+    from glmc.quantization.weight_only import quantize_model
+    from glmc.runtime.backend_cuda import CudaBackend
+    bits, group = PRECISIONS[prec]
+    model = random_model_on_gpu(layers, max_positions=slots)
+    if prec == "fp8":
+        model = fp8_model(model)
+    elif bits != 16:
+        quantize_model(model, bits, group)
+    if kv8:
+        with_kv8(model)
+    return CudaBackend(model, max_batch=batch, max_length=slots, max_input_length=PROMPT)
+
+
 def fp8_model(model):
     """fp8 weights and activations (glmc.quantization.fp8 through apply_scheme, as the pipeline runs it) on the
     float32 model, activation scales from 4 random 128-token samples."""
@@ -320,8 +336,6 @@ def main() -> int:
     if args.tuned:
         os.environ["GLMC_GEMV_TUNED"] = str(args.tuned)
     from benchmarks.bench_kernels import copy_bandwidth
-    from glmc.quantization.weight_only import quantize_model
-    from glmc.runtime.backend_cuda import CudaBackend
 
     args.out.mkdir(parents=True, exist_ok=True)
     bw = args.copy_bw or copy_bandwidth()
@@ -333,16 +347,8 @@ def main() -> int:
         (args.out / "cuda_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
     def one(prec: str) -> dict:
-        bits, group = PRECISIONS[prec]
         t0 = time.time()
-        model = random_model_on_gpu(args.layers, max_positions=args.cache_slots)
-        if prec == "fp8":
-            model = fp8_model(model)
-        elif bits != 16:
-            quantize_model(model, bits, group)
-        backend = CudaBackend(model, max_batch=max(args.batches), max_length=args.cache_slots,
-                              max_input_length=PROMPT)
-        del model
+        backend = engine(args.layers, prec, args.cache_slots, max(args.batches))
         cfg = backend.config
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (PROMPT + NEW // 2)
         bound = bw / (backend.weight_bytes + kv_bytes)
@@ -372,15 +378,8 @@ def main() -> int:
     for prec in args.kv8:  # both caches built, then timed in turn KV_REPEAT times: drift hits both alike
         backends: dict = {}
         try:
-            bits, group = PRECISIONS[prec]
             for kv in ("kv16", "kv8"):
-                model = random_model_on_gpu(args.layers, max_positions=KV_CONTEXT)
-                if bits != 16:
-                    quantize_model(model, bits, group)
-                if kv == "kv8":
-                    with_kv8(model)
-                backends[kv] = CudaBackend(model, max_batch=KV_BATCH, max_length=KV_CONTEXT, max_input_length=PROMPT)
-                del model
+                backends[kv] = engine(args.layers, prec, KV_CONTEXT, KV_BATCH, kv8=kv == "kv8")
             rates: dict = {kv: [] for kv in backends}
             for _ in range(KV_REPEAT):
                 for kv, backend in backends.items():

@@ -369,7 +369,7 @@ def kv_kernels(bw: float, rows: list) -> None:
             rows.append(dict(kernel=f"qkv_rotary_append {cache} cache", shape=f"M={m}", us=t * 1e6,
                              gbs=moved / t / 1e9, pct=100 * moved / t / bw))
             print(rows[-1], flush=True)
-            default = attention.programs_per_row(8192, m * HKV, 64, sm_count(kc.device), kv8 is not None)
+            default = attention.programs_per_row(kc.shape[2], m * HKV, 64, sm_count(kc.device), kv8 is not None)
             for ctx in (256, 2048, 8192):
                 pst = torch.tensor([ctx - 1], device="cuda", dtype=torch.int32)
                 o = torch.empty_like(q)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -118,7 +119,8 @@ def word_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
 
 def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
     """The `mma` configs tried: 8-row blocks per warp x spans per round x warps per program x split-K sized for 8 to
-    64 warps per SM, with 256-byte L2 lines (3% faster on the median config in the 2026-12-02 PDL visit)."""
+    64 warps per SM x the op's rows or 512-byte tiles, with 256-byte L2 lines (3% faster on the median config in the
+    2026-12-02 PDL visit)."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig
     span = MMA_SPAN[bits]
     spans = k // span
@@ -129,8 +131,19 @@ def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
             for warps in (4, 8):
                 for p in (8, 16, 32, 64):
                     split = max(1, min(spans // stages, round(p * 132 / warps_n)))
-                    out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, True))
+                    for tiled in (False, True):
+                        out.add(GemvConfig("mma", 8 * rows, span, split, warps, stages, False, True, tiled))
     return out
+
+
+def with_layout(copies: list, cfg) -> list:
+    """The weight copies with the layout cfg reads made now (the tiles are made on first use: never inside the
+    graph capture that times them)."""
+    from glmc.kernels.quantized_linear import mma_tiles
+    if cfg.variant == "mma" and cfg.tiled:
+        for c in copies:
+            mma_tiles(c)
+    return copies
 
 
 def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool = False,
@@ -223,6 +236,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                         if not err < 5e-3:  # a wrong kernel is never a winner
                             print("WRONG", name, prec, m, cfg, f"rel {err:.3g}", flush=True)
                             continue
+                        with_layout(copies, cfg)
                         t = bench(lambda i, cfg=cfg: use(gemv_partials(x, copies[i], cfg)), len(copies))
                     except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
                         print("skip", name, prec, m, cfg, type(e).__name__, str(e)[:100], flush=True)
@@ -270,19 +284,18 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: fl
     ref = swiglu(part, x.dtype).float()
     inter = [interleave_gate_up(c) for c in copies]
     best = None
-    for rows_ in (1, 2, 4):
-        for warps in (4, 8):
-            for stages in (2, 4):
-                cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True)
-                got = gate_up_swiglu(x, inter[0], cfg).float()
-                err = float((got - ref).norm() / ref.norm())
-                if not err < 5e-3:
-                    print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
-                    continue
-                t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
-                print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
-                if best is None or t < best[0]:
-                    best = (t, cfg)
+    for rows_, warps, stages, tiled in itertools.product((1, 2, 4), (4, 8), (2, 4), (False, True)):
+        cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, tiled)
+        with_layout(inter, cfg)
+        got = gate_up_swiglu(x, inter[0], cfg).float()
+        err = float((got - ref).norm() / ref.norm())
+        if not err < 5e-3:
+            print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
+            continue
+        t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
+        print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
+        if best is None or t < best[0]:
+            best = (t, cfg)
     inter.clear()
     assert best is not None
     key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"

@@ -4,6 +4,7 @@ the cuda build's save/load round trip, the kernels' config rules)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -232,8 +233,8 @@ def test_quantized_linear_kernel(bits, group, m):
 def test_quantized_linear_mma_kernel(bits, group, m):
     """The tensor-core variant against the op, into NaN-poisoned partials: splits and stages that leave a short last
     round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8), M on both sides of 8 (the A
-    fragment's second half), with and without 256-byte L2 lines; refused, naming why, where it cannot read the
-    layer."""
+    fragment's second half), with and without 256-byte L2 lines, the op's rows and the 512-byte tiles; refused,
+    naming why, where it cannot read the layer."""
     from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gemv_partials, linear
     span = MMA_SPAN[bits]
     for n, k in [(4608, 4096), (264, 1024)]:
@@ -241,9 +242,10 @@ def test_quantized_linear_mma_kernel(bits, group, m):
         x = torch.randn(m, k, device="cuda").to(DT)
         ref = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k) if bits != 16 else \
             torch.nn.functional.linear(x, w)
-        for rows, split, warps, stages, l2 in [(1, 1, 4, 2, False), (2, 5, 4, 4, True), (4, 3, 8, 8, False),
-                                               (2, 64, 4, 2, True), (1, 3, 8, 2, True)]:
-            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2)
+        for rows, split, warps, stages, l2, tiled in [(1, 1, 4, 2, False, False), (2, 5, 4, 4, True, True),
+                                                      (4, 3, 8, 8, False, True), (2, 64, 4, 2, True, False),
+                                                      (1, 3, 8, 2, True, True), (2, 7, 4, 2, True, True)]:
+            cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2, tiled)
             spans = k // span
             out = torch.full((-(-spans // -(-spans // split)), m, n), math.nan, device="cuda")
             got = gemv_partials(x, lin, cfg, out).sum(0)
@@ -290,19 +292,23 @@ def test_mma_kernel_instances_compile_with_nvrtc():
         bits, group = int(key.split("_b")[1].split("_")[0]), int(key.split("_g")[1].split("_")[0])
         m = int(key[1:].split("_")[0])
         if cfg.variant == "mma":
-            names.add((bits, group, cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch),
-                       int(key.endswith("_swiglu"))))
+            names.add((bits, group, int(cfg.tiled), cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16,
+                       int(cfg.prefetch), int(key.endswith("_swiglu"))))
     for bits, group in [(8, 0), (4, 0), (4, 128), (8, 128)]:
         for m in (1, 16):
             cfg = default_config(m, 768, 512, bits, group)
-            names.add((bits, group, cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch), 1))
-    names.add((16, 0, 2, 4, 16, 0, 0))
-    names.add((16, 0, 2, 2, 8, 1, 1))
+            names.add((bits, group, int(cfg.tiled), cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16,
+                       int(cfg.prefetch), 1))
+            names.add((bits, group, 1 - int(cfg.tiled), cfg.block_n // 8, cfg.num_stages, 8 if m <= 8 else 16,
+                       int(cfg.prefetch), 0))
+    names.add((16, 0, 0, 2, 4, 16, 0, 0))
+    names.add((16, 0, 1, 2, 2, 8, 1, 1))
     assert len(names) >= 10 and all(n[0] in MMA_SPAN for n in names)
     for arch, pdl in (("90", 1), ("80", 0)):
         prog = ctypes.c_void_p()
         assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), src, b"quantized_linear_mma.cu", 0, None, None) == 0
-        exprs = [f"gemv_mma<{b}, {g}, {r}, {u}, {mt}, {l2}, {pdl}, {sw}>".encode() for b, g, r, u, mt, l2, sw in names]
+        exprs = [f"gemv_mma<{b}, {g}, {ti}, {r}, {u}, {mt}, {l2}, {pdl}, {sw}>".encode()
+                 for b, g, ti, r, u, mt, l2, sw in names]
         for e in exprs:
             assert NVRTC.nvrtcAddNameExpression(prog, e) == 0
         opts = [f"--gpu-architecture=sm_{arch}".encode()]
@@ -318,6 +324,29 @@ def test_mma_kernel_instances_compile_with_nvrtc():
             lowered = ctypes.c_char_p()
             assert NVRTC.nvrtcGetLoweredName(prog, e, ctypes.byref(lowered)) == 0 and lowered.value
         NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0), (16, 0)])
+def test_mma_tiles_hold_each_lanes_bytes(bits, group):
+    """The tiled layout read as the kernel reads it (lane 4g + t, span sp of 8-row block b: 16 bytes at vector
+    (b * spans + sp) * 32 + lane) gives the bytes it reads in the op's rows (vector (8b + g) * K_bytes / 16 + 4 sp +
+    t), and the tiled group scales scale (b, group, row) what the row-major ones do."""
+    from glmc.kernels.quantized_linear import MMA_SPAN, int4_words, mma_tiles
+    n, k = 24, 3 * MMA_SPAN[bits]
+    lin, _ = _linear(n, k, bits, group, False, "cpu")
+    rows = (int4_words(lin) if bits == 4 else lin.weight).view(torch.uint8).reshape(n, -1, 16)
+    tiles, scales = mma_tiles(lin)
+    vec = tiles.reshape(-1, 16)
+    spans = k // MMA_SPAN[bits]
+    for b, sp, g, t in itertools.product(range(n // 8), range(spans), range(8), range(4)):
+        assert torch.equal(vec[(b * spans + sp) * 32 + 4 * g + t], rows[8 * b + g, 4 * sp + t])
+    if group:
+        assert lin.scale is not None and scales is not None
+        flat = scales.reshape(-1)
+        for b, grp, r in itertools.product(range(n // 8), range(k // group), range(8)):
+            assert flat[(b * (k // group) + grp) * 8 + r] == lin.scale[8 * b + r, grp]
+    else:
+        assert scales is None
 
 
 def test_interleave_gate_up_pairs_the_rows():
@@ -347,7 +376,8 @@ def test_gate_up_swiglu_kernel(bits, group, m):
     inter = interleave_gate_up(lin)
     span = MMA_SPAN[bits]
     for cfg in [None, GemvConfig("mma", 32, span, 1, 8, 4, False, False), GemvConfig("mma", 16, span, 1, 4, 2, False,
-                                                                                     True)]:
+                                                                                     True),
+                GemvConfig("mma", 16, span, 1, 4, 2, False, True, True)]:
         got = gate_up_swiglu(x, inter, cfg)
         assert got.shape == (m, n // 2) and got.dtype == DT
         assert rel(got, ref) < TOL, cfg

@@ -72,6 +72,7 @@ class PackedLinear:
     k: int
     words: torch.Tensor | None = None  # int4: int32 [N, K/8] in the interleaved order (interleave_int4)
     input_scale: torch.Tensor | None = None  # fp8 (glmc::fp8_linear): the activations' static scale [1]
+    tiles: tuple[torch.Tensor, torch.Tensor | None] | None = None  # mma, tiled: (weights, group scales) (mma_tiles)
 
     @property
     def fp8(self) -> bool:
@@ -96,6 +97,7 @@ class GemvConfig:
     magic: bool = False  # int4/int8: dequantize through fp16 bit patterns instead of int->float conversions
     prefetch: bool = False  # wo: load the next tile's words and scales before computing this one's; mma: ask L2
     # for 256-byte lines
+    tiled: bool = False  # mma: read the weights as 512-byte tiles, one per warp and span (mma_tiles)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -541,13 +543,31 @@ def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Te
     weight = int4_words(lin) if lin.bits == 4 else lin.weight
     scale = lin.scale if lin.scale is not None else x
     stride_sn = scale.stride(0) if lin.group_size else 0
+    if cfg.tiled:
+        weight, tiled_scale = mma_tiles(lin)
+        scale = tiled_scale if tiled_scale is not None else scale
     dev = x.device.index or 0
-    kernel = compile_kernel("quantized_linear_mma.cu", f"gemv_mma<{lin.bits}, {lin.group_size}, {rows}, "
-                            f"{cfg.num_stages}, {8 if m <= 8 else 16}, {int(cfg.prefetch)}, {int(pdl_on(dev))}, "
-                            f"{int(swiglu)}>", dev)
+    args = [lin.bits, lin.group_size, int(cfg.tiled), rows, cfg.num_stages, 8 if m <= 8 else 16, int(cfg.prefetch),
+            int(pdl_on(dev)), int(swiglu)]
+    kernel = compile_kernel("quantized_linear_mma.cu", f"gemv_mma<{', '.join(map(str, args))}>", dev)
     launch(kernel, (cdiv(lin.n // 8, rows * cfg.num_warps), split, 1), (32 * cfg.num_warps, 1, 1),
            [weight, x, scale, out, m, lin.n, lin.k, x.stride(0), stride_sn, per_split])
     return out
+
+
+def mma_tiles(lin: PackedLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer as the tiled mma kernel reads it (made on first use, kept on the layer): weights uint8 [N / 8, spans,
+    8, 64] (each 8-row block's span one 512-byte tile: the 64 bytes of row g at lane quad g; int4 from the
+    interleaved words) and, for grouped scales, the scales [N / 8, groups, 8]."""
+    if lin.tiles is None:
+        src = int4_words(lin) if lin.bits == 4 else lin.weight
+        spans = lin.k // MMA_SPAN[lin.bits]
+        w = src.contiguous().view(torch.uint8).reshape(lin.n // 8, 8, spans, 64).transpose(1, 2).contiguous()
+        s = None
+        if lin.group_size and lin.scale is not None:
+            s = lin.scale.reshape(lin.n // 8, 8, -1).transpose(1, 2).contiguous()
+        lin.tiles = (w, s)
+    return lin.tiles
 
 
 @jit
@@ -717,7 +737,7 @@ def interleave_gate_up(lin: PackedLinear) -> PackedLinear:
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.index_select(0, order).contiguous()
     return dataclasses.replace(lin, weight=lin.weight.index_select(0, order).contiguous(), scale=rows(lin.scale),
-                               bias=rows(lin.bias), words=rows(lin.words))
+                               bias=rows(lin.bias), words=rows(lin.words), tiles=None)
 
 
 def swiglu_fused(lin: PackedLinear, dtype: torch.dtype, device: torch.device) -> bool:

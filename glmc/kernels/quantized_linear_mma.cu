@@ -17,6 +17,11 @@
 // = (q0, q1); int8 bytes (two's complement, xor 0x80 = code + 128) are permuted into 0x64XX = 1152 + q. Grouped
 // scales (a group a whole number of spans) multiply each span's float32 partial; per-channel scales the final sum.
 //
+// Layouts: the op's rows (TILED 0: a warp's span is 8 runs of 64 bytes, one per row, K bytes apart) or tiles made
+// once at load time (TILED 1, quantized_linear.mma_tiles): [N / 8, spans, 8 rows, 64 bytes], so a warp's span is one
+// contiguous 512-byte block in its lanes' order and a warp streams its 8 rows as one run; group scales alike
+// [N / 8, groups, 8].
+//
 // Pipelining: a warp loads the weights (and group scales) of its next U spans before computing the current U, so two
 // rounds of loads are in flight; with L2HINT the loads ask L2 for 256-byte lines (the next spans of the same rows).
 // PDL (sm90+, launched with programmatic stream serialization): the first round of weights is loaded before
@@ -127,12 +132,13 @@ __device__ __forceinline__ void decode(const u32x4& v, u32* b) {
   }
 }
 
-// BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. R: 8-row blocks per warp.
+// BITS: 4 | 8 | 16. GROUP: 0 (per channel; none for fp16) or a multiple of the span. TILED: the layout above.
+// R: 8-row blocks per warp.
 // U: spans per round of loads. MT: 8 (M <= 8: the A fragment's rows 8..15 are zero) or 16. L2HINT: 256-byte L2
 // lines. PDL: griddepcontrol (sm90+). SWIGLU: the rows are dense_h_to_4h's interleaved (gate j, up j) and the split
 // is 1, so a lane's C pair is (gate, up) of one column: out is then fp16 silu(gate) * up [M, N / 2], rounded as
 // glmc.kernels.norm.swiglu rounds (gate and up to fp16, silu(gate) to fp16, the product to fp16).
-template <int BITS, int GROUP, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU>
+template <int BITS, int GROUP, int TILED, int R, int U, int MT, int L2HINT, int PDL, int SWIGLU>
 __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __restrict__ x,
                          const unsigned short* __restrict__ scale, void* __restrict__ out, int M, int N, int K,
                          int stride_xm, int stride_sn, int spans_per_split) {
@@ -150,13 +156,16 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
   const int sp1 = min(sp0 + spans_per_split, spans);
   const int row_vecs = K * BITS / 128;  // 16-byte vectors per weight row
   const bool live = warp * R < blocks;  // a warp past N only waits (PDL) and leaves
+  constexpr int SPAN_VECS = TILED ? 32 : 4;  // 16-byte vectors from one span of a lane's row to the next
+  const int groups = GROUP > 0 ? K / GROUP : 1;
+  const int s_row = TILED ? 1 : stride_sn, s_group = TILED ? 8 : 1;  // scale steps: next row, next group
   const u32x4* wl[R];
   const unsigned short* sl[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int blk = min(warp * R + r, blocks - 1);  // a warp's blocks past N re-read the last one, never stored
-    wl[r] = w + (size_t)(blk * 8 + g) * row_vecs + t;
-    sl[r] = scale + (size_t)(blk * 8 + 2 * t) * stride_sn;
+    wl[r] = TILED ? w + (size_t)blk * spans * 32 + lane : w + (size_t)(blk * 8 + g) * row_vecs + t;
+    sl[r] = TILED ? scale + (size_t)blk * groups * 8 + 2 * t : scale + (size_t)(blk * 8 + 2 * t) * stride_sn;
   }
   const bool x0ok = g < M, x1ok = MT == 16 && g + 8 < M;
   const u32x4* xl0 = reinterpret_cast<const u32x4*>(x + (size_t)(x0ok ? g : 0) * stride_xm) + t * XV;
@@ -198,7 +207,8 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
     }
   };
   auto scale_at = [&](int sp, int r, int i) {
-    return GROUP > 0 ? ld_half(sl[r] + (size_t)i * stride_sn + sp * KS / (GROUP > 0 ? GROUP : 1)) : 1.f;
+    return GROUP > 0 ? ld_half(sl[r] + (size_t)i * s_row + (size_t)(sp * KS / (GROUP > 0 ? GROUP : 1)) * s_group)
+                     : 1.f;
   };
 
   u32x4 wv[U][R], wn[U][R];
@@ -210,7 +220,7 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
 #pragma unroll
       for (int r = 0; r < R; ++r)
         if (u < uc) {
-          wd[u][r] = ld_stream<L2HINT>(wl[r] + (size_t)(at + u) * 4);
+          wd[u][r] = ld_stream<L2HINT>(wl[r] + (size_t)(at + u) * SPAN_VECS);
           if (GROUP > 0) {
             sd[u][r][0] = scale_at(at + u, r, 0);
             sd[u][r][NS - 1] = scale_at(at + u, r, 1);

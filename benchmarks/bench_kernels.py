@@ -136,14 +136,15 @@ def mma_candidates(m: int, bits: int, group: int, n: int, k: int) -> set:
     return out
 
 
-def with_layout(copies: list, cfg) -> list:
-    """The weight copies with the layout cfg reads made now (the tiles are made on first use: never inside the
-    graph capture that times them)."""
-    from glmc.kernels.quantized_linear import mma_tiles
-    if cfg.variant == "mma" and cfg.tiled:
-        for c in copies:
-            mma_tiles(c)
-    return copies
+def layout_for(cfg, copies: list, tiled: dict) -> list:
+    """The weight copies in the layout `cfg` was made for: the op's rows, or (a tiled mma config) the same copies
+    as tile_layer makes them, made once per shape into `tiled`."""
+    from glmc.kernels.quantized_linear import tile_layer
+    if not (cfg.variant == "mma" and cfg.tiled):
+        return copies
+    if not tiled:
+        tiled["copies"] = [tile_layer(c) for c in copies]
+    return tiled["copies"]
 
 
 def candidates(m: int, bits: int, group: int, n: int, k: int, words_only: bool = False,
@@ -221,6 +222,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
             lin0 = make_linear(n, k, bits, group)
             nbytes = lin0.nbytes
             copies = [lin0] + [make_linear(n, k, bits, group) for _ in range(max(0, 4 * L2_BYTES // nbytes))]
+            tiled: dict = {}
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ dequantize(lin0).float().T
@@ -231,13 +233,13 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                     cands = cands[:1]
                 for cfg in cands:
                     try:
-                        got = gemv_partials(x, lin0, cfg).sum(0)
+                        pool = layout_for(cfg, copies, tiled)
+                        got = gemv_partials(x, pool[0], cfg).sum(0)
                         err = float((got - ref).norm() / ref.norm())
                         if not err < 5e-3:  # a wrong kernel is never a winner
                             print("WRONG", name, prec, m, cfg, f"rel {err:.3g}", flush=True)
                             continue
-                        with_layout(copies, cfg)
-                        t = bench(lambda i, cfg=cfg: use(gemv_partials(x, copies[i], cfg)), len(copies))
+                        t = bench(lambda i, cfg=cfg, pool=pool: use(gemv_partials(x, pool[i], cfg)), len(pool))
                     except Exception as e:  # noqa: BLE001 - a config that does not compile or run is skipped
                         print("skip", name, prec, m, cfg, type(e).__name__, str(e)[:100], flush=True)
                         continue
@@ -249,7 +251,8 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                 tuned[config_key(m, n, k, bits, group)] = list(dataclasses.astuple(cfg))
                 if save is not None:
                     save()  # after every winner: a sweep cut short still leaves its table
-                t = t_pair if alone else bench(lambda i, cfg=cfg: gemv_partials(x, copies[i], cfg), len(copies))
+                pool = layout_for(cfg, copies, tiled)
+                t = t_pair if alone else bench(lambda i, cfg=cfg: gemv_partials(x, pool[i], cfg), len(pool))
                 moved = nbytes + m * k * 2 + cfg.split * m * n * 4
                 rows.append(dict(kernel=f"gemv {prec} M={m}", shape=f"{name} {n}x{k}", us=t * 1e6,
                                  gbs=moved / t / 1e9, pct=100 * moved / t / bw, config=str(cfg),
@@ -260,6 +263,7 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
                     if save is not None:
                         save()
             copies.clear()
+            tiled.clear()
 
 
 def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: float | None, cfg_gemv) -> None:
@@ -283,20 +287,22 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: fl
         t_pair = bench(lambda i: gemv_partials(x, copies[i], cfg_gemv), len(copies)) + t_act
     ref = swiglu(part, x.dtype).float()
     inter = [interleave_gate_up(c) for c in copies]
+    tiled: dict = {}
     best = None
-    for rows_, warps, stages, tiled in itertools.product((1, 2, 4), (4, 8), (2, 4), (False, True)):
-        cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, tiled)
-        with_layout(inter, cfg)
-        got = gate_up_swiglu(x, inter[0], cfg).float()
+    for rows_, warps, stages, tiles in itertools.product((1, 2, 4), (4, 8), (2, 4), (False, True)):
+        cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, tiles)
+        pool = layout_for(cfg, inter, tiled)
+        got = gate_up_swiglu(x, pool[0], cfg).float()
         err = float((got - ref).norm() / ref.norm())
         if not err < 5e-3:
             print("WRONG swiglu", m, cfg, f"rel {err:.3g}", flush=True)
             continue
-        t = bench(lambda i, cfg=cfg: gate_up_swiglu(x, inter[i], cfg), len(inter))
+        t = bench(lambda i, cfg=cfg, pool=pool: gate_up_swiglu(x, pool[i], cfg), len(pool))
         print(f"  h_to_4h+swiglu M={m} {cfg}: {t * 1e6:.1f} us", flush=True)
         if best is None or t < best[0]:
             best = (t, cfg)
     inter.clear()
+    tiled.clear()
     assert best is not None
     key = config_key(m, n, k, lin0.bits, lin0.group_size) + "_swiglu"
     t, cfg = best

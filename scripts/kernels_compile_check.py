@@ -43,10 +43,10 @@ def main() -> int:
                 for magic in ((False,) if bits == 16 else (False, True)):
                     compile_one(f"dot b{bits} g{group} {bn}x{bk} magic={magic}", ql._gemv_dot_kernel, sig,
                                 dict(BITS=bits, GROUP=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic))
-            if bits != 16:
-                compile_one(f"dequant b{bits} g{group}", ql._dequantize_kernel,
+            for tiled in ((False, True) if bits != 16 else ()):
+                compile_one(f"dequant b{bits} g{group} tiled={tiled}", ql._dequantize_kernel,
                             dict(w_ptr=wty, s_ptr="*fp16", out_ptr="*fp16", N=i32, K=i32, stride_wn=i32,
-                                 stride_sn=i32), dict(BITS=bits, GROUP=group, BLOCK_N=32, BLOCK_K=128))
+                                 stride_sn=i32), dict(BITS=bits, GROUP=group, TILED=tiled, BLOCK_N=32, BLOCK_K=128))
     for split in (1, 4, 33):
         sb = split_block(split, 4096 // 512)
         compile_one(f"add_rmsnorm split {split}", norm._add_rmsnorm_kernel,

@@ -233,9 +233,9 @@ def test_quantized_linear_kernel(bits, group, m):
 def test_quantized_linear_mma_kernel(bits, group, m):
     """The tensor-core variant against the op, into NaN-poisoned partials: splits and stages that leave a short last
     round of spans, programs whose last warps run past N (264 rows: 33 blocks of 8), M on both sides of 8 (the A
-    fragment's second half), with and without 256-byte L2 lines, the op's rows and the 512-byte tiles; refused,
-    naming why, where it cannot read the layer."""
-    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gemv_partials, linear
+    fragment's second half), with and without 256-byte L2 lines, the op's rows and the 512-byte tiles (whose
+    dequantization, for prefill, equals the rows'); refused, naming why, where it cannot read the layer."""
+    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, dequantize, gemv_partials, linear, tile_layer
     span = MMA_SPAN[bits]
     for n, k in [(4608, 4096), (264, 1024)]:
         lin, w = _linear(n, k, bits, group, True, "cuda")
@@ -248,8 +248,14 @@ def test_quantized_linear_mma_kernel(bits, group, m):
             cfg = GemvConfig("mma", 8 * rows, span, split, warps, stages, False, l2, tiled)
             spans = k // span
             out = torch.full((-(-spans // -(-spans // split)), m, n), math.nan, device="cuda")
-            got = gemv_partials(x, lin, cfg, out).sum(0)
+            got = gemv_partials(x, tile_layer(lin) if tiled and bits != 16 else lin, cfg, out).sum(0)
             assert rel(got, ref.float()) < TOL, (n, k, cfg)
+        if bits != 16:
+            tiles = tile_layer(lin)
+            assert torch.equal(dequantize(tiles), dequantize(lin))
+            assert lin.bias is not None and rel(linear(x, tiles), (ref.float() + lin.bias.float()).to(DT)) < TOL
+            with pytest.raises(GlmcError, match="only the mma variant"):
+                linear(x, tiles, GemvConfig("fma", 32, 64, 1, 4, 2))
         assert lin.bias is not None
         assert rel(linear(x, lin, cfg), (ref.float() + lin.bias.float()).to(DT)) < TOL
     with pytest.raises(GlmcError, match="N a multiple of 8"):
@@ -326,27 +332,37 @@ def test_mma_kernel_instances_compile_with_nvrtc():
         NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0), (16, 0)])
-def test_mma_tiles_hold_each_lanes_bytes(bits, group):
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 0), (8, 0), (8, 128)])
+def test_tile_layer_holds_each_lanes_bytes(bits, group):
     """The tiled layout read as the kernel reads it (lane 4g + t, span sp of 8-row block b: 16 bytes at vector
     (b * spans + sp) * 32 + lane) gives the bytes it reads in the op's rows (vector (8b + g) * K_bytes / 16 + 4 sp +
-    t), and the tiled group scales scale (b, group, row) what the row-major ones do."""
-    from glmc.kernels.quantized_linear import MMA_SPAN, int4_words, mma_tiles
+    t), and the tiled group scales scale (b, group, row) what the row-major ones do; the tiled layer is the only
+    copy (no int4 words beside it) and refuses what reads rows."""
+    from glmc.kernels.quantized_linear import MMA_SPAN, int4_words, interleave_gate_up, tile_layer
     n, k = 24, 3 * MMA_SPAN[bits]
     lin, _ = _linear(n, k, bits, group, False, "cpu")
     rows = (int4_words(lin) if bits == 4 else lin.weight).view(torch.uint8).reshape(n, -1, 16)
-    tiles, scales = mma_tiles(lin)
-    vec = tiles.reshape(-1, 16)
+    tiled = tile_layer(lin)
+    assert tiled.tiled and tiled.words is None and tiled.weight.dtype == lin.weight.dtype
+    assert tiled.nbytes == lin.nbytes and tile_layer(tiled) is tiled
+    tiles, scales = tiled.weight, tiled.scale
+    vec = tiles.view(torch.uint8).reshape(-1, 16)
     spans = k // MMA_SPAN[bits]
     for b, sp, g, t in itertools.product(range(n // 8), range(spans), range(8), range(4)):
         assert torch.equal(vec[(b * spans + sp) * 32 + 4 * g + t], rows[8 * b + g, 4 * sp + t])
     if group:
         assert lin.scale is not None and scales is not None
         flat = scales.reshape(-1)
-        for b, grp, r in itertools.product(range(n // 8), range(k // group), range(8)):
-            assert flat[(b * (k // group) + grp) * 8 + r] == lin.scale[8 * b + r, grp]
+        for b, grp, r in itertools.product(range(n // 8), range(-(-k // group)), range(8)):
+            assert flat[(b * -(-k // group) + grp) * 8 + r] == lin.scale[8 * b + r, grp]
     else:
-        assert scales is None
+        assert scales is lin.scale
+    with pytest.raises(GlmcError, match="before tiling"):
+        interleave_gate_up(tiled)
+    with pytest.raises(GlmcError, match="mma tiles"):
+        int4_words(tiled)
+    with pytest.raises(GlmcError, match="tile_layer: the tiles hold int8/int4"):
+        tile_layer(_linear(24, 128, 16, 0, False, "cpu")[0])
 
 
 def test_interleave_gate_up_pairs_the_rows():
@@ -367,7 +383,7 @@ def test_interleave_gate_up_pairs_the_rows():
 def test_gate_up_swiglu_kernel(bits, group, m):
     """dense_h_to_4h + SwiGLU in one kernel (the mma epilogue, M <= 16; M = 40: partials + the interleaved SwiGLU
     kernel) against silu(x Wg^T) * (x Wu^T) of the op."""
-    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gate_up_swiglu, interleave_gate_up
+    from glmc.kernels.quantized_linear import MMA_SPAN, GemvConfig, gate_up_swiglu, interleave_gate_up, tile_layer
     n, k = 2 * 1536, 1024
     lin, w = _linear(n, k, bits, group, False, "cuda")
     x = torch.randn(m, k, device="cuda").to(DT)
@@ -378,7 +394,7 @@ def test_gate_up_swiglu_kernel(bits, group, m):
     for cfg in [None, GemvConfig("mma", 32, span, 1, 8, 4, False, False), GemvConfig("mma", 16, span, 1, 4, 2, False,
                                                                                      True),
                 GemvConfig("mma", 16, span, 1, 4, 2, False, True, True)]:
-        got = gate_up_swiglu(x, inter, cfg)
+        got = gate_up_swiglu(x, tile_layer(inter) if cfg and cfg.tiled and bits != 16 else inter, cfg)
         assert got.shape == (m, n // 2) and got.dtype == DT
         assert rel(got, ref) < TOL, cfg
 

@@ -157,7 +157,7 @@ __global__ void gemv_mma(const u32x4* __restrict__ w, const unsigned short* __re
   const int row_vecs = K * BITS / 128;  // 16-byte vectors per weight row
   const bool live = warp * R < blocks;  // a warp past N only waits (PDL) and leaves
   constexpr int SPAN_VECS = TILED ? 32 : 4;  // 16-byte vectors from one span of a lane's row to the next
-  const int groups = GROUP > 0 ? K / GROUP : 1;
+  const int groups = GROUP > 0 ? (K + GROUP - 1) / GROUP : 1;  // the last group may be short
   const int s_row = TILED ? 1 : stride_sn, s_group = TILED ? 8 : 1;  // scale steps: next row, next group
   const u32x4* wl[R];
   const unsigned short* sl[R];

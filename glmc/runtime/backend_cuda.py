@@ -35,12 +35,14 @@ from glmc.kernels import attention as k_attention
 from glmc.kernels import norm as k_norm
 from glmc.kernels import rotary as k_rotary
 from glmc.kernels import sampling as k_sampling
+from glmc.kernels._cuda import sm_count
 from glmc.kernels.quantized_linear import (
     PackedLinear,
     gate_up_swiglu,
     interleave_gate_up,
     linear_partials,
     pack_linear,
+    settle_layout,
     swiglu_fused,
 )
 from glmc.kernels.rotary import KV8
@@ -121,6 +123,9 @@ class CudaBackend:
         for lay in self.layers:
             if swiglu_fused(lay.up, self.dtype, self.device):
                 lay.up, lay.swiglu_fused = interleave_gate_up(lay.up), True
+            for name in ("qkv", "dense", "up", "down"):  # each linear's decode layout: the mma tiles or the op's rows
+                setattr(lay, name, settle_layout(getattr(lay, name), self.dtype, self.device,
+                                                 name == "up" and lay.swiglu_fused, sm_count(self.device)))
         self.final_ln = t.encoder.final_layernorm.weight.detach()
         self.output = pack_linear(t.output_layer)
         self.cos, self.sin = model.cos_cache, model.sin_cache

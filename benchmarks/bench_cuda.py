@@ -352,7 +352,11 @@ def main() -> int:
         cfg = backend.config
         kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (PROMPT + NEW // 2)
         bound = bw / (backend.weight_bytes + kv_bytes)
-        run = {"weight_bytes": backend.weight_bytes, "bound_b1": bound, "build_s": time.time() - t0}
+        gc.collect()  # what the engine holds on the device once the model it was made from is gone
+        run = {"weight_bytes": backend.weight_bytes, "bound_b1": bound, "build_s": time.time() - t0,
+               "device_bytes": torch.cuda.memory_allocated()}
+        print(prec, f"engine: {run['device_bytes'] / 2**30:.2f} GiB on the device (weights read per step "
+              f"{backend.weight_bytes / 2**30:.2f} GiB, KV cache {backend.cache_bytes / 2**30:.2f} GiB)", flush=True)
         for b in args.batches:
             tps, ms = decode_rate(backend, b, NEW)
             run[f"b{b}"] = {"tok_s": tps, "ms_step": ms}

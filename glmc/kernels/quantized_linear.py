@@ -557,10 +557,11 @@ def _gemv_mma(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Te
 
 
 def tile_layer(lin: PackedLinear) -> PackedLinear:
-    """The layer in the mma kernel's tiled layout (in place of the op's rows, not beside them): weight uint8 [N / 8,
-    spans, 8, 64], each 8-row block's span one 512-byte tile (row g's 64 bytes at lane quad g; int4: the interleaved
-    words'), so a warp reads its span as one contiguous block and its rows as one run; grouped scales [N / 8,
-    groups, 8]. Only the mma kernel and `dequantize` read it. int8/int4 layers the mma kernel can read."""
+    """The layer in the mma kernel's tiled layout (in place of the op's rows, not beside them): weight bytes [N / 8,
+    spans, 8, 64] (int8, or uint8 for int4), each 8-row block's span one 512-byte tile (row g's 64 bytes at lane quad
+    g; int4: the interleaved words' bytes), so a warp reads its span as one contiguous block and its rows as one run;
+    grouped scales [N / 8, groups, 8]. Only the mma kernel and `dequantize` read it. int8/int4 layers the mma kernel
+    can read."""
     if lin.tiled:
         return lin
     if lin.bits not in (4, 8) or lin.fp8 or lin.n % 8 or lin.k % MMA_SPAN[lin.bits] \

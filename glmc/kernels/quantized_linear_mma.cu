@@ -18,7 +18,7 @@
 // scales (a group a whole number of spans) multiply each span's float32 partial; per-channel scales the final sum.
 //
 // Layouts: the op's rows (TILED 0: a warp's span is 8 runs of 64 bytes, one per row, K bytes apart) or tiles made
-// once at load time (TILED 1, quantized_linear.mma_tiles): [N / 8, spans, 8 rows, 64 bytes], so a warp's span is one
+// once at load time (TILED 1, quantized_linear.tile_layer): [N / 8, spans, 8 rows, 64 bytes], so a warp's span is one
 // contiguous 512-byte block in its lanes' order and a warp streams its 8 rows as one run; group scales alike
 // [N / 8, groups, 8].
 //

@@ -367,6 +367,30 @@ def test_tile_layer_holds_each_lanes_bytes(bits, group):
         tile_layer(_linear(24, 128, 16, 0, False, "cpu")[0])
 
 
+def test_settle_layout_rule_follows_the_table(monkeypatch):
+    """A layer gets the tiles when batch 1's config was timed on them and every batch up to 16 runs the mma kernel
+    (with the SwiGLU epilogue it always does: its `_swiglu` config decides); a Triton variant at any batch, an
+    untiled batch-1 config or a table of 8-field rows (before the tiles) keep the rows. Nothing is tiled where the
+    mma kernel cannot run (here: no GPU)."""
+    import glmc.kernels.quantized_linear as ql
+    lin, _ = _linear(64, 256, 8, 0, False, "cpu")
+    key = ql.config_key(1, 64, 256, 8, 0)
+    mma, wo = ["mma", 8, 64, 2, 4, 2, False, True], ["wo", 64, 256, 1, 4, 3, False, True]
+
+    def rule(table: dict, swiglu: bool = False) -> bool:
+        monkeypatch.setattr(ql, "_TUNED", table)
+        return ql.wants_tiles(lin, swiglu)
+    assert rule({key: mma + [True]})  # M 2..16: the default config, mma
+    assert not rule({key: mma + [False]})
+    assert not rule({key: mma})  # a table from before the tiles
+    assert not rule({key: wo + [False]})
+    assert not rule({key: mma + [True], key.replace("m1_", "m16_"): wo + [False]})
+    assert rule({key: wo + [False], key + "_swiglu": mma + [True]}, swiglu=True)  # the plain configs never run
+    assert rule({}, swiglu=True)  # gate_up_swiglu's default config: tiled
+    assert not rule({key: mma + [True], key + "_swiglu": mma + [False]}, swiglu=True)
+    assert ql.settle_layout(lin, DT, torch.device("cpu")) is lin
+
+
 def test_interleave_gate_up_pairs_the_rows():
     from glmc.kernels.quantized_linear import interleave_gate_up, swiglu_fused
     lin, _ = _linear(16, 64, 4, 32, True, "cpu")

@@ -580,18 +580,23 @@ def tile_layer(lin: PackedLinear) -> PackedLinear:
 
 def settle_layout(lin: PackedLinear, dtype: torch.dtype, device: torch.device, swiglu: bool = False,
                   sms: int = 132) -> PackedLinear:
-    """The layout a layer keeps for decode: the tiles (`tile_layer`) when the mma kernel reads it at every batch up
-    to DECODE_MAX_M and batch 1's config (the `_swiglu` one when the layer runs with the SwiGLU epilogue) was timed on
-    tiles; else the op's rows, which every variant reads. One layout a layer: no second copy of its weights."""
+    """The layout a layer keeps for decode: the tiles (`tile_layer`) where the mma kernel can read it and
+    `wants_tiles` says so; else the op's rows, which every variant reads. One layout a layer: no second copy of its
+    weights."""
     if lin.tiled or lin.bits not in (4, 8) or mma_layer_refusal(lin, dtype, device):
         return lin
-    key = config_key(1, lin.n, lin.k, lin.bits, lin.group_size)
-    one = _tuned().get(key + "_swiglu") if swiglu else None
+    return tile_layer(lin) if wants_tiles(lin, swiglu, sms) else lin
+
+
+def wants_tiles(lin: PackedLinear, swiglu: bool = False, sms: int = 132) -> bool:
+    """settle_layout's rule from the config table alone: batch 1's config was timed on tiles and every M up to
+    DECODE_MAX_M runs the mma kernel (always so with the SwiGLU epilogue: gate_up_swiglu; its `_swiglu` config, or
+    the default, tiled, decides)."""
+    if swiglu:
+        one = _tuned().get(config_key(1, lin.n, lin.k, lin.bits, lin.group_size) + "_swiglu")
+        return GemvConfig(*one).tiled if one else True
     cfgs = [pick_config(m, lin, sms) for m in range(1, DECODE_MAX_M + 1)]
-    first = GemvConfig(*one) if one else cfgs[0]
-    if first.tiled and all(c.variant == "mma" for c in cfgs):
-        return tile_layer(lin)
-    return lin
+    return cfgs[0].tiled and all(c.variant == "mma" for c in cfgs)
 
 
 @jit

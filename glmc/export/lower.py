@@ -63,16 +63,21 @@ LIMITS = {
 }
 
 
+def _edges(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The graph as it is now: each value's producing node, and the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return {o: n for n in graph.node for o in n.output}, consumers
+
+
 def fold_kv_cache_quantization(view: GraphView) -> int:
     """KVCacheDequantize -> GroupQueryAttention -> KVCacheQuantize (same scale) becomes one GroupQueryAttention
     with the int8 past/present and the two scales appended as inputs 9 and 10 (an intermediate form that only
     attention.lower_ort_gqa consumes). Returns the number of folded attentions."""
     graph = view.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _edges(graph)
     outputs = {o.name for o in graph.output}
     removed, folded = set(), 0
     for node in graph.node:
@@ -107,11 +112,7 @@ def fold_norm_casts(view: GraphView) -> int:
     is for an fp16 checkpoint, else the node is left alone). Four kernels fewer per layer on CUDA. Returns the
     count. (bf16 graphs keep their casts: numpy has no bf16 to check the scale with.)"""
     graph = view.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _edges(graph)
     half = onnx.TensorProto.FLOAT16
     dropped, folded = set(), 0
     for norm in graph.node:

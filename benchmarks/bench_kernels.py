@@ -267,9 +267,9 @@ def sweep_gemv(bw: float, rows: list, tuned: dict, quick: bool, precisions: list
 
 
 def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: float | None, cfg_gemv) -> None:
-    """dense_h_to_4h with the SwiGLU epilogue (rows interleaved, split 1) against the best plain GEMV + the SwiGLU
-    kernel (t_pair, timed together; None: timed here one after the other): the fused config goes into the table
-    (key + "_swiglu") only when it wins."""
+    """dense_h_to_4h with the SwiGLU epilogue (rows interleaved, split 1; mma configs on rows and tiles, and at M = 1
+    the word GEMV's) against the best plain GEMV + the SwiGLU kernel (t_pair, timed together; None: timed here one
+    after the other): the fused config goes into the table (key + "_swiglu") only when it wins."""
     from glmc.kernels.norm import swiglu
     from glmc.kernels.quantized_linear import (
         MMA_SPAN,
@@ -278,6 +278,7 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: fl
         gate_up_swiglu,
         gemv_partials,
         interleave_gate_up,
+        words_ok,
     )
     lin0 = copies[0]
     m, n, k = x.shape[0], lin0.n, lin0.k
@@ -289,8 +290,13 @@ def sweep_swiglu(bw: float, rows: list, tuned: dict, x, copies: list, t_pair: fl
     inter = [interleave_gate_up(c) for c in copies]
     tiled: dict = {}
     best = None
-    for rows_, warps, stages, tiles in itertools.product((1, 2, 4), (4, 8), (2, 4), (False, True)):
-        cfg = GemvConfig("mma", 8 * rows_, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, tiles)
+    cands = [GemvConfig("mma", 8 * r, MMA_SPAN[lin0.bits], 1, warps, stages, False, True, tiles)
+             for r, warps, stages, tiles in itertools.product((1, 2, 4), (4, 8), (2, 4), (False, True))]
+    if m == 1 and words_ok(lin0.bits, k):  # the word GEMV's epilogue (split 1)
+        bk = min(lin0.group_size or 256, 256 if lin0.bits == 8 else 128)
+        cands += [GemvConfig("wo", bn, bk, 1, warps, 3, False, prefetch)
+                  for bn, warps, prefetch in itertools.product((32, 64, 128), (4, 8), (False, True))]
+    for cfg in cands:
         pool = layout_for(cfg, inter, tiled)
         got = gate_up_swiglu(x, pool[0], cfg).float()
         err = float((got - ref).norm() / ref.norm())

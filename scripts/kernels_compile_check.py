@@ -43,6 +43,15 @@ def main() -> int:
                 for magic in ((False,) if bits == 16 else (False, True)):
                     compile_one(f"dot b{bits} g{group} {bn}x{bk} magic={magic}", ql._gemv_dot_kernel, sig,
                                 dict(BITS=bits, GROUP=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic))
+            for bn, swiglu, prefetch in ((32, False, True), (64, True, True), (128, True, False)):
+                if bits == 16:
+                    continue
+                sig = dict(x_ptr="*fp16", xw_ptr="*i32", w_ptr="*i32", s_ptr="*fp16",
+                           out_ptr="*fp16" if swiglu else "*fp32", N=i32, kw=i32, stride_xm=i32, stride_wn=i32,
+                           stride_sn=i32, w_split=i32)
+                compile_one(f"wo b{bits} g{group} {bn} swiglu={swiglu} prefetch={prefetch}", ql._gemv_wo_kernel,
+                            sig, dict(BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=128, EVEN_K=True, ASM=True,
+                                      PREFETCH=prefetch, PDL=True, SWIGLU=swiglu))
             for tiled in ((False, True) if bits != 16 else ()):
                 compile_one(f"dequant b{bits} g{group} tiled={tiled}", ql._dequantize_kernel,
                             dict(w_ptr=wty, s_ptr="*fp16", out_ptr="*fp16", N=i32, K=i32, stride_wn=i32,

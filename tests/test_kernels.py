@@ -427,6 +427,29 @@ def test_gate_up_swiglu_kernel(bits, group, m):
 
 @gpu
 @runs_kernels
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 128), (4, 0)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_word_gemv_swiglu_epilogue(bits, group, m):
+    """The `wo` GEMV's SwiGLU epilogue (split 1, interleaved rows; on the CPU its pure-Triton twin) against
+    silu(x Wg^T) * (x Wu^T) of the op, programs past N/2 included (N/2 = 200: 64-row tiles end past it); refused at
+    split > 1."""
+    from glmc.kernels.quantized_linear import GemvConfig, gate_up_swiglu, interleave_gate_up
+    n, k = 2 * 200, 512
+    lin, _ = _linear(n, k, bits, group, False, DEV)
+    x = torch.randn(m, k, device=DEV).to(DT)
+    y = quantized_linear(x, lin.weight, lin.scale, None, bits, group, k)
+    ref = torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]
+    inter = interleave_gate_up(lin)
+    for bn, prefetch in ((64, True), (128, False)):
+        got = gate_up_swiglu(x, inter, GemvConfig("wo", bn, min(group or 128, 128), 1, 4, 3, False, prefetch))
+        assert got.shape == (m, n // 2) and got.dtype == DT
+        assert rel(got, ref) < TOL, (bn, prefetch)
+    with pytest.raises(GlmcError, match="SwiGLU epilogue needs split 1"):
+        gate_up_swiglu(x, inter, GemvConfig("wo", 64, 128 if group else 64, 2, 4, 3))
+
+
+@gpu
+@runs_kernels
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_fp8_linear_kernel(m):
     """fp8 weights and activations (glmc::fp8_linear): the GEMV variants (and prefill's dequantize + matmul) against

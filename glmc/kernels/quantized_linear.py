@@ -30,7 +30,8 @@ k3 k5 k7, offset by 8), so that `(w & 0x000F000F) | 0x6400_6400` is the fp16 pai
 activations' own pair order; 4 pairs per word, fp16x2 multiply-adds over the word's 8 products (at most 4 per lane,
 |q| <= 8), then float32. `wo` (fma, any M, one row of X per program) and `wodot` (int4, M up to 16: the 8 decoded
 codes of each word meet the matching columns of X in 8 tensor-core dots) are config choices like the others; the
-kernels' pure-Triton twin (ASM=False) decodes the same words without PTX (the CPU interpreter runs it).
+kernels' pure-Triton twin (ASM=False) decodes the same words without PTX (the CPU interpreter runs it). `wo` at split
+1 also has a SwiGLU epilogue (`gate_up_swiglu`), as `mma` has.
 
 `mma` variant (int4 / int8 / fp16 weights, fp16 activations and scales, M <= 16; CUDA C++ in quantized_linear_mma.cu,
 compiled at run time by NVRTC through torch, no build step): each lane loads 16 weight bytes per step, which are
@@ -373,13 +374,16 @@ def _word_codes(w, BITS: tl.constexpr, T: tl.constexpr):
 @jit
 def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, kw, stride_xm, stride_wn, stride_sn, w_split,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                    EVEN_K: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+                    SWIGLU: tl.constexpr = False):
     """One row of X (program axis 2) times BLOCK_N rows of weight words over this split's words -> partials.
     x_ptr: fp16 X (stride_xm in elements), xw_ptr: the same memory as int32 fp16 pairs; w_ptr: int32 words
     [N, kw] (kw = K / KPW words per row, stride_wn in words); w_split: words per split. EVEN_K: the words per row
     are a whole number of tiles (no mask along K, so each thread's words load as one 16-byte access). PREFETCH (with
     EVEN_K): the next tile's words (and group scales) are loaded before this tile is computed, so each warp keeps
-    two tiles of loads in flight (the last tile is loaded twice rather than masked)."""
+    two tiles of loads in flight (the last tile is loaded twice rather than masked). SWIGLU (split 1, the rows
+    dense_h_to_4h's interleaved (gate j, up j) pairs): out is silu(gate) * up [M, N / 2] in out_ptr's dtype, rounded
+    as norm.swiglu rounds, instead of partials."""
     pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -446,8 +450,16 @@ def _gemv_wo_kernel(x_ptr, xw_ptr, w_ptr, s_ptr, out_ptr, N, kw, stride_xm, stri
     out = tl.sum(acc, axis=1)
     if GROUP == 0:
         out = out * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    M = tl.num_programs(2)
-    tl.store(out_ptr + (pid_s * M + m) * N + rn, out, mask=nmask)
+    if SWIGLU:
+        dt = out_ptr.dtype.element_ty
+        gate, up = tl.split(tl.reshape(out, (BLOCK_N // 2, 2)))
+        gate = gate.to(dt).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        rf = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + m * (N // 2) + rf, (act * up.to(dt).to(tl.float32)).to(dt), mask=rf < N // 2)
+    else:
+        M = tl.num_programs(2)
+        tl.store(out_ptr + (pid_s * M + m) * N + rn, out, mask=nmask)
 
 
 @jit
@@ -728,6 +740,8 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     check_config(cfg, lin)
     if cfg.variant == "mma":
         return _gemv_mma(x, lin, cfg, out)
+    if cfg.variant == "wo":
+        return _gemv_wo(x, lin, cfg, out)
     k_split = cdiv(cdiv(lin.k, cfg.split), cfg.block_k) * cfg.block_k
     split = cdiv(lin.k, k_split)
     if out is None:
@@ -738,25 +752,12 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
     xs = lin.input_scale if lin.input_scale is not None else scale
     weight = lin.weight.view(torch.uint8) if lin.fp8 else lin.weight
     pdl = pdl_kwargs(x.device)
-    if cfg.variant in ("wo", "wodot"):
-        # the PTX decode computes in fp16x2 for int4: fp16 activations only (bf16 takes the pure-Triton twin)
-        use_asm = not INTERPRET and (lin.bits == 8 or x.dtype == torch.float16)
-        words = int4_words(lin) if lin.bits == 4 else lin.weight.view(torch.int32)
-        if cfg.variant == "wo":
-            grid = (cdiv(lin.n, cfg.block_n), split, m)
-            kpw = 8 if lin.bits == 4 else 4
-            _gemv_wo_kernel[grid](x, x.view(torch.int32) if x.dtype != torch.float32 else x, words, scale, out,
-                                  lin.n, lin.k // kpw, x.stride(0), words.stride(0), stride_sn, k_split // kpw,
-                                  BITS=lin.bits, GROUP=lin.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                  EVEN_K=lin.k % cfg.block_k == 0, ASM=use_asm, PREFETCH=cfg.prefetch,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
-        else:
-            block_m = 16
-            grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, block_m))
-            _gemv_wodot_kernel[grid](x, words, scale, out, m, lin.n, lin.k, x.stride(0), words.stride(0), stride_sn,
-                                     k_split, GROUP=lin.group_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                                     BLOCK_K=cfg.block_k, ASM=use_asm, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages, **pdl)
+    if cfg.variant == "wodot":
+        words = int4_words(lin)
+        grid = (cdiv(lin.n, cfg.block_n), split, cdiv(m, 16))
+        _gemv_wodot_kernel[grid](x, words, scale, out, m, lin.n, lin.k, x.stride(0), words.stride(0), stride_sn,
+                                 k_split, GROUP=lin.group_size, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                 ASM=_word_asm(x, lin), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
         return out
     if cfg.variant == "fma":
         grid = (cdiv(lin.n, cfg.block_n), split, m)
@@ -771,6 +772,36 @@ def gemv_partials(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = N
                                stride_sn, k_split, BITS=lin.bits, GROUP=lin.group_size, BLOCK_M=block_m,
                                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MAGIC=magic, FP8X=lin.fp8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+    return out
+
+
+def _word_asm(x: torch.Tensor, lin: PackedLinear) -> bool:
+    """Whether the word kernels decode with PTX: compiled for a GPU, and for int4 fp16 activations (its fp16x2
+    math); else their pure-Triton twin."""
+    return not INTERPRET and (lin.bits == 8 or x.dtype == torch.float16)
+
+
+def _gemv_wo(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig, out: torch.Tensor | None,
+             swiglu: bool = False) -> torch.Tensor:
+    """The `wo` variant: partials [split, M, N], or with swiglu (split 1, dense_h_to_4h's interleaved rows) the
+    SwiGLU of its output [M, N / 2] in x's dtype."""
+    m = x.shape[0]
+    kpw = 8 if lin.bits == 4 else 4
+    k_split = cdiv(cdiv(lin.k, cfg.split), cfg.block_k) * cfg.block_k
+    split = cdiv(lin.k, k_split)
+    if swiglu and (split != 1 or cfg.block_n % 2):
+        raise GlmcError(f"gemv config {cfg}: the SwiGLU epilogue needs split 1 and an even block_n")
+    if out is None:
+        out = torch.empty((m, lin.n // 2), dtype=x.dtype, device=x.device) if swiglu else \
+            torch.empty((split, m, lin.n), dtype=torch.float32, device=x.device)
+    assert lin.scale is not None
+    words = int4_words(lin) if lin.bits == 4 else lin.weight.view(torch.int32)
+    _gemv_wo_kernel[(cdiv(lin.n, cfg.block_n), split, m)](
+        x, x.view(torch.int32) if x.dtype != torch.float32 else x, words, lin.scale, out, lin.n, lin.k // kpw,
+        x.stride(0), words.stride(0), lin.scale.stride(0) if lin.group_size else 0, k_split // kpw, BITS=lin.bits,
+        GROUP=lin.group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=lin.k % cfg.block_k == 0,
+        ASM=_word_asm(x, lin), PREFETCH=cfg.prefetch, SWIGLU=swiglu, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_kwargs(x.device))
     return out
 
 
@@ -800,15 +831,22 @@ def swiglu_fused(lin: PackedLinear, dtype: torch.dtype, device: torch.device) ->
 
 def gate_up_swiglu(x: torch.Tensor, lin: PackedLinear, cfg: GemvConfig | None = None) -> torch.Tensor:
     """MLP's silu(gate) * up [M, N/2] in x's dtype from x [M, K] and the interleaved dense_h_to_4h
-    (`interleave_gate_up`; no bias): for M <= 16 the mma kernel's SwiGLU epilogue (split 1: a lane's C pair is one
-    column's gate and up) where it can run, else the partials and `norm.swiglu` over the interleaved columns."""
+    (`interleave_gate_up`; no bias), for M <= 16 in a GEMV's epilogue (split 1): the config's variant, `wo` (a
+    program's adjacent rows are a column's gate and up) or `mma` (a lane's C pair is) where the mma kernel can run;
+    the config is the table's `_swiglu` entry, else mma's default. Otherwise the partials and `norm.swiglu` over the
+    interleaved columns."""
     from glmc.kernels.norm import swiglu
     x = x.contiguous()
-    if lin.bias is None and x.shape[0] <= DECODE_MAX_M and not mma_refusal(x, lin):
-        if cfg is None:
+    if lin.bias is None and x.shape[0] <= DECODE_MAX_M:
+        mma_ok = not mma_refusal(x, lin)
+        if cfg is None and mma_ok:
             hit = _tuned().get(config_key(x.shape[0], lin.n, lin.k, lin.bits, lin.group_size) + "_swiglu")
             cfg = GemvConfig(*hit) if hit else GemvConfig("mma", 8, MMA_SPAN[lin.bits], 1, 4, 2, False, True, True)
-        return _gemv_mma(x, lin, cfg, None, swiglu=True)
+        if cfg is not None and cfg.variant == "wo":
+            check_config(cfg, lin)
+            return _gemv_wo(x, lin, cfg, None, swiglu=True)
+        if cfg is not None and mma_ok:
+            return _gemv_mma(x, lin, cfg, None, swiglu=True)
     return swiglu(linear_partials(x, lin), x.dtype, interleaved=True)
 
 

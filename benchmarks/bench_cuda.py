@@ -4,6 +4,8 @@ the fp16 one at batch 16 and an 8k context; and the torch.compile peers of issue
 
     python3 benchmarks/bench_cuda.py --out OUTDIR [--layers 28] [--tuned OUTDIR/tuned_h200.json] [--peers]
     python3 benchmarks/bench_cuda.py --report OUTDIR/cuda_results.json --out OUTDIR   # tables + plot again, no GPU
+    python3 benchmarks/bench_cuda.py --out OUTDIR --versus NEW.json [--tuned OLD.json] --kv8 --peers   # two GEMV
+                                                     # tables, each precision's decode rows timed in turn
 
 Random fp16 weights are made on the GPU in memory (normal(0, 0.02), norms 1), then quantized on the GPU with
 glmc.quantization (the same code the compile pipeline runs). Each run: prefill a 128-token prompt, one decode step
@@ -25,6 +27,11 @@ Peers (batch 1, prompt 128 + NEW, the same random fp16 weights through `hf_glm.t
 - int4: bf16 model, every block linear through torch's tinygemm `_weight_int4pack_mm` (gpt-fast's int4: group 128,
   asymmetric scale + zero, inner k tiles 8); output layer bf16.
 fp8 (e4m3 weights with a per-row scale, activations with a static scale: glmc::fp8_linear) has no peer here.
+
+--versus TABLE: for each precision two engines, one on the run's table (--tuned, else the shipped one) and one on
+TABLE (a table decides each layer's layout when the engine is made and each GEMV's config when a batch's graph is
+captured), then their decode rows timed in turn KV_REPEAT times, medians kept: a sweep's table against the shipped
+one without the drift between separate runs.
 """
 
 from __future__ import annotations
@@ -323,6 +330,8 @@ def main() -> int:
                     help="weights of the kv8 rows (fp16 vs int8 cache at batch 16, 8k context); none to skip")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                     help="torch.compile peers to run (batch 1); none to skip")
+    ap.add_argument("--versus", type=Path, metavar="TABLE",
+                    help="a second GEMV config table: each precision's decode rows on both tables, timed in turn")
     ap.add_argument("--copy-bw", type=float, help="bytes/s (else measured)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile 16 batch-1 steps of each precision (torch.profiler); print the N costliest kernels")
@@ -334,7 +343,7 @@ def main() -> int:
         report(json.loads(args.report.read_text()), args.out)
         return 0
     if args.tuned:
-        os.environ["GLMC_GEMV_TUNED"] = str(args.tuned)
+        use_table(args.tuned)
     from benchmarks.bench_kernels import copy_bandwidth
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +379,16 @@ def main() -> int:
                     print(f"  {r['us']:8.1f} us {r['calls']:6.1f}x  {name}")
         return run
 
-    for prec in args.precisions:
+    for prec in args.precisions if args.versus else ():
+        try:
+            results.setdefault("versus", {})[prec] = versus(args, prec)
+        except Exception as e:  # noqa: BLE001 - reported; the other rows still run
+            results.setdefault("errors", {})[f"{prec} versus"] = f"{type(e).__name__}: {e}"[-1500:]
+            print(f"{prec} versus: {results['errors'][f'{prec} versus'][:400]}", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+    for prec in args.precisions if not args.versus else ():
         try:
             results["runs"][prec] = one(prec)
         except Exception as e:  # noqa: BLE001 - reported; the other rows still run
@@ -412,6 +430,40 @@ def main() -> int:
     return 0
 
 
+def use_table(path: Path | None) -> None:
+    """GEMV configs from `path` (None: the shipped table) for the engines made and the graphs captured from now on."""
+    from glmc.kernels import quantized_linear
+    os.environ["GLMC_GEMV_TUNED"] = str(path or quantized_linear.TUNED_FILE)
+    quantized_linear._TUNED = None
+
+
+def versus(args, prec: str) -> dict:
+    """One precision's decode rows on the run's table and on args.versus: both engines made and their graphs
+    captured each under its own table, then timed in turn KV_REPEAT times (median)."""
+    tables = {"tuned": args.tuned, "versus": args.versus}
+    backends = {}
+    for name, path in tables.items():
+        use_table(path)
+        backends[name] = engine(args.layers, prec, args.cache_slots, max(args.batches))
+        for b in args.batches:
+            decode_rate(backends[name], b, 8)  # captures this batch's graph with this table's configs
+    use_table(args.tuned)
+    rates: dict = {(name, b): [] for name in tables for b in args.batches}
+    for _ in range(KV_REPEAT):
+        for b in args.batches:
+            for name, backend in backends.items():
+                rates[name, b].append(decode_rate(backend, b, NEW)[0])
+    out: dict = {"tables": {k: str(v or "shipped") for k, v in tables.items()}}
+    for b in args.batches:
+        med = {name: sorted(rates[name, b])[KV_REPEAT // 2] for name in tables}
+        out[f"b{b}"] = {name: {"tok_s": med[name], "runs_tok_s": rates[name, b]} for name in tables}
+        print(f"{prec} batch {b}: {med['tuned']:.1f} tok/s ({tables['tuned'] or 'shipped'}) vs {med['versus']:.1f} "
+              f"({tables['versus']}), {100 * (med['versus'] / med['tuned'] - 1):+.1f}% (median of {KV_REPEAT} in "
+              f"turn: {', '.join(f'{r:.0f}' for r in rates['tuned', b])} vs "
+              f"{', '.join(f'{r:.0f}' for r in rates['versus', b])})", flush=True)
+    return out
+
+
 def report(results: dict, out: Path) -> None:
     """The run's tables (stdout) and plot (OUT/cuda_decode.png: batch-1 tok/s per build against the bound and the
     torch.compile peer; skipped without matplotlib), from a cuda_results.json's contents."""
@@ -428,6 +480,15 @@ def report(results: dict, out: Path) -> None:
         vs = (f"{peer:.1f} | {tps / peer:.2f}x") if peer else "- | -"
         print(f"| {prec} | {tps:.1f} | {r['bound_b1']:.1f} | {100 * tps / r['bound_b1']:.0f}% | "
               f"{b1.get('ms_step', 0):.3f} | {b16.get('tok_s', 0):.0f} | {vs} |")
+    for prec, r in results.get("versus", {}).items():
+        t = r["tables"]
+        print(f"\n| {prec}: batch | tok/s, {t['tuned']} | tok/s, {t['versus']} | change | runs in turn |")
+        print("| --- | --- | --- | --- | --- |")
+        for b, v in ((k, v) for k, v in r.items() if k != "tables"):
+            a, z = v["tuned"]["tok_s"], v["versus"]["tok_s"]
+            print(f"| {b[1:]} | {a:.1f} | {z:.1f} | {100 * (z / a - 1):+.1f}% | "
+                  f"{' '.join(f'{x:.0f}' for x in v['tuned']['runs_tok_s'])} vs "
+                  f"{' '.join(f'{x:.0f}' for x in v['versus']['runs_tok_s'])} |")
     if results["kv8"]:
         print(f"\n| KV cache (batch {KV_BATCH}, context ~{KV_CONTEXT}) | decode tok/s | ms/step | cache GiB |")
         print("| --- | --- | --- | --- |")
@@ -440,6 +501,8 @@ def report(results: dict, out: Path) -> None:
     except ImportError:
         return
     names = [p for p, r in results["runs"].items() if "b1" in r]
+    if not names:  # a --versus run: no decode table to plot
+        return
     x = list(range(len(names)))
     fig, ax = plt.subplots(figsize=(9, 4))
     bars = [("glmc cuda engine", [results["runs"][n]["b1"]["tok_s"] for n in names]),

@@ -6,8 +6,8 @@
 #     kernels' micro-benchmarks, then bench_cuda.py at LAYERS with that table
 #   sweep: the GPU tests (TESTS, a -k expression; default all but the cuda-target ones); with BEFORE=1 bench_cuda.py
 #     at batch 1 on the shipped table, profiled; the mma sweep of SWEEP_PRECISIONS (default int8 int4-g128); then
-#     bench_cuda.py at LAYERS with that table (every precision, kv8 rows, peers; BENCH_ARGS adds options) until
-#     DEADLINE (580 s)
+#     bench_cuda.py --versus at LAYERS: those precisions' decode rows on the shipped table and on the sweep's, timed
+#     in turn (BENCH_ARGS adds options) until DEADLINE (580 s)
 #   kv: the KV-cache and greedy GPU tests, bench_kernels.py --kv-only, and bench_cuda.py's kv rows (fp16 and int8
 #     weights, fp16 vs int8 cache at batch 16 / 8k); with AB=ab/REV also that tree's kv rows (same bench_cuda.py)
 #   table: bench_cuda.py alone at LAYERS on the shipped table: every precision, kv8 rows and peers in one process
@@ -68,9 +68,10 @@ sweep)
   grep -c WRONG "$OUT/kernels.log"; grep -m3 "WRONG\|skip" "$OUT/kernels.log"
   LEFT=$(( ${DEADLINE:-580} - ($(date +%s) - T0) ))
   echo "bench_cuda: $LEFT s left"
-  # shellcheck disable=SC2086  # BENCH_ARGS: extra bench_cuda.py options, word-split (e.g. "--peers --profile 30")
-  timeout "$LEFT" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --tuned "$OUT/tuned_h200.json" \
-    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/cuda.log" | grep -v "^|" | tail -120
+  # shellcheck disable=SC2086  # SWEEP_PRECISIONS, BENCH_ARGS (extra bench_cuda.py options): word-split lists
+  timeout "$LEFT" python3 benchmarks/bench_cuda.py --out "$OUT" --layers "$LAYERS" --versus "$OUT/tuned_h200.json" \
+    --precisions ${SWEEP_PRECISIONS:-int8 int4-g128} --kv8 --peers ${BENCH_ARGS:-} 2>&1 | tee "$OUT/cuda.log" \
+    | grep -v "^|" | tail -120
   grep "^|" "$OUT/cuda.log" ;;
 full)
   timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_kernels.py -k "not cuda_target" -rs 2>&1 \

@@ -687,6 +687,15 @@ def test_bench_cuda_report_rebuilds_the_table_from_a_saved_run(tmp_path):
         row = f"| {prec} | {tps:.1f} | {bound:.1f} | {100 * tps / bound:.0f}% |"
         assert row in out and (peer is None or f"{peer:.1f} | {tps / peer:.2f}x |" in out), row
     assert f"{res['kv8']['fp16 kv8 @8k']['cache_bytes'] / 2**30:.2f} |" in out
+    # a --versus run (two tables timed in turn): its rows, the change recomputed from the medians
+    runs = {"tuned": [405.8, 405.9, 405.7], "versus": [431.8, 432.4, 432.0]}
+    res = {**res, "runs": {}, "versus": {"int8": {"tables": {"tuned": "shipped", "versus": "new.json"}, "b1": {
+        k: {"tok_s": sorted(v)[1], "runs_tok_s": v} for k, v in runs.items()}}}}
+    (tmp_path / "versus.json").write_text(json.dumps(res))
+    out = subprocess.run([sys.executable, "benchmarks/bench_cuda.py", "--report", str(tmp_path / "versus.json"),
+                          "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, check=True).stdout
+    change = 100 * (sorted(runs["versus"])[1] / sorted(runs["tuned"])[1] - 1)
+    assert f"| 1 | 405.8 | 432.0 | {change:+.1f}% | 406 406 406 vs 432 432 432 |" in out, out
 
 
 # ---------------------------------------------------------------------------------------------- the cuda target

@@ -391,6 +391,24 @@ def test_settle_layout_rule_follows_the_table(monkeypatch):
     assert ql.settle_layout(lin, DT, torch.device("cpu")) is lin
 
 
+def test_gemv_table_from_the_environment_is_checked(monkeypatch, tmp_path):
+    """GLMC_GEMV_TUNED naming a missing or broken file is an error naming it, not a silent fall back to defaults."""
+    import glmc.kernels.quantized_linear as ql
+    lin, _ = _linear(64, 256, 8, 0, False, "cpu")
+    monkeypatch.setattr(ql, "_TUNED", None)
+    monkeypatch.setenv("GLMC_GEMV_TUNED", str(tmp_path / "missing.json"))
+    with pytest.raises(GlmcError, match=r"missing\.json: no such file"):
+        ql.pick_config(1, lin)
+    (tmp_path / "bad.json").write_text('{"m1_n64_k256_b8_g0": [\n')
+    monkeypatch.setenv("GLMC_GEMV_TUNED", str(tmp_path / "bad.json"))
+    with pytest.raises(GlmcError, match=r"bad\.json:2: not a GEMV config table"):
+        ql.pick_config(1, lin)
+    (tmp_path / "t.json").write_text('{"m1_n64_k256_b8_g0": ["wo", 32, 256, 1, 4, 3, false, true]}')
+    monkeypatch.setenv("GLMC_GEMV_TUNED", str(tmp_path / "t.json"))
+    assert ql.pick_config(1, lin) == ql.GemvConfig("wo", 32, 256, 1, 4, 3, False, True)
+    monkeypatch.setattr(ql, "_TUNED", None)
+
+
 def test_interleave_gate_up_pairs_the_rows():
     from glmc.kernels.quantized_linear import interleave_gate_up, swiglu_fused
     lin, _ = _linear(16, 64, 4, 32, True, "cpu")

@@ -653,10 +653,17 @@ TUNED_FILE = Path(__file__).with_name("tuned_h200.json")
 
 
 def _tuned() -> dict[str, list]:
+    """The GEMV config table: GLMC_GEMV_TUNED's file (bench_kernels.py's output) or the shipped tuned_h200.json."""
     global _TUNED
     if _TUNED is None:
         path = Path(os.environ.get("GLMC_GEMV_TUNED", TUNED_FILE))
-        _TUNED = json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            raise GlmcError(f"GLMC_GEMV_TUNED={path}: no such file (a table bench_kernels.py wrote, or unset for the "
+                            "shipped one)")
+        try:
+            _TUNED = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise GlmcError(f"{path}:{e.lineno}: not a GEMV config table ({e.msg})") from e
     return _TUNED
 
 

@@ -364,8 +364,11 @@ def main() -> int:
         gc.collect()  # what the engine holds on the device once the model it was made from is gone
         run = {"weight_bytes": backend.weight_bytes, "bound_b1": bound, "build_s": time.time() - t0,
                "device_bytes": torch.cuda.memory_allocated()}
+        lay = backend.layers[0]
+        run["layouts"] = {n: "tiles" if getattr(lay, n).tiled else "rows" for n in ("qkv", "dense", "up", "down")}
         print(prec, f"engine: {run['device_bytes'] / 2**30:.2f} GiB on the device (weights read per step "
-              f"{backend.weight_bytes / 2**30:.2f} GiB, KV cache {backend.cache_bytes / 2**30:.2f} GiB)", flush=True)
+              f"{backend.weight_bytes / 2**30:.2f} GiB, KV cache {backend.cache_bytes / 2**30:.2f} GiB); layouts "
+              f"{run['layouts']}{', SwiGLU epilogue' if lay.swiglu_fused else ''}", flush=True)
         for b in args.batches:
             tps, ms = decode_rate(backend, b, NEW)
             run[f"b{b}"] = {"tok_s": tps, "ms_step": ms}

@@ -1,9 +1,10 @@
 """glmc::QuantizedLinear on CUDA: weight-only int8/int4 (and fp16) GEMV/GEMM writing split-K float32 partials.
 
 Op and reference: `glmc.modeling_patches.ops.quantized_linear.quantized_linear` (Y = X @ dequant(QWeight, Scales)^T +
-Bias) and, for fp16 weights, `F.linear`. The weight layout is the op's own, unchanged (no repacking): int8 [N, K];
-int4 uint8 [N, ceil(K/2)], element 2j in the low nibble, two's complement; Scales [N] (group_size 0) or
-[N, ceil(K/G)].
+Bias) and, for fp16 weights, `F.linear`. The weights arrive in the op's layout: int8 [N, K]; int4 uint8 [N,
+ceil(K/2)], element 2j in the low nibble, two's complement; Scales [N] (group_size 0) or [N, ceil(K/G)]. Made once
+per layer when loaded: int4's interleaved words for the word kernels, or, in place of the rows, the mma kernel's
+tiles (`tile_layer`, `settle_layout`; below).
 
 `linear_partials(x, lin)` returns P [SPLIT, M, N] (float32, or the activation dtype when one cuBLAS call made it)
 with Y = sum over SPLIT of P, bias NOT added: the consumer kernels (norm, rotary, sampling) sum the partials and add

@@ -342,6 +342,9 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         report(json.loads(args.report.read_text()), args.out)
         return 0
+    for flag, path in (("--tuned", args.tuned), ("--versus", args.versus)):
+        if path is not None and not path.is_file():
+            ap.error(f"{flag} {path}: no such file (a GEMV config table, bench_kernels.py's tuned_h200.json)")
     if args.tuned:
         use_table(args.tuned)
     from benchmarks.bench_kernels import copy_bandwidth

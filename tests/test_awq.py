@@ -312,7 +312,7 @@ def test_autoawq_quant_config_json_and_group_sizes(tmp_path, group):
 
 
 @needs_shipped
-def test_autoawq_checkpoint_compiles_and_verifies(autoawq, tmp_path):
+def test_autoawq_checkpoint_compiles_and_verifies(autoawq, tmp_path, capsys):
     """`glmc compile` of the AutoAWQ checkpoint (precision.weights float: the checkpoint's own int4 weights are
     kept) for every CPU-checked target; each lowering carries the zero points its own way and verifies."""
     from glmc.cli import main
@@ -326,6 +326,15 @@ def test_autoawq_checkpoint_compiles_and_verifies(autoawq, tmp_path):
                  f"targets={targets}"]) == 0
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["verification"]["passed"]
+    # the manifest and `glmc inspect` say the weights are the checkpoint's int4, though precision.weights is float
+    assert m["precision"]["weights"] == "float"
+    assert m["model"]["checkpoint_quantization"]["weights"] == {"bits": 4, "group_size": 128, "include_output": False,
+                                                               "method": "awq", "zero_point": True,
+                                                               "format": "autoawq"}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    assert "the checkpoint's weights: int4 g128, awq with zero points (autoawq format), kept as they are" in \
+        " ".join(capsys.readouterr().out.split())  # (rich wraps at the captured terminal's width)
     counts = {}
     for t in m["targets"]:
         if t == "onnx":

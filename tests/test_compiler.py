@@ -527,6 +527,7 @@ def test_compile_end_to_end_all_targets(project, weights, capsys):
     # quantized weights + quantization.json travel in model/; float weights live in the ONNX files
     assert (out / "model" / "config.json").is_file()
     assert (out / "model" / "quantization.json").is_file() == (weights != "float")
+    assert m["model"]["checkpoint_quantization"] == {}  # a float checkpoint, quantized by the build
     assert m["packages"]["onnxruntime"] and m["packages"]["torch"]
     capsys.readouterr()
     assert glmc_main(["inspect", str(out), "--check-files"]) == 0

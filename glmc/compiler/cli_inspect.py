@@ -62,6 +62,12 @@ def _show(args: argparse.Namespace, build: Path, m: dict) -> int:
               + (f" g{p['group_size']}" if p['group_size'] else "") + f", kv cache {p['kv_cache']}"
               + (f" per {p['kv_granularity']}" if p['kv_cache'] != 'float' else "")
               + f"); weights in {p['weights_location']}")
+    pre = arch.get("checkpoint_quantization", {}).get("weights")
+    if pre:  # a pre-quantized checkpoint (AutoAWQ, ChatGLM's int4/int8, glmc quantize): its codes are the weights
+        con.print(f"           the checkpoint's weights: int{pre['bits']}" + (f" g{pre['group_size']}" if
+                  pre.get("group_size") else "") + (f", {pre['method']}" if pre.get("method") else "") +
+                  (" with zero points" if pre.get("zero_point") else "") +
+                  (f" ({pre['format']} format)" if pre.get("format") else "") + ", kept as they are")
     lim = c["limits"]
     con.print(f"limits     batch <= {lim['max_batch']}, prompt <= {lim['max_input_length']}, "
               f"sequence <= {lim['max_sequence_length']}")

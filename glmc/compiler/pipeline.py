@@ -535,6 +535,7 @@ def _report(manifest: dict) -> str:
 
 def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path) -> dict:
     """Lay the cached stage outputs out in the build directory; return the manifest (files filled in later)."""
+    from glmc.modeling_patches.checkpoint import checkpoint_quantization
     from glmc.modeling_patches.config import load_config
     place(ctx.outputs["quantize"] / "model", root / MODEL_DIR)
     targets: dict[str, dict] = {}
@@ -572,7 +573,8 @@ def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": cfg.data, "config_files": cfg.files,
         "packages": package_versions(),
-        "model": {"checkpoint": cfg.model.checkpoint, **arch.to_dict()},
+        "model": {"checkpoint": cfg.model.checkpoint, **arch.to_dict(),  # + what its weights already are ({}: float)
+                  "checkpoint_quantization": checkpoint_quantization(cfg.model.checkpoint, cfg.model.family)},
         "precision": {"tag": scheme.tag, "scheme": scheme.name, **cfg.data["precision"],
                       "quantization": scheme.to_json(),
                       "weights_location": f"{MODEL_DIR}/" if scheme.to_json() else "the ONNX files"},

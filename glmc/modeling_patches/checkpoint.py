@@ -176,6 +176,18 @@ def read_quantization(checkpoint_dir: Path, config: GLMConfig) -> dict:
     return {}
 
 
+def _quantization(raw: dict, d: Path, config: GLMConfig) -> dict:
+    return awq_checkpoint.quantization(raw, d) or read_quantization(d, config)  # AutoAWQ's config, else glmc's
+
+
+def checkpoint_quantization(checkpoint_dir: str | Path, family: str | None = None) -> dict:
+    """What a checkpoint directory's weights already are, the structure load_model builds: AutoAWQ's config,
+    glmc's quantization.json or ChatGLM's quantization_bit ({} for float weights)."""
+    d = Path(checkpoint_dir)
+    raw = read_config_json(d)
+    return _quantization(raw, d, from_hf(raw, d, family=family, where=str(d / "config.json")))
+
+
 def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None = None,
                 max_positions: int | None = None, device: str | torch.device = "meta") -> GLMForCausalLM:
     """An (uninitialised, on `device`) model of `config` with the layer structure `quantization` implies."""
@@ -294,7 +306,7 @@ def load_model(checkpoint_dir: str | Path, dtype: str | torch.dtype = "float32",
     config = from_hf(raw, d, family=family, where=str(d / "config.json"))
     per_head = qkv_layout(raw, str(d / "config.json")) == QKV_PER_HEAD  # num_kv_heads == num_heads then
     dtype = torch_dtype(dtype, "load_model") if isinstance(dtype, str) else dtype
-    quant = awq_checkpoint.quantization(raw, d) or read_quantization(d, config)  # AutoAWQ's config, else glmc's
+    quant = _quantization(raw, d, config)
     awq = quant.get("weights", {}).get("format") == awq_checkpoint.FORMAT
     model = build_model(config, dtype, quant, max_positions)
     official_int4 = quant.get("weights", {}).get("format") == "chatglm" and quant["weights"]["bits"] == 4

@@ -408,10 +408,7 @@ def main() -> int:
         try:
             for kv in ("kv16", "kv8"):
                 backends[kv] = engine(args.layers, prec, KV_CONTEXT, KV_BATCH, kv8=kv == "kv8")
-            rates: dict = {kv: [] for kv in backends}
-            for _ in range(KV_REPEAT):
-                for kv, backend in backends.items():
-                    rates[kv].append(decode_rate(backend, KV_BATCH, KV_NEW, context=KV_CONTEXT - KV_NEW - 8))
+            rates = in_turn(backends, lambda be: decode_rate(be, KV_BATCH, KV_NEW, context=KV_CONTEXT - KV_NEW - 8))
             for kv, backend in backends.items():
                 tps, ms = sorted(rates[kv])[len(rates[kv]) // 2]
                 name = f"{prec} {kv} @{KV_CONTEXT // 1024}k"
@@ -436,6 +433,15 @@ def main() -> int:
     return 0
 
 
+def in_turn(backends: dict, rate) -> dict[str, list]:
+    """rate(backend) of every backend, KV_REPEAT rounds taken in turn (drift between runs hits them all alike)."""
+    runs: dict[str, list] = {name: [] for name in backends}
+    for _ in range(KV_REPEAT):
+        for name, backend in backends.items():
+            runs[name].append(rate(backend))
+    return runs
+
+
 def use_table(path: Path | None) -> None:
     """GEMV configs from `path` (None: the shipped table) for the engines made and the graphs captured from now on."""
     from glmc.kernels import quantized_linear
@@ -454,19 +460,15 @@ def versus(args, prec: str) -> dict:
         for b in args.batches:
             decode_rate(backends[name], b, 8)  # captures this batch's graph with this table's configs
     use_table(args.tuned)
-    rates: dict = {(name, b): [] for name in tables for b in args.batches}
-    for _ in range(KV_REPEAT):
-        for b in args.batches:
-            for name, backend in backends.items():
-                rates[name, b].append(decode_rate(backend, b, NEW)[0])
     out: dict = {"tables": {k: str(v or "shipped") for k, v in tables.items()}}
     for b in args.batches:
-        med = {name: sorted(rates[name, b])[KV_REPEAT // 2] for name in tables}
-        out[f"b{b}"] = {name: {"tok_s": med[name], "runs_tok_s": rates[name, b]} for name in tables}
+        rates = in_turn(backends, lambda be, b=b: decode_rate(be, b, NEW)[0])
+        med = {name: sorted(rates[name])[KV_REPEAT // 2] for name in tables}
+        out[f"b{b}"] = {name: {"tok_s": med[name], "runs_tok_s": rates[name]} for name in tables}
         print(f"{prec} batch {b}: {med['tuned']:.1f} tok/s ({tables['tuned'] or 'shipped'}) vs {med['versus']:.1f} "
               f"({tables['versus']}), {100 * (med['versus'] / med['tuned'] - 1):+.1f}% (median of {KV_REPEAT} in "
-              f"turn: {', '.join(f'{r:.0f}' for r in rates['tuned', b])} vs "
-              f"{', '.join(f'{r:.0f}' for r in rates['versus', b])})", flush=True)
+              f"turn: {', '.join(f'{r:.0f}' for r in rates['tuned'])} vs "
+              f"{', '.join(f'{r:.0f}' for r in rates['versus'])})", flush=True)
     return out
 
 

@@ -574,7 +574,7 @@ def _assemble(ctx: Context, cfg: CompileConfig, stages: list[Stage], root: Path)
         "config": cfg.data, "config_files": cfg.files,
         "packages": package_versions(),
         "model": {"checkpoint": cfg.model.checkpoint, **arch.to_dict(),  # + what its weights already are ({}: float)
-                  "checkpoint_quantization": checkpoint_quantization(cfg.model.checkpoint, cfg.model.family)},
+                  "checkpoint_quantization": checkpoint_quantization(cfg.model.checkpoint, arch)},
         "precision": {"tag": scheme.tag, "scheme": scheme.name, **cfg.data["precision"],
                       "quantization": scheme.to_json(),
                       "weights_location": f"{MODEL_DIR}/" if scheme.to_json() else "the ONNX files"},

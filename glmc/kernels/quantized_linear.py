@@ -530,7 +530,13 @@ def mma_layer_refusal(lin: PackedLinear, dtype: torch.dtype, device: torch.devic
     if dtype != torch.float16 or (lin.scale is not None and lin.scale.dtype != torch.float16) \
             or (lin.bits == 16 and lin.weight.dtype != torch.float16):
         return "computes in fp16 (activations, scales and 16-bit weights)"
-    if lin.n % 8 or lin.k % span or (lin.group_size and lin.group_size % span):
+    return _mma_shape_refusal(lin)
+
+
+def _mma_shape_refusal(lin: PackedLinear) -> str | None:
+    """None when the mma kernel's 8-row blocks and spans tile the layer (and, grouped, its groups), else why not."""
+    span = MMA_SPAN[lin.bits]
+    if lin.n % 8 or lin.k % span or lin.group_size % span:
         return (f"needs N a multiple of 8, K and the group size multiples of {span} (this layer: N {lin.n}, K "
                 f"{lin.k}, group {lin.group_size})")
     return None
@@ -577,10 +583,10 @@ def tile_layer(lin: PackedLinear) -> PackedLinear:
     can read."""
     if lin.tiled:
         return lin
-    if lin.bits not in (4, 8) or lin.fp8 or lin.n % 8 or lin.k % MMA_SPAN[lin.bits] \
-            or lin.group_size % MMA_SPAN[lin.bits]:
-        raise GlmcError(f"tile_layer: the tiles hold int8/int4 layers the mma kernel reads ({lin.bits} bits, N "
-                        f"{lin.n}, K {lin.k}, group {lin.group_size})")
+    why = f"not {lin.bits}-bit{' fp8' if lin.fp8 else ''} weights" if lin.bits not in (4, 8) or lin.fp8 \
+        else _mma_shape_refusal(lin)
+    if why:
+        raise GlmcError(f"tile_layer: the tiles hold int8/int4 layers the mma kernel reads ({why})")
     src = int4_words(lin) if lin.bits == 4 else lin.weight
     spans = lin.k // MMA_SPAN[lin.bits]
     w = src.contiguous().view(torch.uint8).reshape(lin.n // 8, 8, spans, 64).transpose(1, 2).contiguous()

@@ -180,12 +180,11 @@ def _quantization(raw: dict, d: Path, config: GLMConfig) -> dict:
     return awq_checkpoint.quantization(raw, d) or read_quantization(d, config)  # AutoAWQ's config, else glmc's
 
 
-def checkpoint_quantization(checkpoint_dir: str | Path, family: str | None = None) -> dict:
+def checkpoint_quantization(checkpoint_dir: str | Path, config: GLMConfig) -> dict:
     """What a checkpoint directory's weights already are, the structure load_model builds: AutoAWQ's config,
-    glmc's quantization.json or ChatGLM's quantization_bit ({} for float weights)."""
+    glmc's quantization.json or ChatGLM's quantization_bit ({} for float weights). `config`: its load_config."""
     d = Path(checkpoint_dir)
-    raw = read_config_json(d)
-    return _quantization(raw, d, from_hf(raw, d, family=family, where=str(d / "config.json")))
+    return _quantization(read_config_json(d), d, config)
 
 
 def build_model(config: GLMConfig, dtype: torch.dtype, quantization: dict | None = None,

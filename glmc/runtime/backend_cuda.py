@@ -120,12 +120,13 @@ class CudaBackend:
                               pack_linear(blk.self_attention.dense), blk.post_attention_layernorm.weight.detach(),
                               pack_linear(blk.mlp.dense_h_to_4h), pack_linear(blk.mlp.dense_4h_to_h))
                        for blk in blocks]
+        sms = sm_count(self.device)
         for lay in self.layers:
             if swiglu_fused(lay.up, self.dtype, self.device):
                 lay.up, lay.swiglu_fused = interleave_gate_up(lay.up), True
             for name in ("qkv", "dense", "up", "down"):  # each linear's decode layout: the mma tiles or the op's rows
                 setattr(lay, name, settle_layout(getattr(lay, name), self.dtype, self.device,
-                                                 name == "up" and lay.swiglu_fused, sm_count(self.device)))
+                                                 name == "up" and lay.swiglu_fused, sms))
         self.final_ln = t.encoder.final_layernorm.weight.detach()
         self.output = pack_linear(t.output_layer)
         self.cos, self.sin = model.cos_cache, model.sin_cache
